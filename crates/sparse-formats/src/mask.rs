@@ -1,0 +1,440 @@
+//! [`Mask`]: the binary mask of one layer, on the `[rows, fan_in]` view.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{check_len, checked_area, FormatError, Result};
+
+/// The binary mask of one layer's weight, viewed as a matrix `[rows = output neurons, fan_in]`
+/// (linear `[out, in]`, conv `[out, in/groups·kh·kw]`).
+///
+/// Storage relation: entry `(r, c)` is active iff `bits[r * fan_in + c]`.
+///
+/// ```
+/// use sparse_formats::Mask;
+/// let w = [0.5, 0.0, -1.0,
+///          0.0, 0.0,  0.0];
+/// let mask = Mask::from_dense(2, 3, &w).unwrap();
+/// assert_eq!(mask.nnz(), 2);
+/// assert_eq!(mask.row_counts(), vec![2, 0]);
+/// assert_eq!(mask.render(), "#.#\n...\n");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Mask {
+    rows: usize,
+    fan_in: usize,
+    bits: Vec<bool>,
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Mask {{ rows: {}, fan_in: {}, nnz: {} }}",
+            self.rows,
+            self.fan_in,
+            self.nnz()
+        )
+    }
+}
+
+/// Summary numbers of a mask, ready for snapshot tests and reports (floats pre-formatted so
+/// that snapshots are stable).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MaskStats {
+    /// `[rows, fan_in]`.
+    pub shape: [usize; 2],
+    /// Number of active entries.
+    pub nnz: usize,
+    /// `nnz / (rows · fan_in)` with 4 decimals.
+    pub density: String,
+    /// Smallest fan-in among rows with at least one active entry (0 if there are none).
+    pub min_fan_in: usize,
+    /// Largest fan-in of any row.
+    pub max_fan_in: usize,
+    /// Rows with no active entry (ablated neurons).
+    pub empty_rows: usize,
+}
+
+impl Mask {
+    /// A mask from its bits in row-major order; fails if `bits.len() != rows · fan_in`.
+    pub fn new(rows: usize, fan_in: usize, bits: Vec<bool>) -> Result<Self> {
+        check_len("mask", bits.len(), checked_area("mask", rows, fan_in)?)?;
+        Ok(Mask { rows, fan_in, bits })
+    }
+
+    /// The all-inactive mask.
+    pub fn zeros(rows: usize, fan_in: usize) -> Self {
+        Mask {
+            rows,
+            fan_in,
+            bits: vec![false; rows * fan_in],
+        }
+    }
+
+    /// The all-active (dense) mask.
+    pub fn ones(rows: usize, fan_in: usize) -> Self {
+        Mask {
+            rows,
+            fan_in,
+            bits: vec![true; rows * fan_in],
+        }
+    }
+
+    /// The mask of the non-zero entries of a dense row-major `[rows, fan_in]` weight.
+    pub fn from_dense(rows: usize, fan_in: usize, weights: &[f32]) -> Result<Self> {
+        check_len(
+            "weights",
+            weights.len(),
+            checked_area("weights", rows, fan_in)?,
+        )?;
+        Ok(Mask {
+            rows,
+            fan_in,
+            bits: weights.iter().map(|&w| w != 0.0).collect(),
+        })
+    }
+
+    /// The mask of the non-zero entries of a tensor of rank ≥ 2, viewed as
+    /// `[dim 0, product of the other dims]` (so a conv weight `[out, in, kh, kw]` becomes
+    /// `[out, in·kh·kw]`). Any dtype; the tensor may live on any device.
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let dims = t.dims();
+        if dims.len() < 2 {
+            return Err(FormatError::invalid(
+                "tensor",
+                format!("a mask needs a tensor of rank ≥ 2, got shape {dims:?}"),
+            ));
+        }
+        let rows = dims[0];
+        let fan_in = dims[1..].iter().product();
+        let flat = t
+            .ne(0.0)?
+            .to_dtype(DType::U8)?
+            .flatten_all()?
+            .to_vec1::<u8>()?;
+        Ok(Mask {
+            rows,
+            fan_in,
+            bits: flat.into_iter().map(|b| b != 0).collect(),
+        })
+    }
+
+    /// The mask as an f32 tensor of 0s and 1s, shape `[rows, fan_in]`.
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        self.to_tensor_dtype(DType::F32, device)
+    }
+
+    /// The mask as a tensor of 0s and 1s of the given dtype, shape `[rows, fan_in]`.
+    pub fn to_tensor_dtype(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let v: Vec<u8> = self.bits.iter().map(|&b| b as u8).collect();
+        Ok(Tensor::from_vec(v, (self.rows, self.fan_in), device)?.to_dtype(dtype)?)
+    }
+
+    /// Number of rows (output neurons).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (the dense fan-in).
+    pub fn fan_in(&self) -> usize {
+        self.fan_in
+    }
+
+    /// `rows · fan_in`.
+    pub fn len(&self) -> usize {
+        self.bits.len()
+    }
+
+    /// True if the mask has no entries at all (a dimension is 0).
+    pub fn is_empty(&self) -> bool {
+        self.bits.is_empty()
+    }
+
+    /// The bits in row-major order.
+    pub fn as_slice(&self) -> &[bool] {
+        &self.bits
+    }
+
+    /// The bits of one row.
+    pub fn row(&self, r: usize) -> &[bool] {
+        &self.bits[r * self.fan_in..(r + 1) * self.fan_in]
+    }
+
+    /// Whether entry `(r, c)` is active. Panics if out of range, like slice indexing.
+    pub fn get(&self, r: usize, c: usize) -> bool {
+        assert!(c < self.fan_in, "column {c} out of range {}", self.fan_in);
+        self.bits[r * self.fan_in + c]
+    }
+
+    /// Sets entry `(r, c)`. Panics if out of range, like slice indexing.
+    pub fn set(&mut self, r: usize, c: usize, active: bool) {
+        assert!(c < self.fan_in, "column {c} out of range {}", self.fan_in);
+        self.bits[r * self.fan_in + c] = active;
+    }
+
+    /// Number of active entries.
+    pub fn nnz(&self) -> usize {
+        self.bits.iter().filter(|&&b| b).count()
+    }
+
+    /// Active entries of one row (the row's fan-in).
+    pub fn row_nnz(&self, r: usize) -> usize {
+        self.row(r).iter().filter(|&&b| b).count()
+    }
+
+    /// Active entries per row.
+    pub fn row_counts(&self) -> Vec<usize> {
+        (0..self.rows).map(|r| self.row_nnz(r)).collect()
+    }
+
+    /// Column indices of the active entries of one row, ascending.
+    pub fn row_indices(&self, r: usize) -> impl Iterator<Item = usize> + '_ {
+        self.row(r)
+            .iter()
+            .enumerate()
+            .filter_map(|(c, &b)| b.then_some(c))
+    }
+
+    /// Rows with at least one active entry (non-ablated neurons), ascending.
+    pub fn active_rows(&self) -> Vec<usize> {
+        (0..self.rows)
+            .filter(|&r| self.row(r).contains(&true))
+            .collect()
+    }
+
+    /// `nnz / len`, 0 for an empty mask.
+    pub fn density(&self) -> f64 {
+        if self.bits.is_empty() {
+            0.0
+        } else {
+            self.nnz() as f64 / self.bits.len() as f64
+        }
+    }
+
+    /// `1 − density`.
+    pub fn sparsity(&self) -> f64 {
+        1.0 - self.density()
+    }
+
+    /// Summary numbers (see [`MaskStats`]).
+    pub fn stats(&self) -> MaskStats {
+        let counts = self.row_counts();
+        MaskStats {
+            shape: [self.rows, self.fan_in],
+            nnz: counts.iter().sum(),
+            density: format!("{:.4}", self.density()),
+            min_fan_in: counts.iter().copied().filter(|&c| c > 0).min().unwrap_or(0),
+            max_fan_in: counts.iter().copied().max().unwrap_or(0),
+            empty_rows: counts.iter().filter(|&&c| c == 0).count(),
+        }
+    }
+
+    /// Text rendering for snapshot tests: one line per row, `#` for active, `.` for inactive.
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(self.rows * (self.fan_in + 1));
+        for r in 0..self.rows {
+            s.extend(self.row(r).iter().map(|&b| if b { '#' } else { '.' }));
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Parses [`Mask::render`]'s output (`#`/`1` active, `.`/`0` inactive); handy in tests.
+    pub fn parse(text: &str) -> Result<Self> {
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let fan_in = lines.first().map_or(0, |l| l.trim().chars().count());
+        let mut bits = Vec::with_capacity(lines.len() * fan_in);
+        for (r, line) in lines.iter().enumerate() {
+            let line = line.trim();
+            if line.chars().count() != fan_in {
+                return Err(FormatError::invalid(
+                    "mask text",
+                    format!(
+                        "line {r} has {} entries, line 0 has {fan_in}",
+                        line.chars().count()
+                    ),
+                ));
+            }
+            for ch in line.chars() {
+                bits.push(match ch {
+                    '#' | '1' => true,
+                    '.' | '0' => false,
+                    other => {
+                        return Err(FormatError::invalid(
+                            "mask text",
+                            format!("line {r}: unexpected character {other:?}"),
+                        ))
+                    }
+                });
+            }
+        }
+        Mask::new(lines.len(), fan_in, bits)
+    }
+
+    /// Sets inactive entries of a row-major `[rows, fan_in]` weight to zero.
+    pub fn apply(&self, weights: &mut [f32]) -> Result<()> {
+        check_len("weights", weights.len(), self.bits.len())?;
+        for (w, &b) in weights.iter_mut().zip(&self.bits) {
+            if !b {
+                *w = 0.0;
+            }
+        }
+        Ok(())
+    }
+
+    fn zip_with(&self, other: &Mask, f: impl Fn(bool, bool) -> bool) -> Result<Mask> {
+        if (self.rows, self.fan_in) != (other.rows, other.fan_in) {
+            return Err(FormatError::invalid(
+                "mask",
+                format!(
+                    "shapes differ: [{}, {}] and [{}, {}]",
+                    self.rows, self.fan_in, other.rows, other.fan_in
+                ),
+            ));
+        }
+        Ok(Mask {
+            rows: self.rows,
+            fan_in: self.fan_in,
+            bits: self
+                .bits
+                .iter()
+                .zip(&other.bits)
+                .map(|(&a, &b)| f(a, b))
+                .collect(),
+        })
+    }
+
+    /// Entries active in either mask.
+    pub fn union(&self, other: &Mask) -> Result<Mask> {
+        self.zip_with(other, |a, b| a || b)
+    }
+
+    /// Entries active in both masks.
+    pub fn intersection(&self, other: &Mask) -> Result<Mask> {
+        self.zip_with(other, |a, b| a && b)
+    }
+
+    /// Entries active in `self` but not in `other` (e.g. the dropped set: `old − new`).
+    pub fn difference(&self, other: &Mask) -> Result<Mask> {
+        self.zip_with(other, |a, b| a && !b)
+    }
+
+    /// Inactive entries become active and vice versa (the candidates for growth).
+    pub fn complement(&self) -> Mask {
+        Mask {
+            rows: self.rows,
+            fan_in: self.fan_in,
+            bits: self.bits.iter().map(|&b| !b).collect(),
+        }
+    }
+
+    /// True if every active entry of `self` is active in `other`.
+    pub fn is_subset_of(&self, other: &Mask) -> Result<bool> {
+        Ok(self.difference(other)?.nnz() == 0)
+    }
+
+    /// Number of entries active in both masks.
+    pub fn overlap(&self, other: &Mask) -> Result<usize> {
+        Ok(self.intersection(other)?.nnz())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Mask {
+        Mask::parse(
+            "#..#.#
+             ......
+             .####.
+             #....#",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn counts_and_density() {
+        let m = sample();
+        assert_eq!((m.rows(), m.fan_in()), (4, 6));
+        assert_eq!(m.nnz(), 9);
+        assert_eq!(m.row_counts(), vec![3, 0, 4, 2]);
+        assert_eq!(m.active_rows(), vec![0, 2, 3]);
+        assert!((m.density() - 9.0 / 24.0).abs() < 1e-12);
+        assert_eq!(m.row_indices(2).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn render_snapshot() {
+        insta::assert_snapshot!(sample().render());
+    }
+
+    #[test]
+    fn stats_snapshot() {
+        insta::assert_yaml_snapshot!(sample().stats());
+    }
+
+    #[test]
+    fn render_parse_round_trip() {
+        let m = sample();
+        assert_eq!(Mask::parse(&m.render()).unwrap(), m);
+    }
+
+    #[test]
+    fn parse_rejects_ragged_and_unknown() {
+        assert!(Mask::parse("##\n#").is_err());
+        assert!(Mask::parse("#x").is_err());
+    }
+
+    #[test]
+    fn set_operations() {
+        let a = Mask::parse("##..\n.#.#").unwrap();
+        let b = Mask::parse("#.#.\n.#..").unwrap();
+        assert_eq!(a.union(&b).unwrap().render(), "###.\n.#.#\n");
+        assert_eq!(a.intersection(&b).unwrap().render(), "#...\n.#..\n");
+        assert_eq!(a.difference(&b).unwrap().render(), ".#..\n...#\n");
+        assert_eq!(a.complement().render(), "..##\n#.#.\n");
+        assert_eq!(a.overlap(&b).unwrap(), 2);
+        assert!(a.intersection(&b).unwrap().is_subset_of(&a).unwrap());
+        assert!(!a.is_subset_of(&b).unwrap());
+        assert!(a.union(&Mask::zeros(3, 4)).is_err());
+    }
+
+    #[test]
+    fn tensor_round_trip() {
+        let m = sample();
+        let t = m.to_tensor(&Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[4, 6]);
+        assert_eq!(t.sum_all().unwrap().to_scalar::<f32>().unwrap(), 9.0);
+        assert_eq!(Mask::from_tensor(&t).unwrap(), m);
+    }
+
+    #[test]
+    fn from_conv_tensor_flattens_fan_in() {
+        // [out 2, in 1, 2, 2]: fan-in 4 per output channel.
+        let t = Tensor::new(
+            &[[[[1f32, 0.], [0., 2.]]], [[[0f32, 0.], [3., 0.]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let m = Mask::from_tensor(&t).unwrap();
+        assert_eq!(m.render(), "#..#\n..#.\n");
+        assert!(Mask::from_tensor(&Tensor::new(&[1f32, 0.], &Device::Cpu).unwrap()).is_err());
+    }
+
+    #[test]
+    fn apply_zeroes_inactive() {
+        let m = Mask::parse("#.\n.#").unwrap();
+        let mut w = vec![1.0, 2.0, 3.0, 4.0];
+        m.apply(&mut w).unwrap();
+        assert_eq!(w, vec![1.0, 0.0, 0.0, 4.0]);
+        assert!(m.apply(&mut [0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn wrong_lengths_are_errors() {
+        assert!(Mask::new(2, 3, vec![true; 5]).is_err());
+        assert!(Mask::from_dense(2, 3, &[0.0; 7]).is_err());
+        assert!(Mask::new(usize::MAX, 2, vec![]).is_err());
+    }
+}

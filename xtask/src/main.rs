@@ -1,0 +1,76 @@
+//! Project automation (the matklad/cargo-xtask pattern): `cargo xtask <task>`.
+//!
+//! Tasks:
+//! - `check-layers`: fail, naming the edge, if a crate depends on its own or a higher layer;
+//! - `ci`: everything `.ci/run` runs after installing tools (fmt, clippy, layers, tests).
+//!
+//! xtask never depends on candle, so it builds in seconds.
+
+mod layers;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const HELP: &str = "\
+cargo xtask <TASK>
+
+Tasks:
+  check-layers   fail if a crate depends on a crate of its own or a higher layer
+                 (sparse-formats < sparse-kernels < dst-core < lbc < models < cli),
+                 or if xtask depends on candle
+  ci             cargo fmt --check, clippy -D warnings, check-layers, the README test command
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("check-layers") => {
+            layers::check(&workspace_root())?;
+            println!("layers ok: {}", layers::LAYERS.join(" < "));
+            Ok(())
+        }
+        Some("ci") => ci(),
+        Some("help" | "--help" | "-h") | None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown task `{other}`\n\n{HELP}"),
+    }
+}
+
+/// The workspace root: xtask's manifest folder's parent.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    layers::check(&workspace_root())?;
+    cargo(&["test", "--workspace", "--release"])
+}
