@@ -2,10 +2,12 @@
 //!
 //! Tasks:
 //! - `check-layers`: fail, naming the edge, if a crate depends on its own or a higher layer;
+//! - `bench`: the benchmark suites with ratios against dense (see `bench.rs`);
 //! - `ci`: everything `.ci/run` runs after installing tools (fmt, clippy, layers, tests).
 //!
 //! xtask never depends on candle, so it builds in seconds.
 
+mod bench;
 mod layers;
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +21,10 @@ Tasks:
   check-layers   fail if a crate depends on a crate of its own or a higher layer
                  (sparse-formats < sparse-kernels < dst-core < lbc < models < cli),
                  or if xtask depends on candle
+  bench [--quick] [--out DIR]
+                 run the kernel benchmarks (1 thread and all threads) against candle's
+                 dense matmul in the same run; writes DIR/bench.json and DIR/bench.md
+                 (default DIR: target/bench)
   ci             cargo fmt --check, clippy -D warnings, check-layers, the README test command
 ";
 
@@ -31,6 +37,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("ci") => ci(),
+        Some("bench") => bench::run(
+            &workspace_root(),
+            bench::Options::parse(&args[1..], &workspace_root())?,
+        ),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())

@@ -50,12 +50,12 @@ impl NmPattern {
         if self.m > u8::MAX as usize {
             return bad("M above 255 is not supported".into());
         }
-        if self.group_stride == 0 || fan_in % self.group_stride != 0 {
+        if self.group_stride == 0 || !fan_in.is_multiple_of(self.group_stride) {
             return bad(format!(
                 "group stride must be ≥ 1 and divide the fan-in {fan_in}"
             ));
         }
-        if (fan_in / self.group_stride) % self.m != 0 {
+        if !(fan_in / self.group_stride).is_multiple_of(self.m) {
             return bad(format!(
                 "fan-in {fan_in} / group stride does not split into groups of {}",
                 self.m
@@ -301,7 +301,7 @@ impl NmSparse {
                 ),
             ));
         }
-        if self.fan_in % 16 != 0 {
+        if !self.fan_in.is_multiple_of(16) {
             return Err(FormatError::invalid(
                 "pattern",
                 format!(
@@ -352,7 +352,7 @@ impl Nvidia24 {
     /// Decodes back to [`NmSparse`] 2:4, validating lengths and that every code names two
     /// distinct ascending positions.
     pub fn to_nm(&self) -> Result<NmSparse> {
-        if self.fan_in % 16 != 0 {
+        if !self.fan_in.is_multiple_of(16) {
             return Err(FormatError::invalid(
                 "metadata",
                 format!("fan-in {} is not a multiple of 16", self.fan_in),

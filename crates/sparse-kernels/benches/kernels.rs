@@ -1,0 +1,307 @@
+//! The kernel benchmark suite: every sparse kernel against candle's dense matmul on the same
+//! shapes, interleaved in the same run. Normally run through `cargo xtask bench`, which runs it
+//! once with one thread and once with all threads and writes the tables.
+//!
+//! `cargo bench -p sparse-kernels --bench kernels -- [--quick] [--json FILE]`
+//! (thread count: `RAYON_NUM_THREADS`, as for candle).
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use sparse_formats::{Condensed, Csr, Mask, NmPattern, NmSparse};
+use sparse_kernels::{candle_threads, Exec, Isa, SparseWeight};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+    /// `count` distinct sorted picks from `0..n` (partial Fisher–Yates).
+    fn choose(&mut self, n: usize, count: usize, scratch: &mut Vec<usize>) -> Vec<usize> {
+        scratch.clear();
+        scratch.extend(0..n);
+        for i in 0..count {
+            let j = i + (self.next() % (n - i) as u64) as usize;
+            scratch.swap(i, j);
+        }
+        let mut out = scratch[..count].to_vec();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// A measured closure.
+type Job<'a> = Box<dyn FnMut() + 'a>;
+
+enum Weight {
+    Condensed(Condensed),
+    Nm(NmSparse),
+    Csr(Csr),
+}
+
+impl Weight {
+    fn as_ref(&self) -> SparseWeight<'_> {
+        match self {
+            Weight::Condensed(w) => w.into(),
+            Weight::Nm(w) => w.into(),
+            Weight::Csr(w) => w.into(),
+        }
+    }
+    /// Bytes of the stored weight: values plus indices plus per-row metadata.
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Weight::Condensed(w) => {
+                let ib = match w.indices().index_type() {
+                    sparse_formats::IndexType::U16 => 2,
+                    sparse_formats::IndexType::U32 => 4,
+                };
+                w.nnz() * (4 + ib) + 4 * w.n_active()
+            }
+            Weight::Nm(w) => w.values().len() * 5,
+            Weight::Csr(w) => w.nnz() * 8 + 8 * (w.rows() + 1),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Condensed(f64),
+    Csr(f64),
+    Nm(usize, usize),
+}
+
+fn build(kind: Kind, rows: usize, fan_in: usize, rng: &mut Rng) -> Weight {
+    let mut mask = Mask::zeros(rows, fan_in);
+    let mut scratch = Vec::new();
+    match kind {
+        Kind::Condensed(s) => {
+            let k = (((1.0 - s) * fan_in as f64).round() as usize).max(1);
+            for r in 0..rows {
+                for c in rng.choose(fan_in, k, &mut scratch) {
+                    mask.set(r, c, true);
+                }
+            }
+        }
+        Kind::Csr(s) => {
+            let nnz = (((1.0 - s) * (rows * fan_in) as f64).round() as usize).max(1);
+            for i in rng.choose(rows * fan_in, nnz, &mut scratch) {
+                mask.set(i / fan_in, i % fan_in, true);
+            }
+        }
+        Kind::Nm(n, m) => {
+            let p = NmPattern::new(n, m);
+            for r in 0..rows {
+                for g in 0..p.groups(fan_in) {
+                    for q in rng.choose(m, n, &mut scratch) {
+                        mask.set(r, p.column(g, q), true);
+                    }
+                }
+            }
+        }
+    }
+    let w: Vec<f32> = mask
+        .as_slice()
+        .iter()
+        .map(|&b| if b { rng.f() } else { 0.0 })
+        .collect();
+    match kind {
+        Kind::Condensed(_) => {
+            Weight::Condensed(Condensed::from_dense(rows, fan_in, &w, &mask, None).unwrap())
+        }
+        Kind::Csr(_) => Weight::Csr(Csr::from_dense(rows, fan_in, &w, &mask).unwrap()),
+        Kind::Nm(n, m) => {
+            Weight::Nm(NmSparse::from_dense(rows, fan_in, NmPattern::new(n, m), &w, &mask).unwrap())
+        }
+    }
+}
+
+/// Runs `f` `iters` times and returns ns per call.
+fn time(iters: usize, f: &mut dyn FnMut()) -> f64 {
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    t.elapsed().as_nanos() as f64 / iters as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Interleaved measurement: after a warm-up, `reps` samples of each, alternating, each sample
+/// long enough (~`sample_ms`) to be above timer noise. Returns (sparse, dense) medians in ns.
+fn measure(
+    reps: usize,
+    sample_ms: f64,
+    sparse: &mut dyn FnMut(),
+    dense: &mut dyn FnMut(),
+) -> (f64, f64) {
+    let ws = time(1, sparse).max(time(1, sparse));
+    let wd = time(1, dense).max(time(1, dense));
+    let iters = |t: f64| ((sample_ms * 1e6 / t).ceil() as usize).clamp(1, 100_000);
+    let (is, id) = (iters(ws), iters(wd));
+    let (mut s, mut d) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps {
+        s.push(time(is, sparse));
+        d.push(time(id, dense));
+    }
+    (median(&mut s), median(&mut d))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json_out = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1).cloned());
+    let threads = candle_threads();
+    let isa = Isa::detect();
+    let exec = Exec::default();
+    let dev = Device::Cpu;
+
+    let shapes: &[(usize, usize)] = if quick {
+        &[(3072, 768)]
+    } else {
+        &[(3072, 768), (768, 3072), (4096, 4096)]
+    };
+    let batches: &[usize] = if quick { &[1, 256] } else { &[1, 16, 256] };
+    let kinds: Vec<Kind> = if quick {
+        vec![Kind::Condensed(0.9), Kind::Csr(0.9), Kind::Nm(2, 4)]
+    } else {
+        let mut k = Vec::new();
+        for s in [0.8, 0.9, 0.95, 0.99] {
+            k.push(Kind::Condensed(s));
+        }
+        for s in [0.8, 0.9, 0.95, 0.99] {
+            k.push(Kind::Csr(s));
+        }
+        for (n, m) in [(2, 4), (1, 4), (2, 8), (1, 16)] {
+            k.push(Kind::Nm(n, m));
+        }
+        k
+    };
+    let (reps, sample_ms) = if quick { (5, 2.0) } else { (7, 3.0) };
+
+    let mut rng = Rng(42);
+    let mut records = Vec::new();
+    eprintln!("kernels suite: {threads} thread(s), {isa:?}");
+    for &(fan_in, rows) in shapes {
+        let dense_w = Tensor::new(rng.vec(rows * fan_in).as_slice(), &dev)
+            .unwrap()
+            .reshape((rows, fan_in))
+            .unwrap();
+        for kind in &kinds {
+            let w = build(*kind, rows, fan_in, &mut rng);
+            let wr = w.as_ref();
+            for &batch in batches {
+                let x = rng.vec(batch * fan_in);
+                let gy = rng.vec(batch * rows);
+                let xt = Tensor::new(x.as_slice(), &dev)
+                    .unwrap()
+                    .reshape((batch, fan_in))
+                    .unwrap();
+                let gyt = Tensor::new(gy.as_slice(), &dev)
+                    .unwrap()
+                    .reshape((batch, rows))
+                    .unwrap();
+                let io_fwd = 4 * (batch * fan_in + batch * rows);
+                for op in ["forward", "input_grad", "value_grad"] {
+                    let (mut sparse, mut dense): (Job, Job) = match op {
+                        "forward" => (
+                            Box::new(|| {
+                                black_box(
+                                    sparse_kernels::forward(wr, wr.values(), None, &x, batch, exec)
+                                        .unwrap(),
+                                );
+                            }),
+                            Box::new(|| {
+                                black_box(xt.matmul(&dense_w.t().unwrap()).unwrap());
+                            }),
+                        ),
+                        "input_grad" => (
+                            Box::new(|| {
+                                black_box(
+                                    sparse_kernels::input_grad(wr, wr.values(), &gy, batch, exec)
+                                        .unwrap(),
+                                );
+                            }),
+                            Box::new(|| {
+                                black_box(gyt.matmul(&dense_w).unwrap());
+                            }),
+                        ),
+                        _ => (
+                            Box::new(|| {
+                                black_box(
+                                    sparse_kernels::value_grad(wr, &x, &gy, batch, exec).unwrap(),
+                                );
+                            }),
+                            Box::new(|| {
+                                black_box(gyt.t().unwrap().matmul(&xt).unwrap());
+                            }),
+                        ),
+                    };
+                    let (s, d) = measure(reps, sample_ms, &mut sparse, &mut dense);
+                    // Weights (+ indices) + input + output; the value gradient writes one value
+                    // per stored weight instead of reading it.
+                    let bytes = w.weight_bytes() + io_fwd;
+                    let (format, sparsity, n, m) = match kind {
+                        Kind::Condensed(s) => ("condensed", *s, None, None),
+                        Kind::Csr(s) => ("csr", *s, None, None),
+                        Kind::Nm(n, m) => ("nm", 1.0 - *n as f64 / *m as f64, Some(*n), Some(*m)),
+                    };
+                    let rec = serde_json::json!({
+                        "suite": "kernels",
+                        "op": op,
+                        "format": format,
+                        "in": fan_in,
+                        "out": rows,
+                        "batch": batch,
+                        "sparsity": sparsity,
+                        "n": n,
+                        "m": m,
+                        "threads": threads,
+                        "isa": isa.name(),
+                        "median_ns": s.round(),
+                        "dense_median_ns": d.round(),
+                        "speedup_vs_dense": d / s,
+                        "bytes_moved": bytes,
+                        "effective_gb_per_s": bytes as f64 / s,
+                    });
+                    eprintln!(
+                        "{op:>10} {format:>9} {:>5} {fan_in:>4}->{rows:<4} b={batch:<4} sparse {:>10.1} us  dense {:>10.1} us  x{:.2}",
+                        match kind {
+                            Kind::Nm(n, m) => format!("{n}:{m}"),
+                            Kind::Condensed(s) | Kind::Csr(s) => format!("{:.0}%", s * 100.0),
+                        },
+                        s / 1e3,
+                        d / 1e3,
+                        d / s
+                    );
+                    records.push(rec);
+                }
+            }
+        }
+    }
+    if let Some(path) = json_out {
+        std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap())
+            .unwrap_or_else(|e| panic!("writing {path}: {e}"));
+    }
+}

@@ -1,0 +1,520 @@
+//! CPU kernels: linear forward, input gradient and value gradient on any [`SparseWeight`].
+//!
+//! Loop design (shared/reference/srigl-rigl.md §3.2 explains why the SRigL reference's
+//! gather-multiply-reduce is slow at large batches):
+//! - **batch 1** (online inference): one pass over each stored row, values and indices streamed
+//!   once, the input gathered from cache, 8 independent partial sums per row;
+//! - **batch > 1**: the input is transposed into feature-major batch tiles
+//!   `[tiles][fan_in][TB]` (zero-padded), so each stored weight does one contiguous SIMD
+//!   `axpy` over `TB` batch entries (weight-stationary, like the SRigL paper's fastest GPU
+//!   variant); tiles are walked outermost so that one tile of the input (`fan_in · TB` floats)
+//!   stays in L2 while every row uses it.
+//!
+//! Threads: forward and value gradient split the stored rows, the input gradient splits batch
+//! tiles (rows would collide on the same inputs). Every output element is computed by one
+//! thread in a fixed order, so results are bit-identical for any thread count.
+
+use rayon::prelude::*;
+
+use crate::isa::{multiversion, Isa};
+use crate::rows::{Rows, RowsVisitor};
+use crate::simd::{axpy_tile, dot_tile, madd, tile, tile_mut};
+use crate::{Exec, KernelError, SparseWeight};
+
+type Result<T> = std::result::Result<T, KernelError>;
+
+fn check(what: &'static str, found: usize, expected: usize) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(KernelError::Shape {
+            what,
+            expected,
+            found,
+        })
+    }
+}
+
+/// `y = x · Wᵀ + bias` for `x [batch, fan_in]`; returns `y [batch, rows]`.
+///
+/// `values` are the weight's stored values in the layout's slot order (normally
+/// `w.values()`, but a training loop passes its current ones). Rows the layout does not store
+/// (ablated neurons of a condensed layer) output their bias.
+pub fn forward<'a>(
+    w: impl Into<SparseWeight<'a>>,
+    values: &[f32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    exec: Exec,
+) -> Result<Vec<f32>> {
+    let w = w.into();
+    let mut y = vec![0.0; batch * w.rows()];
+    forward_into(w, values, bias, x, batch, &mut y, exec)?;
+    Ok(y)
+}
+
+/// [`forward`] writing into `y [batch, rows]` (overwritten).
+pub fn forward_into<'a>(
+    w: impl Into<SparseWeight<'a>>,
+    values: &[f32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    exec: Exec,
+) -> Result<()> {
+    let w = w.into();
+    let (rows, fan_in) = (w.rows(), w.fan_in());
+    check("values", values.len(), w.nnz())?;
+    check("x", x.len(), batch * fan_in)?;
+    check("y", y.len(), batch * rows)?;
+    if let Some(b) = bias {
+        check("bias", b.len(), rows)?;
+    }
+    for yb in y.chunks_exact_mut(rows.max(1)) {
+        match bias {
+            Some(b) => yb.copy_from_slice(b),
+            None => yb.fill(0.0),
+        }
+    }
+    if batch == 0 || rows == 0 {
+        return Ok(());
+    }
+    w.with_rows(Forward {
+        values,
+        x,
+        batch,
+        fan_in,
+        rows,
+        y,
+        exec,
+    });
+    Ok(())
+}
+
+/// `grad_x = grad_y · W` for `grad_y [batch, rows]`; returns `grad_x [batch, fan_in]`.
+pub fn input_grad<'a>(
+    w: impl Into<SparseWeight<'a>>,
+    values: &[f32],
+    grad_y: &[f32],
+    batch: usize,
+    exec: Exec,
+) -> Result<Vec<f32>> {
+    let w = w.into();
+    check("values", values.len(), w.nnz())?;
+    check("grad_y", grad_y.len(), batch * w.rows())?;
+    if batch == 0 || w.fan_in() == 0 {
+        return Ok(vec![0.0; batch * w.fan_in()]);
+    }
+    Ok(w.with_rows(InputGrad {
+        values,
+        grad_y,
+        batch,
+        fan_in: w.fan_in(),
+        rows: w.rows(),
+        exec,
+    }))
+}
+
+/// The gradient of the stored values: `grad_v[slot] = Σ_b grad_y[b, row] · x[b, col]` for each
+/// stored `(row, col)`. Returns one entry per stored value (slot order); the dense weight
+/// gradient is never formed.
+pub fn value_grad<'a>(
+    w: impl Into<SparseWeight<'a>>,
+    x: &[f32],
+    grad_y: &[f32],
+    batch: usize,
+    exec: Exec,
+) -> Result<Vec<f32>> {
+    let w = w.into();
+    check("x", x.len(), batch * w.fan_in())?;
+    check("grad_y", grad_y.len(), batch * w.rows())?;
+    let mut gv = vec![0.0; w.nnz()];
+    if batch == 0 || gv.is_empty() {
+        return Ok(gv);
+    }
+    w.with_rows(ValueGrad {
+        x,
+        grad_y,
+        batch,
+        fan_in: w.fan_in(),
+        rows: w.rows(),
+        gv: &mut gv,
+        exec,
+    });
+    Ok(gv)
+}
+
+/// Copies `src [n, cols]` into batch tiles `[ceil(n / TB)][cols][TB]`, zero-padded.
+fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize) -> Vec<f32> {
+    let tiles = n.div_ceil(TB);
+    let mut dst = vec![0.0; tiles * cols * TB];
+    for (b, row) in src.chunks_exact(cols).enumerate().take(n) {
+        let (t, l) = (b / TB, b % TB);
+        let slab = &mut dst[t * cols * TB..(t + 1) * cols * TB];
+        for (c, &v) in row.iter().enumerate() {
+            slab[c * TB + l] = v;
+        }
+    }
+    dst
+}
+
+/// Inverse of [`to_tiles`]: writes the first `n` batch entries back to `dst [n, cols]`.
+fn from_tiles<const TB: usize>(tiles: &[f32], n: usize, cols: usize, dst: &mut [f32]) {
+    for (b, row) in dst.chunks_exact_mut(cols).enumerate().take(n) {
+        let (t, l) = (b / TB, b % TB);
+        let slab = &tiles[t * cols * TB..(t + 1) * cols * TB];
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = slab[c * TB + l];
+        }
+    }
+}
+
+/// Runs `f(tile width)` with the tile width for a batch: the smallest of 8/16/32/64 that holds
+/// it, 64 beyond.
+macro_rules! with_tile {
+    ($batch:expr, $f:ident!($($args:tt)*)) => {
+        match $batch {
+            0..=8 => $f!(8, $($args)*),
+            9..=16 => $f!(16, $($args)*),
+            17..=32 => $f!(32, $($args)*),
+            _ => $f!(64, $($args)*),
+        }
+    };
+}
+
+/// Splits `0..n` into at most `parts` contiguous ranges of nearly equal size.
+fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    (0..parts)
+        .map(|i| (i * n / parts)..((i + 1) * n / parts))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Splits `buf` into consecutive pieces of the given lengths.
+fn split_lengths<'b>(mut buf: &'b mut [f32], lens: &[usize]) -> Vec<&'b mut [f32]> {
+    let mut out = Vec::with_capacity(lens.len());
+    for &l in lens {
+        let (head, tail) = buf.split_at_mut(l);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// Runs `job` on each item, on `threads` rayon workers when `threads > 1`.
+fn run_parallel<T: Send>(items: Vec<T>, threads: usize, job: impl Fn(T) + Sync + Send) {
+    if threads > 1 && items.len() > 1 {
+        items.into_par_iter().for_each(job);
+    } else {
+        items.into_iter().for_each(job);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+struct Forward<'a> {
+    values: &'a [f32],
+    x: &'a [f32],
+    batch: usize,
+    fan_in: usize,
+    rows: usize,
+    y: &'a mut [f32],
+    exec: Exec,
+}
+
+fn fwd_gather<R: Rows>(isa: Isa, r: &R, values: &[f32], x: &[f32], a0: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = r.gather_dot(isa, a0 + i, values, x);
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fwd_tiled_body<R: Rows, const TB: usize, const FMA: bool>(
+    r: &R,
+    values: &[f32],
+    xt: &[f32],
+    batch: usize,
+    fan_in: usize,
+    a0: usize,
+    out: &mut [f32],
+) {
+    let n_rows = out.len() / batch;
+    for t in 0..batch.div_ceil(TB) {
+        let xs = &xt[t * fan_in * TB..(t + 1) * fan_in * TB];
+        let b0 = t * TB;
+        let bn = TB.min(batch - b0);
+        for i in 0..n_rows {
+            let mut acc = [0.0f32; TB];
+            for (slot, col) in r.entries(a0 + i) {
+                axpy_tile::<TB, FMA>(&mut acc, values[slot], tile::<TB>(xs, col));
+            }
+            out[i * batch + b0..i * batch + b0 + bn].copy_from_slice(&acc[..bn]);
+        }
+    }
+}
+multiversion!(fn fwd_tiled<R: Rows; const TB: usize>(r: &R, values: &[f32], xt: &[f32], batch: usize, fan_in: usize, a0: usize, out: &mut [f32]) => fwd_tiled_body);
+
+impl RowsVisitor for Forward<'_> {
+    type Out = ();
+    fn visit<R: Rows>(self, r: &R) {
+        let Forward {
+            values,
+            x,
+            batch,
+            fan_in,
+            rows,
+            y,
+            exec,
+        } = self;
+        let (isa, threads) = (exec.isa(), exec.thread_count());
+        let n = r.n_stored();
+        // Per stored row, `batch` outputs (row-major by stored row), then scattered into y.
+        let mut acc = vec![0.0f32; n * batch];
+        let ranges = split_ranges(n, threads);
+        let lens: Vec<usize> = ranges.iter().map(|g| g.len() * batch).collect();
+        let jobs: Vec<_> = ranges
+            .iter()
+            .map(|g| g.start)
+            .zip(split_lengths(&mut acc, &lens))
+            .collect();
+        if batch == 1 {
+            run_parallel(jobs, threads, |(a0, out)| {
+                fwd_gather(isa, r, values, x, a0, out)
+            });
+        } else {
+            macro_rules! go {
+                ($tb:literal,) => {{
+                    let xt = to_tiles::<$tb>(x, batch, fan_in);
+                    run_parallel(jobs, threads, |(a0, out)| {
+                        fwd_tiled::<R, $tb>(isa, r, values, &xt, batch, fan_in, a0, out)
+                    });
+                }};
+            }
+            with_tile!(batch, go!());
+        }
+        for a in 0..n {
+            let row = r.out_row(a);
+            for b in 0..batch {
+                y[b * rows + row] += acc[a * batch + b];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input gradient
+
+struct InputGrad<'a> {
+    values: &'a [f32],
+    grad_y: &'a [f32],
+    batch: usize,
+    fan_in: usize,
+    rows: usize,
+    exec: Exec,
+}
+
+#[inline(always)]
+fn igrad_single_body<R: Rows, const FMA: bool>(r: &R, values: &[f32], gy: &[f32], gx: &mut [f32]) {
+    for a in 0..r.n_stored() {
+        let g = gy[r.out_row(a)];
+        for (slot, col) in r.entries(a) {
+            gx[col] = madd::<FMA>(g, values[slot], gx[col]);
+        }
+    }
+}
+multiversion!(fn igrad_single<R: Rows;>(r: &R, values: &[f32], gy: &[f32], gx: &mut [f32]) => igrad_single_body);
+
+#[inline(always)]
+fn igrad_tile_body<R: Rows, const TB: usize, const FMA: bool>(
+    r: &R,
+    values: &[f32],
+    gys: &[f32],
+    gxs: &mut [f32],
+) {
+    for a in 0..r.n_stored() {
+        let g = tile::<TB>(gys, r.out_row(a));
+        for (slot, col) in r.entries(a) {
+            axpy_tile::<TB, FMA>(tile_mut::<TB>(gxs, col), values[slot], g);
+        }
+    }
+}
+multiversion!(fn igrad_tile<R: Rows; const TB: usize>(r: &R, values: &[f32], gys: &[f32], gxs: &mut [f32]) => igrad_tile_body);
+
+impl RowsVisitor for InputGrad<'_> {
+    type Out = Vec<f32>;
+    fn visit<R: Rows>(self, r: &R) -> Vec<f32> {
+        let InputGrad {
+            values,
+            grad_y,
+            batch,
+            fan_in,
+            rows,
+            exec,
+        } = self;
+        let (isa, threads) = (exec.isa(), exec.thread_count());
+        let mut gx = vec![0.0; batch * fan_in];
+        if batch == 1 {
+            igrad_single(isa, r, values, grad_y, &mut gx);
+            return gx;
+        }
+        macro_rules! go {
+            ($tb:literal,) => {{
+                let gyt = to_tiles::<$tb>(grad_y, batch, rows);
+                let mut gxt = vec![0.0f32; batch.div_ceil($tb) * fan_in * $tb];
+                let jobs: Vec<_> = gxt
+                    .chunks_mut(fan_in * $tb)
+                    .zip(gyt.chunks(rows * $tb))
+                    .collect();
+                run_parallel(jobs, threads, |(gxs, gys)| {
+                    igrad_tile::<R, $tb>(isa, r, values, gys, gxs)
+                });
+                from_tiles::<$tb>(&gxt, batch, fan_in, &mut gx);
+            }};
+        }
+        with_tile!(batch, go!());
+        gx
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value gradient
+
+struct ValueGrad<'a> {
+    x: &'a [f32],
+    grad_y: &'a [f32],
+    batch: usize,
+    fan_in: usize,
+    rows: usize,
+    gv: &'a mut [f32],
+    exec: Exec,
+}
+
+#[inline(always)]
+fn vgrad_single_body<R: Rows, const FMA: bool>(
+    r: &R,
+    x: &[f32],
+    gy: &[f32],
+    a0: usize,
+    n_rows: usize,
+    gv: &mut [f32],
+) {
+    let base = r.slots(a0).start;
+    for a in a0..a0 + n_rows {
+        let g = gy[r.out_row(a)];
+        for (slot, col) in r.entries(a) {
+            gv[slot - base] = g * x[col];
+        }
+    }
+}
+multiversion!(fn vgrad_single<R: Rows;>(r: &R, x: &[f32], gy: &[f32], a0: usize, n_rows: usize, gv: &mut [f32]) => vgrad_single_body);
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn vgrad_tiled_body<R: Rows, const TB: usize, const FMA: bool>(
+    r: &R,
+    xt: &[f32],
+    gyt: &[f32],
+    tiles: usize,
+    fan_in: usize,
+    rows: usize,
+    a0: usize,
+    n_rows: usize,
+    gv: &mut [f32],
+) {
+    let base = r.slots(a0).start;
+    for t in 0..tiles {
+        let xs = &xt[t * fan_in * TB..(t + 1) * fan_in * TB];
+        let gys = &gyt[t * rows * TB..(t + 1) * rows * TB];
+        for a in a0..a0 + n_rows {
+            let g = tile::<TB>(gys, r.out_row(a));
+            for (slot, col) in r.entries(a) {
+                gv[slot - base] += dot_tile::<TB, FMA>(g, tile::<TB>(xs, col));
+            }
+        }
+    }
+}
+multiversion!(fn vgrad_tiled<R: Rows; const TB: usize>(r: &R, xt: &[f32], gyt: &[f32], tiles: usize, fan_in: usize, rows: usize, a0: usize, n_rows: usize, gv: &mut [f32]) => vgrad_tiled_body);
+
+impl RowsVisitor for ValueGrad<'_> {
+    type Out = ();
+    fn visit<R: Rows>(self, r: &R) {
+        let ValueGrad {
+            x,
+            grad_y,
+            batch,
+            fan_in,
+            rows,
+            gv,
+            exec,
+        } = self;
+        let (isa, threads) = (exec.isa(), exec.thread_count());
+        let ranges = split_ranges(r.n_stored(), threads);
+        let lens: Vec<usize> = ranges
+            .iter()
+            .map(|g| r.slots(g.end - 1).end - r.slots(g.start).start)
+            .collect();
+        let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(gv, &lens)).collect();
+        if batch == 1 {
+            run_parallel(jobs, threads, |(g, out)| {
+                vgrad_single(isa, r, x, grad_y, g.start, g.len(), out)
+            });
+            return;
+        }
+        macro_rules! go {
+            ($tb:literal,) => {{
+                let xt = to_tiles::<$tb>(x, batch, fan_in);
+                let gyt = to_tiles::<$tb>(grad_y, batch, rows);
+                let tiles = batch.div_ceil($tb);
+                run_parallel(jobs, threads, |(g, out)| {
+                    vgrad_tiled::<R, $tb>(
+                        isa,
+                        r,
+                        &xt,
+                        &gyt,
+                        tiles,
+                        fan_in,
+                        rows,
+                        g.start,
+                        g.len(),
+                        out,
+                    )
+                });
+            }};
+        }
+        with_tile!(batch, go!());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_round_trip_and_pad_with_zeros() {
+        let src: Vec<f32> = (0..10 * 3).map(|v| v as f32).collect();
+        let t = to_tiles::<8>(&src, 10, 3);
+        assert_eq!(t.len(), 2 * 3 * 8);
+        // Column 1 of batch entry 9 sits in tile 1, lane 1.
+        assert_eq!(t[(3 + 1) * 8 + 1], src[9 * 3 + 1]);
+        // Padding lanes are zero.
+        assert_eq!(t[(3 + 1) * 8 + 2], 0.0);
+        let mut back = vec![0.0; 30];
+        from_tiles::<8>(&t, 10, 3, &mut back);
+        assert_eq!(back, src);
+    }
+
+    #[test]
+    fn ranges_cover_everything_once() {
+        for (n, p) in [(0, 3), (1, 4), (7, 3), (10, 10), (5, 1)] {
+            let r = split_ranges(n, p);
+            let flat: Vec<usize> = r.iter().flat_map(|g| g.clone()).collect();
+            assert_eq!(flat, (0..n).collect::<Vec<_>>());
+            assert!(r.len() <= p.max(1));
+        }
+    }
+}

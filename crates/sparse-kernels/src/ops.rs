@@ -1,0 +1,237 @@
+//! The kernels as candle custom ops, part of candle's autograd.
+//!
+//! [`sparse_linear`] computes `y = x · Wᵀ + b` where `W`'s structure is fixed (a
+//! [`SparseStructure`]) and its stored values are a tensor (normally a `Var` being trained).
+//! The backward pass returns `∂L/∂x` through [`crate::input_grad`] and `∂L/∂values` through
+//! [`crate::value_grad`]; the dense weight gradient is never formed.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use candle_core::{Device, Tensor, Var};
+//! use sparse_formats::{Condensed, Mask};
+//! use sparse_kernels::ops::{sparse_linear, SparseStructure};
+//!
+//! let w = [1.0f32, 0.0, 2.0,
+//!          0.0, 3.0, 4.0];
+//! let c = Condensed::from_dense(2, 3, &w, &Mask::from_dense(2, 3, &w)?, None)?;
+//! let values = Var::new(c.values(), &Device::Cpu)?;
+//! let s = SparseStructure::from(c);
+//! let x = Tensor::new(&[[1f32, 1.0, 1.0]], &Device::Cpu)?;
+//! let y = sparse_linear(&x, values.as_tensor(), &s, None)?;
+//! assert_eq!(y.to_vec2::<f32>()?, vec![vec![3.0, 7.0]]);
+//! let grads = y.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&values).unwrap().to_vec1::<f32>()?, vec![1.0, 1.0, 1.0, 1.0]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use sparse_formats::{Condensed, Csr, NmSparse};
+
+use crate::{Exec, SparseWeight};
+
+/// The fixed structure of a sparse weight (its values are passed separately as a tensor),
+/// cheap to clone.
+#[derive(Debug, Clone)]
+pub enum SparseStructure {
+    /// Constant fan-in layout.
+    Condensed(Arc<Condensed>),
+    /// N:M layout.
+    Nm(Arc<NmSparse>),
+    /// CSR layout.
+    Csr(Arc<Csr>),
+}
+
+impl From<Condensed> for SparseStructure {
+    fn from(w: Condensed) -> Self {
+        SparseStructure::Condensed(Arc::new(w))
+    }
+}
+impl From<NmSparse> for SparseStructure {
+    fn from(w: NmSparse) -> Self {
+        SparseStructure::Nm(Arc::new(w))
+    }
+}
+impl From<Csr> for SparseStructure {
+    fn from(w: Csr) -> Self {
+        SparseStructure::Csr(Arc::new(w))
+    }
+}
+
+impl SparseStructure {
+    /// A borrowed view for the slice kernels.
+    pub fn weight(&self) -> SparseWeight<'_> {
+        match self {
+            SparseStructure::Condensed(w) => SparseWeight::Condensed(w),
+            SparseStructure::Nm(w) => SparseWeight::Nm(w),
+            SparseStructure::Csr(w) => SparseWeight::Csr(w),
+        }
+    }
+}
+
+/// `y = x · Wᵀ + bias` with autograd for `x`, `values` and `bias`.
+///
+/// `x` has shape `[..., fan_in]` (any number of leading dimensions), `values` holds the
+/// structure's `nnz` stored values (any shape), `bias` has shape `[rows]`. f32 on the CPU.
+pub fn sparse_linear(
+    x: &Tensor,
+    values: &Tensor,
+    structure: &SparseStructure,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    sparse_linear_with(x, values, structure, bias, Exec::default())
+}
+
+/// [`sparse_linear`] with an explicit thread count / instruction set.
+pub fn sparse_linear_with(
+    x: &Tensor,
+    values: &Tensor,
+    structure: &SparseStructure,
+    bias: Option<&Tensor>,
+    exec: Exec,
+) -> Result<Tensor> {
+    let w = structure.weight();
+    let dims = x.dims();
+    let Some((&fan_in, lead)) = dims.split_last() else {
+        candle_core::bail!("sparse_linear: x must have rank ≥ 1, got a scalar");
+    };
+    if fan_in != w.fan_in() {
+        candle_core::bail!(
+            "sparse_linear: x has {fan_in} features, the weight's fan-in is {}",
+            w.fan_in()
+        );
+    }
+    let batch: usize = lead.iter().product();
+    let x2 = x.reshape((batch, fan_in))?;
+    let op = Forward {
+        structure: structure.clone(),
+        exec,
+    };
+    let y = x2.apply_op2(values, op)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(w.rows());
+    let y = y.reshape(out_dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("sparse_linear: `{what}` must be contiguous"),
+    }
+}
+
+/// The forward op: `(x [batch, fan_in], values) → y [batch, rows]`.
+struct Forward {
+    structure: SparseStructure,
+    exec: Exec,
+}
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "sparse-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = self.structure.weight();
+        let batch = xl.dims()[0];
+        let x = f32_slice(xs, xl, "x")?;
+        let v = f32_slice(vs, vl, "values")?;
+        let y =
+            crate::forward(w, v, None, x, batch, self.exec).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), Shape::from((batch, w.rows()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        values: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(
+            values,
+            &InputGrad {
+                structure: self.structure.clone(),
+                exec: self.exec,
+            },
+        )?;
+        let gv = x
+            .apply_op2_no_bwd(
+                &grad,
+                &ValueGrad {
+                    structure: self.structure.clone(),
+                    exec: self.exec,
+                },
+            )?
+            .reshape(values.shape())?;
+        Ok((Some(gx), Some(gv)))
+    }
+}
+
+/// `(grad_y [batch, rows], values) → grad_x [batch, fan_in]`.
+struct InputGrad {
+    structure: SparseStructure,
+    exec: Exec,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "sparse-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = self.structure.weight();
+        let batch = gl.dims()[0];
+        let gy = f32_slice(gs, gl, "grad_y")?;
+        let v = f32_slice(vs, vl, "values")?;
+        let gx = crate::input_grad(w, v, gy, batch, self.exec).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(gx), Shape::from((batch, w.fan_in()))))
+    }
+}
+
+/// `(x [batch, fan_in], grad_y [batch, rows]) → grad_values [nnz]`.
+struct ValueGrad {
+    structure: SparseStructure,
+    exec: Exec,
+}
+
+impl CustomOp2 for ValueGrad {
+    fn name(&self) -> &'static str {
+        "sparse-linear-value-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = self.structure.weight();
+        let batch = xl.dims()[0];
+        let x = f32_slice(xs, xl, "x")?;
+        let gy = f32_slice(gs, gl, "grad_y")?;
+        let gv = crate::value_grad(w, x, gy, batch, self.exec).map_err(candle_core::Error::wrap)?;
+        let n = gv.len();
+        Ok((CpuStorage::F32(gv), Shape::from(n)))
+    }
+}

@@ -1,0 +1,337 @@
+//! `cargo xtask bench [--quick] [--out DIR]`: runs the benchmark suites in release mode, once with
+//! one thread and once with all threads, and writes `DIR/bench.json` (every record, plus the
+//! machine) and `DIR/bench.md` (tables and the targets of the kernels issue).
+//!
+//! Each suite is a `harness = false` bench target that prints JSON records; this task only
+//! orchestrates (xtask never depends on candle).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// Parsed command line of `cargo xtask bench`.
+pub struct Options {
+    quick: bool,
+    out: PathBuf,
+}
+
+impl Options {
+    /// Parses the arguments after `bench`.
+    pub fn parse(args: &[String], root: &Path) -> Result<Options> {
+        let mut quick = false;
+        let mut out = root.join("target").join("bench");
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--quick" => quick = true,
+                "--out" => {
+                    out = PathBuf::from(it.next().context("--out needs a folder")?);
+                }
+                other => {
+                    bail!("cargo xtask bench: unknown flag `{other}` (flags: --quick, --out DIR)")
+                }
+            }
+        }
+        Ok(Options { quick, out })
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn command_output(cmd: &str, args: &[&str], dir: &Path) -> Option<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Runs the whole benchmark and writes the files.
+pub fn run(root: &Path, opts: Options) -> Result<()> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut thread_counts = vec![1];
+    if all > 1 {
+        thread_counts.push(all);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut records: Vec<Value> = Vec::new();
+    for &threads in &thread_counts {
+        let part = opts.out.join(format!("kernels-{threads}t.json"));
+        let mut args = vec!["bench", "-p", "sparse-kernels", "--bench", "kernels", "--"];
+        if opts.quick {
+            args.push("--quick");
+        }
+        let part_s = part.to_string_lossy().to_string();
+        args.extend(["--json", &part_s]);
+        eprintln!("$ RAYON_NUM_THREADS={threads} cargo {}", args.join(" "));
+        let status = Command::new(&cargo)
+            .args(&args)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .current_dir(root)
+            .status()
+            .context("running cargo bench")?;
+        if !status.success() {
+            bail!("the kernels benchmark failed ({status})");
+        }
+        let text = std::fs::read_to_string(&part)
+            .with_context(|| format!("reading {}", part.display()))?;
+        let mut recs: Vec<Value> =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", part.display()))?;
+        records.append(&mut recs);
+        std::fs::remove_file(&part).ok();
+    }
+    let machine = json!({
+        "cpu": cpu_model(),
+        "logical_cpus": all,
+        "os": std::env::consts::OS,
+        "date_utc": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], root),
+        "git_commit": command_output("git", &["rev-parse", "--short", "HEAD"], root),
+        "quick": opts.quick,
+    });
+    let doc = json!({ "machine": machine, "records": records });
+    let json_path = opts.out.join("bench.json");
+    write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    let md = render_markdown(&doc);
+    let md_path = opts.out.join("bench.md");
+    write_atomic(&md_path, md.as_bytes())?;
+    println!("{md}");
+    eprintln!("wrote {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn label(r: &Value) -> String {
+    match (r["n"].as_u64(), r["m"].as_u64()) {
+        (Some(n), Some(m)) => format!("{n}:{m}"),
+        _ => format!("{:.0}%", r["sparsity"].as_f64().unwrap_or(0.0) * 100.0),
+    }
+}
+
+fn us(ns: &Value) -> String {
+    format!("{:.1}", ns.as_f64().unwrap_or(f64::NAN) / 1e3)
+}
+
+/// Finds the speedup of one record.
+fn speedup(
+    doc: &Value,
+    op: &str,
+    format: &str,
+    lab: &str,
+    fan_in: u64,
+    batch: u64,
+    threads: u64,
+) -> Option<f64> {
+    doc["records"].as_array()?.iter().find_map(|r| {
+        (r["op"] == op
+            && r["format"] == format
+            && label(r) == lab
+            && r["in"] == fan_in
+            && r["batch"] == batch
+            && r["threads"] == threads)
+            .then(|| r["speedup_vs_dense"].as_f64())
+            .flatten()
+    })
+}
+
+fn median_ns(
+    doc: &Value,
+    op: &str,
+    format: &str,
+    lab: &str,
+    fan_in: u64,
+    batch: u64,
+) -> Option<f64> {
+    doc["records"].as_array()?.iter().find_map(|r| {
+        (r["op"] == op
+            && r["format"] == format
+            && label(r) == lab
+            && r["in"] == fan_in
+            && r["batch"] == batch
+            && r["threads"] == 1)
+            .then(|| r["median_ns"].as_f64())
+            .flatten()
+    })
+}
+
+/// The tables of `bench.md`.
+pub fn render_markdown(doc: &Value) -> String {
+    let m = &doc["machine"];
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Machine: {} ({} logical CPUs, {}), {}, commit {}{}.\n\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["logical_cpus"],
+        m["os"].as_str().unwrap_or("?"),
+        m["date_utc"].as_str().unwrap_or("?"),
+        m["git_commit"].as_str().unwrap_or("?"),
+        if m["quick"] == true {
+            ", `--quick`"
+        } else {
+            ""
+        }
+    ));
+    s.push_str("Times are medians in µs (fp32); `×dense` = candle dense matmul time / sparse time, measured interleaved in the same run. Dense counterparts: forward `x·Wᵀ`, input gradient `gy·W`, value gradient `gyᵀ·x` (the dense weight gradient).\n\n");
+    s.push_str("### Targets (1 thread)\n\n| target | measured | met |\n|---|---|---|\n");
+    let targets: [(&str, Option<f64>, f64); 5] = [
+        (
+            "condensed 3072→768 90% batch 1 ≥ 5×",
+            speedup(doc, "forward", "condensed", "90%", 3072, 1, 1),
+            5.0,
+        ),
+        (
+            "condensed 3072→768 90% batch 256 ≥ 2×",
+            speedup(doc, "forward", "condensed", "90%", 3072, 256, 1),
+            2.0,
+        ),
+        (
+            "condensed 3072→768 99% batch 1 ≥ 20×",
+            speedup(doc, "forward", "condensed", "99%", 3072, 1, 1),
+            20.0,
+        ),
+        (
+            "2:4 3072→768 batch 1 ≥ 1.6×",
+            speedup(doc, "forward", "nm", "2:4", 3072, 1, 1),
+            1.6,
+        ),
+        (
+            "1:16 3072→768 batch 1 ≥ 6×",
+            speedup(doc, "forward", "nm", "1:16", 3072, 1, 1),
+            6.0,
+        ),
+    ];
+    for (name, got, want) in targets {
+        match got {
+            Some(v) => s.push_str(&format!(
+                "| {name} | {v:.2}× | {} |\n",
+                if v >= want { "yes" } else { "**no**" }
+            )),
+            None => s.push_str(&format!("| {name} | not measured in this run | – |\n")),
+        }
+    }
+    for (lab, batch) in [("90%", 1u64), ("90%", 256)] {
+        if let (Some(c), Some(r)) = (
+            median_ns(doc, "forward", "condensed", lab, 3072, batch),
+            median_ns(doc, "forward", "csr", lab, 3072, batch),
+        ) {
+            let ratio = r / c;
+            s.push_str(&format!(
+                "| CSR within 1.5× of condensed, 90% batch {batch} | CSR/condensed time {ratio:.2} | {} |\n",
+                if ratio <= 1.5 { "yes" } else { "no" }
+            ));
+        }
+    }
+    s.push('\n');
+    let recs = doc["records"].as_array().cloned().unwrap_or_default();
+    let mut threads: Vec<u64> = recs.iter().filter_map(|r| r["threads"].as_u64()).collect();
+    threads.sort_unstable();
+    threads.dedup();
+    for t in threads {
+        for op in ["forward", "input_grad", "value_grad"] {
+            let rows: Vec<&Value> = recs
+                .iter()
+                .filter(|r| r["threads"] == t && r["op"] == op)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            s.push_str(&format!(
+                "### {op}, {t} thread{}\n\n| format | sparsity | in→out | batch | sparse µs | dense µs | ×dense | GB/s |\n|---|---|---|---|---|---|---|---|\n",
+                if t == 1 { "" } else { "s" }
+            ));
+            for r in rows {
+                s.push_str(&format!(
+                    "| {} | {} | {}→{} | {} | {} | {} | {:.2} | {:.1} |\n",
+                    r["format"].as_str().unwrap_or("?"),
+                    label(r),
+                    r["in"],
+                    r["out"],
+                    r["batch"],
+                    us(&r["median_ns"]),
+                    us(&r["dense_median_ns"]),
+                    r["speedup_vs_dense"].as_f64().unwrap_or(f64::NAN),
+                    r["effective_gb_per_s"].as_f64().unwrap_or(f64::NAN),
+                ));
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse() {
+        let root = Path::new("/r");
+        let o = Options::parse(&[], root).unwrap();
+        assert!(!o.quick);
+        assert_eq!(o.out, PathBuf::from("/r/target/bench"));
+        let o = Options::parse(&["--quick".into(), "--out".into(), "x".into()], root).unwrap();
+        assert!(o.quick);
+        assert_eq!(o.out, PathBuf::from("x"));
+        assert!(Options::parse(&["--fast".into()], root).is_err());
+        assert!(Options::parse(&["--out".into()], root).is_err());
+    }
+
+    #[test]
+    fn markdown_reports_targets_and_tables() {
+        let rec = |format: &str, sparsity: f64, batch: u64, sparse: f64, dense: f64| {
+            json!({"suite": "kernels", "op": "forward", "format": format, "in": 3072, "out": 768,
+                   "batch": batch, "sparsity": sparsity, "n": null, "m": null, "threads": 1,
+                   "median_ns": sparse, "dense_median_ns": dense, "speedup_vs_dense": dense / sparse,
+                   "effective_gb_per_s": 1.0})
+        };
+        let doc = json!({
+            "machine": {"cpu": "Test CPU", "logical_cpus": 2, "os": "linux", "date_utc": "d", "git_commit": "abc", "quick": true},
+            "records": [rec("condensed", 0.9, 1, 20_000.0, 140_000.0), rec("csr", 0.9, 1, 40_000.0, 140_000.0),
+                        rec("condensed", 0.9, 256, 4e6, 12e6)]
+        });
+        let md = render_markdown(&doc);
+        assert!(
+            md.contains("Machine: Test CPU (2 logical CPUs, linux)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| condensed 3072→768 90% batch 1 ≥ 5× | 7.00× | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| condensed 3072→768 90% batch 256 ≥ 2× | 3.00× | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("99% batch 1 ≥ 20× | not measured in this run"),
+            "{md}"
+        );
+        assert!(md.contains("CSR/condensed time 2.00 | no |"), "{md}");
+        assert!(
+            md.contains("| condensed | 90% | 3072→768 | 1 | 20.0 | 140.0 | 7.00 | 1.0 |"),
+            "{md}"
+        );
+    }
+}
