@@ -65,6 +65,11 @@ fn command_output(cmd: &str, args: &[&str], dir: &Path) -> Option<String> {
 pub fn run(root: &Path, opts: Options) -> Result<()> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
+    // The bench binary runs in its package folder: hand it an absolute path.
+    let out = opts
+        .out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", opts.out.display()))?;
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut thread_counts = vec![1];
     if all > 1 {
@@ -73,7 +78,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut records: Vec<Value> = Vec::new();
     for &threads in &thread_counts {
-        let part = opts.out.join(format!("kernels-{threads}t.json"));
+        let part = out.join(format!("kernels-{threads}t.json"));
         let mut args = vec!["bench", "-p", "sparse-kernels", "--bench", "kernels", "--"];
         if opts.quick {
             args.push("--quick");
@@ -106,10 +111,10 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         "quick": opts.quick,
     });
     let doc = json!({ "machine": machine, "records": records });
-    let json_path = opts.out.join("bench.json");
+    let json_path = out.join("bench.json");
     write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     let md = render_markdown(&doc);
-    let md_path = opts.out.join("bench.md");
+    let md_path = out.join("bench.md");
     write_atomic(&md_path, md.as_bytes())?;
     println!("{md}");
     eprintln!("wrote {} and {}", json_path.display(), md_path.display());

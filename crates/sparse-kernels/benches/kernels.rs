@@ -145,18 +145,26 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Interleaved measurement: after a warm-up, `reps` samples of each, alternating, each sample
-/// long enough (~`sample_ms`) to be above timer noise. Returns (sparse, dense) medians in ns.
+/// Interleaved measurement: each side is warmed up for `warm_ms` (its fastest warm call sets
+/// how many calls make one sample of ~`sample_ms`), then `reps` samples of each are taken,
+/// alternating sparse and dense. Returns the (sparse, dense) medians in ns per call.
 fn measure(
     reps: usize,
+    warm_ms: f64,
     sample_ms: f64,
     sparse: &mut dyn FnMut(),
     dense: &mut dyn FnMut(),
 ) -> (f64, f64) {
-    let ws = time(1, sparse).max(time(1, sparse));
-    let wd = time(1, dense).max(time(1, dense));
-    let iters = |t: f64| ((sample_ms * 1e6 / t).ceil() as usize).clamp(1, 100_000);
-    let (is, id) = (iters(ws), iters(wd));
+    let warm = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        let mut best = f64::MAX;
+        while start.elapsed().as_secs_f64() * 1e3 < warm_ms {
+            best = best.min(time(1, f));
+        }
+        best
+    };
+    let iters = |t: f64| ((sample_ms * 1e6 / t).ceil() as usize).clamp(1, 1_000_000);
+    let (is, id) = (iters(warm(sparse)), iters(warm(dense)));
     let (mut s, mut d) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for _ in 0..reps {
         s.push(time(is, sparse));
@@ -198,7 +206,11 @@ fn main() {
         }
         k
     };
-    let (reps, sample_ms) = if quick { (5, 2.0) } else { (7, 3.0) };
+    let (reps, warm_ms, sample_ms) = if quick {
+        (5, 30.0, 5.0)
+    } else {
+        (7, 40.0, 8.0)
+    };
 
     let mut rng = Rng(42);
     let mut records = Vec::new();
@@ -258,7 +270,7 @@ fn main() {
                             }),
                         ),
                     };
-                    let (s, d) = measure(reps, sample_ms, &mut sparse, &mut dense);
+                    let (s, d) = measure(reps, warm_ms, sample_ms, &mut sparse, &mut dense);
                     // Weights (+ indices) + input + output; the value gradient writes one value
                     // per stored weight instead of reading it.
                     let bytes = w.weight_bytes() + io_fwd;

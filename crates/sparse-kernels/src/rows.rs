@@ -194,15 +194,11 @@ impl<const N: usize, const M: usize> Rows for NmRows<'_, N, M> {
             let s = self.slots(a);
             return dot_nm(isa, &values[s.clone()], &self.positions[s], n, self.m(), x);
         }
+        // Strided groups (conv) or N not dividing 16: portable path, plain multiply-add (see
+        // `gather::dot_nm`).
         let mut acc = [0.0f32; 8];
-        let fma = isa != Isa::Scalar;
         for (slot, col) in self.entries(a) {
-            let l = slot % 8;
-            acc[l] = if fma {
-                values[slot].mul_add(x[col], acc[l])
-            } else {
-                values[slot] * x[col] + acc[l]
-            };
+            acc[slot % 8] += values[slot] * x[col];
         }
         sum8(acc)
     }
