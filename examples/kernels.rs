@@ -38,7 +38,11 @@ fn main() -> Result<()> {
             y = forward(&layer, layer.values(), None, &x, batch, Exec::default())?;
             best = best.min(t.elapsed().as_secs_f64());
         }
-        println!("forward batch {batch:>3}: {:>8.1} µs, y[0] = {:.4}", best * 1e6, y[0]);
+        println!(
+            "forward batch {batch:>3}: {:>8.1} µs, y[0] = {:.4}",
+            best * 1e6,
+            y[0]
+        );
     }
 
     // Training the stored values with candle autograd: one SGD step on a squared loss.

@@ -1,0 +1,133 @@
+//! When masks change and how much: the update schedule (srigl-rigl.md §1.5, §1.7).
+//!
+//! Conventions we follow (the PyTorch ports `rigl-torch` / `condensed-sparsity`, i.e. the SRigL
+//! reference):
+//! - `step` counts optimiser steps taken so far; the sparsifier runs **after** the optimiser
+//!   step, so an update uses the post-step weights and the dense gradient of the mini-batch just
+//!   consumed, and no optimiser step is skipped (Google's TF RigL instead skips the weight update
+//!   on update iterations);
+//! - the first update fires at `step = ΔT` (not at 0, as in Google's code), and `T_end` is
+//!   exclusive: updates at `ΔT, 2ΔT, … < T_end`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DstError, Result};
+
+/// How the drop fraction decays from α.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Anneal {
+    /// `α/2 · (1 + cos(π t / T_end))` — the RigL/SRigL paper schedule (default).
+    #[default]
+    Cosine,
+    /// `α` throughout (Google's flag default for ImageNet/CIFAR, not the paper's).
+    Constant,
+    /// `α · (1 − t / T_end)`.
+    Linear,
+}
+
+/// Mask-update schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct UpdateSchedule {
+    /// ΔT: optimiser steps between updates (default 100).
+    pub delta_t: usize,
+    /// T_end: no update at or after this step (typically 75% of training).
+    pub t_end: usize,
+    /// α: initial drop fraction (default 0.3).
+    pub alpha: f64,
+    /// Decay of the drop fraction.
+    pub anneal: Anneal,
+}
+
+impl UpdateSchedule {
+    /// ΔT = 100, α = 0.3, cosine, with the given `T_end`.
+    pub fn new(t_end: usize) -> Self {
+        UpdateSchedule {
+            delta_t: 100,
+            t_end,
+            alpha: 0.3,
+            anneal: Anneal::Cosine,
+        }
+    }
+
+    /// Checks `ΔT ≥ 1` and `0 ≤ α ≤ 1`.
+    pub fn validate(&self) -> Result<()> {
+        if self.delta_t == 0 {
+            return Err(DstError::Config {
+                field: "delta_t",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(DstError::Config {
+                field: "alpha",
+                reason: format!("drop fraction {} is outside [0, 1]", self.alpha),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the masks update after optimiser step `step` (1-based count).
+    pub fn is_update_step(&self, step: usize) -> bool {
+        step > 0 && step.is_multiple_of(self.delta_t) && step < self.t_end
+    }
+
+    /// Drop fraction α_t at `step`.
+    pub fn drop_fraction(&self, step: usize) -> f64 {
+        let t = (step as f64 / self.t_end.max(1) as f64).min(1.0);
+        match self.anneal {
+            Anneal::Cosine => self.alpha / 2.0 * (1.0 + (std::f64::consts::PI * t).cos()),
+            Anneal::Constant => self.alpha,
+            Anneal::Linear => self.alpha * (1.0 - t),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_steps_start_at_delta_t_and_stop_before_t_end() {
+        let s = UpdateSchedule {
+            delta_t: 10,
+            ..UpdateSchedule::new(35)
+        };
+        let steps: Vec<usize> = (0..50).filter(|&t| s.is_update_step(t)).collect();
+        assert_eq!(steps, vec![10, 20, 30]);
+    }
+
+    #[test]
+    fn drop_fraction_decays() {
+        let s = UpdateSchedule::new(1000);
+        assert!((s.drop_fraction(0) - 0.3).abs() < 1e-12);
+        assert!((s.drop_fraction(500) - 0.15).abs() < 1e-12);
+        assert!(s.drop_fraction(1000).abs() < 1e-12);
+        assert!(s.drop_fraction(2000).abs() < 1e-12);
+        let l = UpdateSchedule {
+            anneal: Anneal::Linear,
+            ..s
+        };
+        assert!((l.drop_fraction(250) - 0.225).abs() < 1e-12);
+        let c = UpdateSchedule {
+            anneal: Anneal::Constant,
+            ..s
+        };
+        assert_eq!(c.drop_fraction(999), 0.3);
+    }
+
+    #[test]
+    fn validation() {
+        assert!(UpdateSchedule::new(10).validate().is_ok());
+        let bad = UpdateSchedule {
+            delta_t: 0,
+            ..UpdateSchedule::new(10)
+        };
+        assert!(bad.validate().is_err());
+        let bad = UpdateSchedule {
+            alpha: 1.5,
+            ..UpdateSchedule::new(10)
+        };
+        assert!(bad.validate().is_err());
+    }
+}
