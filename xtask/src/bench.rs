@@ -200,7 +200,7 @@ pub fn render_markdown(doc: &Value) -> String {
     ));
     s.push_str("Times are medians in µs (fp32); `×dense` = candle dense matmul time / sparse time, measured interleaved in the same run. Dense counterparts: forward `x·Wᵀ`, input gradient `gy·W`, value gradient `gyᵀ·x` (the dense weight gradient).\n\n");
     s.push_str("### Targets (1 thread)\n\n| target | measured | met |\n|---|---|---|\n");
-    let targets: [(&str, Option<f64>, f64); 5] = [
+    let targets: [(&str, Option<f64>, f64); 7] = [
         (
             "condensed 3072→768 90% batch 1 ≥ 5×",
             speedup(doc, "forward", "condensed", "90%", 3072, 1, 1),
@@ -224,6 +224,16 @@ pub fn render_markdown(doc: &Value) -> String {
         (
             "1:16 3072→768 batch 1 ≥ 6×",
             speedup(doc, "forward", "nm", "1:16", 3072, 1, 1),
+            6.0,
+        ),
+        (
+            "2:4 batch 1, packed inference layout ≥ 1.6×",
+            speedup(doc, "forward", "nm-packed", "2:4", 3072, 1, 1),
+            1.6,
+        ),
+        (
+            "1:16 batch 1, packed inference layout ≥ 6×",
+            speedup(doc, "forward", "nm-packed", "1:16", 3072, 1, 1),
             6.0,
         ),
     ];
@@ -250,6 +260,24 @@ pub fn render_markdown(doc: &Value) -> String {
     }
     s.push('\n');
     let recs = doc["records"].as_array().cloned().unwrap_or_default();
+    let ceilings: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "ceiling").collect();
+    if !ceilings.is_empty() {
+        s.push_str("### Measured ceilings (batch 1)\n\n| threads | random L1 reads /ns | dense weight stream floats/ns | speed-up bound at density d |\n|---|---|---|---|\n");
+        for r in ceilings {
+            let b = r["batch1_speedup_bound_times_density"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            s.push_str(&format!(
+                "| {} | {:.2} | {:.2} | {b:.3} / d (90%: {:.2}×, 99%: {:.1}×) |\n",
+                r["threads"],
+                r["random_reads_per_ns"].as_f64().unwrap_or(f64::NAN),
+                r["dense_stream_floats_per_ns"].as_f64().unwrap_or(f64::NAN),
+                b / 0.1,
+                b / 0.01
+            ));
+        }
+        s.push('\n');
+    }
     let mut threads: Vec<u64> = recs.iter().filter_map(|r| r["threads"].as_u64()).collect();
     threads.sort_unstable();
     threads.dedup();
@@ -314,7 +342,9 @@ mod tests {
         let doc = json!({
             "machine": {"cpu": "Test CPU", "logical_cpus": 2, "os": "linux", "date_utc": "d", "git_commit": "abc", "quick": true},
             "records": [rec("condensed", 0.9, 1, 20_000.0, 140_000.0), rec("csr", 0.9, 1, 40_000.0, 140_000.0),
-                        rec("condensed", 0.9, 256, 4e6, 12e6)]
+                        rec("condensed", 0.9, 256, 4e6, 12e6),
+                        json!({"suite": "ceiling", "threads": 1, "random_reads_per_ns": 3.0,
+                               "dense_stream_floats_per_ns": 15.0, "batch1_speedup_bound_times_density": 0.2})]
         });
         let md = render_markdown(&doc);
         assert!(

@@ -173,6 +173,46 @@ fn measure(
     (median(&mut s), median(&mut d))
 }
 
+/// The two rates that bound a batch-1 sparse forward on this machine, measured here so that
+/// `docs/benchmarks.md` can show them next to the kernels: random reads of an L1-resident input
+/// (what every stored weight costs) and streaming reads of a dense weight that does not fit in
+/// L2 (what every dense weight costs). Their ratio over the density bounds the speed-up.
+fn ceilings(rng: &mut Rng, threads: usize, isa: Isa) -> Vec<serde_json::Value> {
+    let x = rng.vec(3072);
+    let idx: Vec<u32> = (0..768 * 307).map(|_| (rng.next() % 3072) as u32).collect();
+    let w = rng.vec(768 * 3072);
+    let mut gather = || {
+        let mut acc = [0.0f32; 8];
+        for c in idx.chunks_exact(8) {
+            for l in 0..8 {
+                acc[l] += x[c[l] as usize];
+            }
+        }
+        black_box(acc);
+    };
+    let mut stream = || {
+        let mut acc = [0.0f32; 16];
+        for c in w.chunks_exact(16) {
+            for l in 0..16 {
+                acc[l] += c[l];
+            }
+        }
+        black_box(acc);
+    };
+    let (g, s) = measure(7, 40.0, 8.0, &mut gather, &mut stream);
+    let (g_rate, s_rate) = (idx.len() as f64 / g, w.len() as f64 / s);
+    let bound = g_rate / s_rate;
+    eprintln!("ceiling: random L1 reads {g_rate:.2}/ns, dense stream {s_rate:.2} floats/ns, batch-1 speed-up bound {bound:.3} / density");
+    vec![serde_json::json!({
+        "suite": "ceiling",
+        "threads": threads,
+        "isa": isa.name(),
+        "random_reads_per_ns": g_rate,
+        "dense_stream_floats_per_ns": s_rate,
+        "batch1_speedup_bound_times_density": bound,
+    })]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -214,6 +254,15 @@ fn main() {
 
     let mut rng = Rng(42);
     let mut records = Vec::new();
+    // Half a second of dense work first, so that the first record does not pay for clock
+    // ramp-up and cold pages (it was systematically the slowest otherwise).
+    {
+        let a = Tensor::ones((512, 512), candle_core::DType::F32, &dev).unwrap();
+        let start = Instant::now();
+        while start.elapsed().as_millis() < 500 {
+            black_box(a.matmul(&a).unwrap());
+        }
+    }
     eprintln!("kernels suite: {threads} thread(s), {isa:?}");
     for &(fan_in, rows) in shapes {
         let dense_w = Tensor::new(rng.vec(rows * fan_in).as_slice(), &dev)
@@ -309,9 +358,42 @@ fn main() {
                     );
                     records.push(rec);
                 }
+                if let (Weight::Nm(nm), 1, Kind::Nm(n, m)) = (&w, batch, kind) {
+                    // The packed batch-1 inference layout, built once outside the timing.
+                    if let Ok(packed) = sparse_kernels::PackedNm::new(nm) {
+                        let (s, d) = measure(
+                            reps,
+                            warm_ms,
+                            sample_ms,
+                            &mut || {
+                                black_box(packed.forward_one(&x, None, exec).unwrap());
+                            },
+                            &mut || {
+                                black_box(xt.matmul(&dense_w.t().unwrap()).unwrap());
+                            },
+                        );
+                        let bytes = packed.bytes() + io_fwd;
+                        eprintln!(
+                            "   forward nm-packed {n}:{m} {fan_in:>4}->{rows:<4} b=1    sparse {:>10.1} us  dense {:>10.1} us  x{:.2}",
+                            s / 1e3,
+                            d / 1e3,
+                            d / s
+                        );
+                        records.push(serde_json::json!({
+                            "suite": "kernels", "op": "forward", "format": "nm-packed",
+                            "in": fan_in, "out": rows, "batch": 1,
+                            "sparsity": 1.0 - *n as f64 / *m as f64, "n": n, "m": m,
+                            "threads": threads, "isa": isa.name(),
+                            "median_ns": s.round(), "dense_median_ns": d.round(),
+                            "speedup_vs_dense": d / s, "bytes_moved": bytes,
+                            "effective_gb_per_s": bytes as f64 / s,
+                        }));
+                    }
+                }
             }
         }
     }
+    records.extend(ceilings(&mut rng, threads, isa));
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap())
             .unwrap_or_else(|e| panic!("writing {path}: {e}"));

@@ -37,12 +37,14 @@ pub mod cuda;
 mod gather;
 mod isa;
 pub mod ops;
+mod packed;
 pub mod reference;
 mod rows;
 mod simd;
 
 pub use cpu::{forward, forward_into, input_grad, value_grad};
 pub use isa::Isa;
+pub use packed::PackedNm;
 
 use sparse_formats::{Condensed, Csr, NmSparse};
 
@@ -59,6 +61,9 @@ pub enum KernelError {
         /// Actual length.
         found: usize,
     },
+    /// The layout does not support this operation.
+    #[error("{0}")]
+    Unsupported(String),
     /// CUDA was asked for but cannot be used (see [`cuda`]).
     #[error("{0}")]
     Cuda(String),

@@ -143,3 +143,45 @@ fn wrong_lengths_are_errors() {
     let err = sparse_kernels::value_grad(&c, &[0.0; 8], &[0.0; 3], 1, e).unwrap_err();
     assert_eq!(err.to_string(), "`grad_y` has 3 elements, expected 4");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The packed batch-1 N:M layout against the reference, every ISA, rows not a multiple of
+    /// 16 and fan-ins not a multiple of 16.
+    #[test]
+    fn packed_nm_matches_reference(seed: u64, rows in 1usize..40, groups in 1usize..20, which in 0usize..8, bias: bool) {
+        let mut rng = Rng(seed);
+        let (n, m) = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 16), (4, 16), (1, 2), (3, 4)][which];
+        let (w, dense) = common::nm(&mut rng, rows, groups * m, NmPattern::new(n, m));
+        let b = bias.then(|| rng.vec(rows));
+        let x = rng.vec(w.fan_in());
+        let want = reference::forward(&dense, rows, w.fan_in(), b.as_deref(), &x, 1);
+        let packed = sparse_kernels::PackedNm::new(&w).unwrap();
+        for isa in Isa::available() {
+            let got = packed.forward_one(&x, b.as_deref(), Exec::default().with_isa(isa)).unwrap();
+            close(&got, &want, &format!("packed {n}:{m} {isa:?}"))?;
+        }
+    }
+}
+
+#[test]
+fn packed_nm_refuses_what_it_cannot_do() {
+    let mut rng = Rng(2);
+    let (w, _) = common::nm(
+        &mut rng,
+        3,
+        12,
+        NmPattern {
+            n: 1,
+            m: 2,
+            group_stride: 2,
+        },
+    );
+    assert!(sparse_kernels::PackedNm::new(&w).is_err());
+    let (w, _) = common::nm(&mut rng, 3, 15, NmPattern::new(1, 5));
+    assert!(sparse_kernels::PackedNm::new(&w).is_err());
+    let (w, _) = common::nm(&mut rng, 3, 8, NmPattern::new(2, 4));
+    let p = sparse_kernels::PackedNm::new(&w).unwrap();
+    assert!(p.forward_one(&[0.0; 7], None, Exec::default()).is_err());
+}
