@@ -264,14 +264,7 @@ pub fn sparse_conv2d(
     seed: u64,
     vb: VarBuilder,
 ) -> Result<SparseConv2d> {
-    let c = in_channels / cfg.groups.max(1);
-    let (w, full) = seeded_weight(&vb, &[out_channels, c, kernel, kernel], "weight", seed)?;
-    let bias = seeded_bias(&vb, out_channels, c * kernel * kernel, &full, seed)?;
-    Ok(SparseConv2d {
-        weight: SparseParam::new(full, w)?,
-        bias: Some(bias),
-        cfg,
-    })
+    conv(in_channels, out_channels, kernel, cfg, seed, vb, true)
 }
 
 /// `SparseConv2d` without a bias (the usual choice before a BatchNorm).
@@ -283,11 +276,34 @@ pub fn sparse_conv2d_no_bias(
     seed: u64,
     vb: VarBuilder,
 ) -> Result<SparseConv2d> {
+    conv(in_channels, out_channels, kernel, cfg, seed, vb, false)
+}
+
+fn conv(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    seed: u64,
+    vb: VarBuilder,
+    with_bias: bool,
+) -> Result<SparseConv2d> {
     let c = in_channels / cfg.groups.max(1);
     let (w, full) = seeded_weight(&vb, &[out_channels, c, kernel, kernel], "weight", seed)?;
+    let bias = if with_bias {
+        Some(seeded_bias(
+            &vb,
+            out_channels,
+            c * kernel * kernel,
+            &full,
+            seed,
+        )?)
+    } else {
+        None
+    };
     Ok(SparseConv2d {
         weight: SparseParam::new(full, w)?,
-        bias: None,
+        bias,
         cfg,
     })
 }

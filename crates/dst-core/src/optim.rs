@@ -54,6 +54,14 @@ fn find(slots: &mut [Slot], id: TensorId) -> Option<&mut Slot> {
     slots.iter_mut().find(|s| s.var.as_tensor().id() == id)
 }
 
+fn state_of(slots: &[Slot], var: &Var) -> Vec<Tensor> {
+    slots
+        .iter()
+        .find(|s| s.var.as_tensor().id() == var.as_tensor().id())
+        .map(|s| s.state.clone())
+        .unwrap_or_default()
+}
+
 fn set_mask_in(slots: &mut [Slot], var: &Var, mask: &Tensor) -> Result<()> {
     let Some(slot) = find(slots, var.as_tensor().id()) else {
         return Err(crate::error::DstError::Config {
@@ -121,11 +129,7 @@ impl MaskAware for MaskedSgd {
     }
 
     fn state(&self, var: &Var) -> Vec<Tensor> {
-        self.slots
-            .iter()
-            .find(|s| s.var.as_tensor().id() == var.as_tensor().id())
-            .map(|s| s.state.clone())
-            .unwrap_or_default()
+        state_of(&self.slots, var)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -223,11 +227,7 @@ impl MaskAware for MaskedAdamW {
     }
 
     fn state(&self, var: &Var) -> Vec<Tensor> {
-        self.slots
-            .iter()
-            .find(|s| s.var.as_tensor().id() == var.as_tensor().id())
-            .map(|s| s.state.clone())
-            .unwrap_or_default()
+        state_of(&self.slots, var)
     }
 
     fn learning_rate(&self) -> f64 {
