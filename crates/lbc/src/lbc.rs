@@ -1,0 +1,356 @@
+//! LBC, "learning best combination" (Zhang, Lin et al., NeurIPS 2022): one learnable score per
+//! (group, N-of-M combination), the mask as the union of the surviving combinations, scores
+//! trained through a straight-through estimator, combinations removed gradually by lowest
+//! signed score (lbc-nm.md §1.3–§1.7, the recipe of §1.12).
+//!
+//! Two exact formulations share one interface, [`LbcState`]:
+//! - [`DirectScores`]: the reference's table of `G · C(M,N)` scores (plus their momentum);
+//! - [`AccumulatedScores`]: per-weight accumulators and one alive bit per combination — exact
+//!   under SGD with momentum and L2 decay (§1.6), and the only feasible one for 4:16 or 8:16,
+//!   whose tables run to gigabytes.
+//!
+//! Deliberate differences from the reference: an explicit alive flag instead of "score exactly
+//! 0 means removed" (whose interaction with momentum can revive removed combinations, pitfall
+//! 7); ties in removal broken by combination index; scores frozen once one combination is left.
+
+use sparse_formats::{Mask, NmPattern};
+
+use crate::combinations::{binomial, combinations, initial_score};
+use crate::LbcError;
+
+/// SGD settings of the scores (the reference uses the weights' own: lr, momentum 0.9, wd 1e-4).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreSgd {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum.
+    pub momentum: f32,
+    /// L2 weight decay on the scores.
+    pub weight_decay: f32,
+}
+
+/// What both formulations offer to a training loop.
+pub trait LbcState {
+    /// The N:M pattern and group layout.
+    fn pattern(&self) -> NmPattern;
+    /// `[rows, fan_in]`.
+    fn shape(&self) -> (usize, usize);
+    /// The current mask: in each group, the union of the positions of its alive combinations.
+    fn mask(&self) -> Mask;
+    /// One SGD step of the scores from `weights` and the gradient of the **masked** weight
+    /// `g_W̃` (both `[rows, fan_in]`): `∂L/∂α[g,k] = Σ_{j∈k} W_j · g_W̃,j` for alive
+    /// combinations (the straight-through estimator of §1.5).
+    fn step(&mut self, weights: &[f32], grad_masked: &[f32], sgd: ScoreSgd)
+        -> Result<(), LbcError>;
+    /// Keeps, in every group, the `k` alive combinations with the largest signed score (ties:
+    /// smaller combination index); removals are permanent.
+    fn remove_to(&mut self, k: usize);
+    /// Alive combinations in the group with most of them.
+    fn max_alive(&self) -> usize;
+}
+
+pub(crate) struct Layout {
+    pub pattern: NmPattern,
+    pub rows: usize,
+    pub fan_in: usize,
+    pub combos: Vec<Vec<u8>>,
+}
+
+impl Layout {
+    pub fn new(rows: usize, fan_in: usize, pattern: NmPattern) -> Result<Self, LbcError> {
+        pattern.validate(fan_in)?;
+        Ok(Layout {
+            pattern,
+            rows,
+            fan_in,
+            combos: combinations(pattern.m, pattern.n),
+        })
+    }
+    pub fn groups_per_row(&self) -> usize {
+        self.fan_in / self.pattern.m
+    }
+    pub fn groups(&self) -> usize {
+        self.rows * self.groups_per_row()
+    }
+    /// Flat weight index of member `p` of group `gi` (row-major over rows, then groups).
+    #[inline]
+    pub fn index(&self, gi: usize, p: usize) -> usize {
+        let gpr = self.groups_per_row();
+        let (r, g) = (gi / gpr, gi % gpr);
+        r * self.fan_in + self.pattern.column(g, p)
+    }
+    pub fn check(&self, what: &str, len: usize) -> Result<(), LbcError> {
+        if len == self.rows * self.fan_in {
+            Ok(())
+        } else {
+            Err(LbcError::Shape(format!(
+                "{what} has {len} entries, the layer has {}",
+                self.rows * self.fan_in
+            )))
+        }
+    }
+    pub fn mask_from(&self, alive: impl Fn(usize, usize) -> bool) -> Mask {
+        let mut bits = vec![false; self.rows * self.fan_in];
+        for gi in 0..self.groups() {
+            for (k, combo) in self.combos.iter().enumerate() {
+                if alive(gi, k) {
+                    for &p in combo {
+                        bits[self.index(gi, p as usize)] = true;
+                    }
+                }
+            }
+        }
+        Mask::new(self.rows, self.fan_in, bits).expect("shape is consistent")
+    }
+}
+
+/// Keeps the `k` largest of `scores` among `alive` entries (ties: smaller index).
+fn keep_top(scores: impl Fn(usize) -> f64, alive: &mut [bool], k: usize) {
+    let mut idx: Vec<usize> = (0..alive.len()).filter(|&i| alive[i]).collect();
+    if idx.len() <= k {
+        return;
+    }
+    idx.sort_by(|&a, &b| scores(b).total_cmp(&scores(a)).then(a.cmp(&b)));
+    for &i in &idx[k..] {
+        alive[i] = false;
+    }
+}
+
+/// The reference's formulation: a score and a momentum per (group, combination).
+pub struct DirectScores {
+    layout: Layout,
+    scores: Vec<f32>,
+    momentum: Vec<f32>,
+    alive: Vec<bool>,
+}
+
+impl DirectScores {
+    /// Scores of a `[rows, fan_in]` layer, all `1 / C(M−1, N−1)` (dense start). Refuses tables
+    /// above `max_scores` entries (use [`AccumulatedScores`]).
+    pub fn new(
+        rows: usize,
+        fan_in: usize,
+        pattern: NmPattern,
+        max_scores: usize,
+    ) -> Result<Self, LbcError> {
+        let layout = Layout::new(rows, fan_in, pattern)?;
+        let total = (layout.groups() as u64).saturating_mul(binomial(pattern.m, pattern.n));
+        if total > max_scores as u64 {
+            return Err(LbcError::TooLarge {
+                scores: total,
+                limit: max_scores,
+            });
+        }
+        let n = total as usize;
+        Ok(DirectScores {
+            scores: vec![initial_score(pattern.m, pattern.n); n],
+            momentum: vec![0.0; n],
+            alive: vec![true; n],
+            layout,
+        })
+    }
+
+    /// Score of combination `k` of group `gi`.
+    pub fn score(&self, gi: usize, k: usize) -> f32 {
+        self.scores[gi * self.layout.combos.len() + k]
+    }
+
+    /// The score gradient `∂L/∂α` (zero for removed combinations).
+    pub fn score_grad(&self, weights: &[f32], grad_masked: &[f32]) -> Vec<f32> {
+        let c = self.layout.combos.len();
+        let mut g = vec![0.0f32; self.scores.len()];
+        for gi in 0..self.layout.groups() {
+            for (k, combo) in self.layout.combos.iter().enumerate() {
+                if self.alive[gi * c + k] {
+                    g[gi * c + k] = combo
+                        .iter()
+                        .map(|&p| {
+                            let j = self.layout.index(gi, p as usize);
+                            weights[j] * grad_masked[j]
+                        })
+                        .sum();
+                }
+            }
+        }
+        g
+    }
+}
+
+impl LbcState for DirectScores {
+    fn pattern(&self) -> NmPattern {
+        self.layout.pattern
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.layout.rows, self.layout.fan_in)
+    }
+    fn mask(&self) -> Mask {
+        let c = self.layout.combos.len();
+        self.layout.mask_from(|gi, k| self.alive[gi * c + k])
+    }
+    fn step(&mut self, weights: &[f32], grad_masked: &[f32], s: ScoreSgd) -> Result<(), LbcError> {
+        self.layout.check("weights", weights.len())?;
+        self.layout.check("gradient", grad_masked.len())?;
+        if self.max_alive() <= 1 {
+            return Ok(()); // frozen after t_f, as the reference's ResNet script
+        }
+        let g = self.score_grad(weights, grad_masked);
+        let it = self
+            .scores
+            .iter_mut()
+            .zip(&mut self.momentum)
+            .zip(&self.alive)
+            .zip(g);
+        for (((score, mom), &alive), g) in it {
+            if alive {
+                let d = g + s.weight_decay * *score;
+                *mom = s.momentum * *mom + d;
+                *score -= s.lr * *mom;
+            }
+        }
+        Ok(())
+    }
+    fn remove_to(&mut self, k: usize) {
+        let c = self.layout.combos.len();
+        for gi in 0..self.layout.groups() {
+            let sc = &self.scores[gi * c..(gi + 1) * c];
+            keep_top(
+                |i| sc[i] as f64,
+                &mut self.alive[gi * c..(gi + 1) * c],
+                k.max(1),
+            );
+        }
+    }
+    fn max_alive(&self) -> usize {
+        let c = self.layout.combos.len();
+        self.alive
+            .chunks(c)
+            .map(|a| a.iter().filter(|&&x| x).count())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The memory-light exact formulation of §1.6: under SGD with momentum μ and L2 decay λ, every
+/// alive score equals `c(t) + Σ_{j∈k} a_j(t)`, where `a_j` is a per-weight accumulator driven by
+/// `h_j = W_j · g_W̃,j` with the same recursion and `c(t)` one scalar shared by all groups
+/// (they all start at `1/C(M−1,N−1)`). Memory: two floats per weight plus one bit per
+/// (group, combination), instead of three floats per (group, combination).
+pub struct AccumulatedScores {
+    layout: Layout,
+    acc: Vec<f32>,
+    acc_momentum: Vec<f32>,
+    common: f64,
+    common_momentum: f64,
+    /// One bit per (group, combination), `words_per_group` words a group.
+    alive: Vec<u64>,
+    words_per_group: usize,
+}
+
+impl AccumulatedScores {
+    /// State of a `[rows, fan_in]` layer (dense start).
+    pub fn new(rows: usize, fan_in: usize, pattern: NmPattern) -> Result<Self, LbcError> {
+        let layout = Layout::new(rows, fan_in, pattern)?;
+        let c = layout.combos.len();
+        let words_per_group = c.div_ceil(64);
+        let mut alive = vec![u64::MAX; layout.groups() * words_per_group];
+        if c % 64 != 0 {
+            for gi in 0..layout.groups() {
+                alive[gi * words_per_group + words_per_group - 1] = (1u64 << (c % 64)) - 1;
+            }
+        }
+        Ok(AccumulatedScores {
+            acc: vec![0.0; rows * fan_in],
+            acc_momentum: vec![0.0; rows * fan_in],
+            common: initial_score(pattern.m, pattern.n) as f64,
+            common_momentum: 0.0,
+            alive,
+            words_per_group,
+            layout,
+        })
+    }
+
+    fn is_alive(&self, gi: usize, k: usize) -> bool {
+        self.alive[gi * self.words_per_group + k / 64] >> (k % 64) & 1 == 1
+    }
+
+    /// Score of combination `k` of group `gi`: `c + Σ_{j∈k} a_j`.
+    pub fn score(&self, gi: usize, k: usize) -> f64 {
+        self.common
+            + self.layout.combos[k]
+                .iter()
+                .map(|&p| self.acc[self.layout.index(gi, p as usize)] as f64)
+                .sum::<f64>()
+    }
+}
+
+impl LbcState for AccumulatedScores {
+    fn pattern(&self) -> NmPattern {
+        self.layout.pattern
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.layout.rows, self.layout.fan_in)
+    }
+    fn mask(&self) -> Mask {
+        self.layout.mask_from(|gi, k| self.is_alive(gi, k))
+    }
+    fn step(&mut self, weights: &[f32], grad_masked: &[f32], s: ScoreSgd) -> Result<(), LbcError> {
+        self.layout.check("weights", weights.len())?;
+        self.layout.check("gradient", grad_masked.len())?;
+        if self.max_alive() <= 1 {
+            return Ok(());
+        }
+        for j in 0..self.acc.len() {
+            let d = weights[j] * grad_masked[j] + s.weight_decay * self.acc[j];
+            self.acc_momentum[j] = s.momentum * self.acc_momentum[j] + d;
+            self.acc[j] -= s.lr * self.acc_momentum[j];
+        }
+        let (lr, mu, wd) = (s.lr as f64, s.momentum as f64, s.weight_decay as f64);
+        self.common_momentum = mu * self.common_momentum + wd * self.common;
+        self.common -= lr * self.common_momentum;
+        Ok(())
+    }
+    fn remove_to(&mut self, k: usize) {
+        let c = self.layout.combos.len();
+        for gi in 0..self.layout.groups() {
+            let mut alive: Vec<bool> = (0..c).map(|i| self.is_alive(gi, i)).collect();
+            if alive.iter().filter(|&&a| a).count() <= k {
+                continue;
+            }
+            let scores: Vec<f64> = (0..c)
+                .map(|i| if alive[i] { self.score(gi, i) } else { 0.0 })
+                .collect();
+            keep_top(|i| scores[i], &mut alive, k.max(1));
+            let w = &mut self.alive[gi * self.words_per_group..(gi + 1) * self.words_per_group];
+            w.iter_mut().for_each(|x| *x = 0);
+            for (i, &a) in alive.iter().enumerate() {
+                if a {
+                    w[i / 64] |= 1 << (i % 64);
+                }
+            }
+        }
+    }
+    fn max_alive(&self) -> usize {
+        self.alive
+            .chunks(self.words_per_group)
+            .map(|w| w.iter().map(|x| x.count_ones() as usize).sum())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Picks the formulation: the direct table when it stays under `max_scores` entries, the
+/// accumulated one otherwise (exact for SGD; the direct one is what the reference does).
+pub fn lbc_state(
+    rows: usize,
+    fan_in: usize,
+    pattern: NmPattern,
+    max_scores: usize,
+) -> Result<Box<dyn LbcState + Send>, LbcError> {
+    match DirectScores::new(rows, fan_in, pattern, max_scores) {
+        Ok(d) => Ok(Box::new(d)),
+        Err(LbcError::TooLarge { .. }) => {
+            Ok(Box::new(AccumulatedScores::new(rows, fan_in, pattern)?))
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,112 @@
+//! LBC's gradual removal schedule (lbc-nm.md §1.7).
+
+/// How many combinations each group keeps, epoch by epoch:
+/// `K(e) = 1 + ⌈(C − 1) · (1 − (e − t_i) / (t_f − t_i))^p⌉` for `t_i ≤ e < t_f`, 1 from `t_f`.
+///
+/// Deliberate difference: before `t_i` every combination is kept (`K = C`); the reference has
+/// no branch for `e < t_i` and crashes for `t_i > 0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RemovalSchedule {
+    /// First epoch of removal (reference default 0).
+    pub t_i: usize,
+    /// Epoch from which one combination is left (ResNet README 60, code default 80).
+    pub t_f: usize,
+    /// Exponent p (3 for ResNet, 4 for DeiT).
+    pub power: f64,
+}
+
+impl Default for RemovalSchedule {
+    fn default() -> Self {
+        RemovalSchedule {
+            t_i: 0,
+            t_f: 60,
+            power: 3.0,
+        }
+    }
+}
+
+impl RemovalSchedule {
+    /// Combinations kept per group at `epoch` (0-based), out of `c`.
+    pub fn kept(&self, c: usize, epoch: usize) -> usize {
+        if epoch < self.t_i {
+            return c;
+        }
+        if epoch >= self.t_f || self.t_f <= self.t_i {
+            return 1;
+        }
+        let frac = 1.0 - (epoch - self.t_i) as f64 / (self.t_f - self.t_i) as f64;
+        let k = 1 + ((c - 1) as f64 * frac.powf(self.power)).ceil() as usize;
+        k.min(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (epoch at which K changes, new K), epochs 0..=60, as listed in lbc-nm.md §1.7.
+    fn changes(c: usize, s: RemovalSchedule) -> Vec<(usize, usize)> {
+        let mut out = vec![(0, s.kept(c, 0))];
+        for e in 1..=s.t_f {
+            let k = s.kept(c, e);
+            if k != out.last().unwrap().1 {
+                out.push((e, k));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn timelines_match_the_reference_notes() {
+        let s = RemovalSchedule::default();
+        assert_eq!(
+            changes(6, s),
+            vec![(0, 6), (5, 5), (10, 4), (16, 3), (25, 2), (60, 1)]
+        );
+        assert_eq!(changes(4, s), vec![(0, 4), (8, 3), (19, 2), (60, 1)]);
+        assert_eq!(
+            changes(16, s),
+            vec![
+                (0, 16),
+                (2, 15),
+                (3, 14),
+                (5, 13),
+                (6, 12),
+                (8, 11),
+                (10, 10),
+                (12, 9),
+                (14, 8),
+                (16, 7),
+                (19, 6),
+                (22, 5),
+                (25, 4),
+                (30, 3),
+                (36, 2),
+                (60, 1)
+            ]
+        );
+        let s80 = RemovalSchedule { t_f: 80, ..s };
+        assert_eq!(
+            changes(6, s80),
+            vec![(0, 6), (6, 5), (13, 4), (22, 3), (34, 2), (80, 1)]
+        );
+        // 2:8: 2 by epoch 41, 10 by 19, 3 by 35.
+        assert_eq!(s.kept(28, 41), 2);
+        assert_eq!(s.kept(28, 19), 10);
+        assert_eq!(s.kept(28, 35), 3);
+    }
+
+    #[test]
+    fn late_start_does_not_crash() {
+        let s = RemovalSchedule {
+            t_i: 10,
+            t_f: 20,
+            power: 3.0,
+        };
+        assert_eq!(s.kept(6, 0), 6);
+        assert_eq!(s.kept(6, 9), 6);
+        assert_eq!(s.kept(6, 10), 6);
+        assert_eq!(s.kept(6, 20), 1);
+        assert!((10..20).all(|e| s.kept(6, e) >= s.kept(6, e + 1)));
+    }
+}
