@@ -2,8 +2,8 @@
 //!
 //! Status: the algorithms as pure functions on `[rows, fan_in]` weights — combinations and
 //! their scores ([`lbc`]), the removal schedule ([`schedule`]), SR-STE and magnitude masks
-//! ([`baselines`]), and export to [`sparse_formats::NmSparse`] ([`export_nm`]). Candle layers
-//! and the training-loop integration are still to come (issue "lbc").
+//! ([`baselines`]), export to [`sparse_formats::NmSparse`] ([`export_nm`]), and their use in a
+//! candle loop ([`training`]: `NmLinear` layers and the `NmSparsifier`).
 //!
 //! ```
 //! use lbc::lbc::{DirectScores, LbcState, ScoreSgd};
@@ -31,6 +31,7 @@ pub mod baselines;
 pub mod combinations;
 pub mod lbc;
 pub mod schedule;
+pub mod training;
 
 use sparse_formats::{FormatError, Mask, NmPattern, NmSparse};
 
@@ -48,6 +49,9 @@ pub enum LbcError {
         /// The limit given.
         limit: usize,
     },
+    /// From candle.
+    #[error(transparent)]
+    Candle(candle_core::Error),
     /// From sparse-formats (invalid pattern, not N of every M...).
     #[error(transparent)]
     Format(#[from] FormatError),

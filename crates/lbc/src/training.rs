@@ -1,0 +1,272 @@
+//! N:M training inside a candle loop: [`NmLinear`] layers and the [`NmSparsifier`] that turns
+//! the dense gradient of the masked weight into each method's weight update.
+//!
+//! The layer keeps the **dense** weight and multiplies it by the current mask with a
+//! straight-through form, `W̃ = W − ((1 − B) ⊙ W).detach()`, so candle's gradient for `W` is the
+//! dense `∂L/∂W̃` at every position. [`NmSparsifier::after_backward`] then rewrites it:
+//! - LBC: scores step on `W ⊙ ∂L/∂W̃` (straight-through for the scores), weight gradient
+//!   `B ⊙ ∂L/∂W̃` (no straight-through for weights, lbc-nm.md §1.5);
+//! - SR-STE: `∂L/∂W̃ + λ_W (1 − E) ⊙ W` to every weight, mask recomputed before every forward;
+//! - one-shot magnitude: the mask chosen once from `|W|` and kept, gradient `B ⊙ ∂L/∂W̃`.
+//!
+//! Call [`NmSparsifier::before_forward`] with the epoch before each step, `after_backward` on
+//! the gradients, then the optimizer (any: a plain momentum SGD reproduces the references).
+
+use std::sync::{Arc, RwLock};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Module, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+use sparse_formats::{Mask, NmPattern, NmSparse};
+
+use crate::baselines::{magnitude_mask, srste_grad};
+use crate::combinations::binomial;
+use crate::lbc::{lbc_state, LbcState, ScoreSgd};
+use crate::schedule::RemovalSchedule;
+use crate::LbcError;
+
+/// A linear layer whose weight is trained under an N:M mask.
+#[derive(Clone)]
+pub struct NmLinear {
+    name: String,
+    weight: Var,
+    bias: Option<Var>,
+    mask: Arc<RwLock<Tensor>>,
+}
+
+/// `NmLinear` with a bias, like `candle_nn::linear`; the weight starts dense (mask of ones),
+/// weight and bias drawn from PyTorch's `U(−1/√in, 1/√in)` with the project's seeded RNG
+/// (candle's CPU RNG cannot be seeded).
+pub fn nm_linear(
+    in_dim: usize,
+    out_dim: usize,
+    seed: u64,
+    vb: VarBuilder,
+) -> candle_core::Result<NmLinear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let name = if vb.prefix().is_empty() {
+        "weight".to_string()
+    } else {
+        format!("{}.weight", vb.prefix())
+    };
+    let id = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = dst_core::Rng::derive(seed, &[id]);
+    let mut draw = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    };
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?;
+    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    let (w, b) = (Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+    w.set(
+        &Tensor::from_vec(draw(out_dim * in_dim), (out_dim, in_dim), vb.device())?
+            .to_dtype(vb.dtype())?,
+    )?;
+    b.set(&Tensor::from_vec(draw(out_dim), out_dim, vb.device())?.to_dtype(vb.dtype())?)?;
+    Ok(NmLinear {
+        name,
+        mask: Arc::new(RwLock::new(w.ones_like()?)),
+        weight: w,
+        bias: Some(b),
+    })
+}
+
+impl NmLinear {
+    /// Weight name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The dense weight variable.
+    pub fn weight(&self) -> &Var {
+        &self.weight
+    }
+
+    /// The current 0/1 mask.
+    pub fn mask(&self) -> Tensor {
+        self.mask.read().expect("mask lock").clone()
+    }
+
+    fn set_mask(&self, m: &Mask) -> Result<(), LbcError> {
+        let t = m.to_tensor_dtype(self.weight.dtype(), self.weight.device())?;
+        *self.mask.write().expect("mask lock") = t;
+        Ok(())
+    }
+}
+
+impl Module for NmLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.as_tensor();
+        let m = self.mask();
+        // Straight-through: value W ⊙ B, gradient to W the dense ∂L/∂W̃.
+        let w_eff = (w - (w * (1.0 - &m)?)?.detach())?;
+        let y = x.broadcast_matmul(&w_eff.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b.as_tensor()),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Which N:M method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NmMethod {
+    /// LBC with its removal schedule and the scores' SGD (the reference uses the weights' lr,
+    /// momentum 0.9, wd 1e-4); direct score tables above `max_scores` entries switch to the
+    /// accumulated formulation.
+    Lbc {
+        /// K(e).
+        schedule: RemovalSchedule,
+        /// Score optimiser.
+        score_sgd: ScoreSgd,
+        /// Largest direct table.
+        max_scores: usize,
+    },
+    /// SR-STE with `λ_W` (reference 2e-4).
+    SrSte {
+        /// Decay on pruned weights.
+        lambda_w: f32,
+    },
+    /// One-shot magnitude N:M (ASP): prune at the first step, then train the survivors.
+    OneShot,
+}
+
+struct Managed {
+    layer: NmLinear,
+    lbc: Option<Box<dyn LbcState + Send>>,
+    mask: Mask,
+}
+
+/// Owns the N:M state of a model's layers.
+pub struct NmSparsifier {
+    pattern: NmPattern,
+    method: NmMethod,
+    layers: Vec<Managed>,
+    started: bool,
+}
+
+fn weights_of(v: &Var) -> Result<Vec<f32>, LbcError> {
+    v.as_tensor()
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1())
+        .map_err(LbcError::Candle)
+}
+
+impl NmSparsifier {
+    /// Manages `layers` under `n:m` with `method`.
+    pub fn new(
+        layers: Vec<NmLinear>,
+        pattern: NmPattern,
+        method: NmMethod,
+    ) -> Result<Self, LbcError> {
+        let mut managed = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let (rows, fan_in) = layer.weight.dims2().map_err(LbcError::Candle)?;
+            pattern.validate(fan_in)?;
+            let lbc = match method {
+                NmMethod::Lbc { max_scores, .. } => {
+                    Some(lbc_state(rows, fan_in, pattern, max_scores)?)
+                }
+                _ => None,
+            };
+            managed.push(Managed {
+                layer,
+                lbc,
+                mask: Mask::ones(rows, fan_in),
+            });
+        }
+        Ok(NmSparsifier {
+            pattern,
+            method,
+            layers: managed,
+            started: false,
+        })
+    }
+
+    /// Updates the masks for the coming forward pass at `epoch` (0-based).
+    pub fn before_forward(&mut self, epoch: usize) -> Result<(), LbcError> {
+        let c = binomial(self.pattern.m, self.pattern.n) as usize;
+        for l in &mut self.layers {
+            let (rows, fan_in) = (l.mask.rows(), l.mask.fan_in());
+            let new = match (self.method, l.lbc.as_mut()) {
+                (NmMethod::Lbc { schedule, .. }, Some(state)) => {
+                    state.remove_to(schedule.kept(c, epoch));
+                    state.mask()
+                }
+                (NmMethod::SrSte { .. }, _) => {
+                    magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, self.pattern)?
+                }
+                (NmMethod::OneShot, _) if !self.started => {
+                    magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, self.pattern)?
+                }
+                _ => continue,
+            };
+            l.layer.set_mask(&new)?;
+            l.mask = new;
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// Rewrites each layer's weight gradient in `grads` for its method (and steps LBC's scores).
+    pub fn after_backward(&mut self, grads: &mut GradStore) -> Result<(), LbcError> {
+        for l in &mut self.layers {
+            let var = l.layer.weight.clone();
+            let Some(g) = grads.get(&var) else { continue };
+            let shape = g.shape().clone();
+            let g = g
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(LbcError::Candle)?;
+            let w = weights_of(&var)?;
+            let new: Vec<f32> = match self.method {
+                NmMethod::Lbc { score_sgd, .. } => {
+                    if let Some(state) = l.lbc.as_mut() {
+                        state.step(&w, &g, score_sgd)?;
+                    }
+                    g.iter()
+                        .zip(l.mask.as_slice())
+                        .map(|(&g, &b)| if b { g } else { 0.0 })
+                        .collect()
+                }
+                NmMethod::SrSte { lambda_w } => srste_grad(&w, &g, &l.mask, lambda_w)?,
+                NmMethod::OneShot => g
+                    .iter()
+                    .zip(l.mask.as_slice())
+                    .map(|(&g, &b)| if b { g } else { 0.0 })
+                    .collect(),
+            };
+            let t = Tensor::from_vec(new, shape, var.device()).map_err(LbcError::Candle)?;
+            grads.insert(&var, t);
+        }
+        Ok(())
+    }
+
+    /// The current masks.
+    pub fn masks(&self) -> Vec<(String, Mask)> {
+        self.layers
+            .iter()
+            .map(|l| (l.layer.name.clone(), l.mask.clone()))
+            .collect()
+    }
+
+    /// Exports every layer (`W ⊙ B`) to [`NmSparse`]; fails unless every mask is exactly N:M
+    /// (LBC before `t_f` is not).
+    pub fn export(&self) -> Result<Vec<(String, NmSparse)>, LbcError> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let (rows, fan_in) = (l.mask.rows(), l.mask.fan_in());
+                let w = weights_of(&l.layer.weight)?;
+                Ok((
+                    l.layer.name.clone(),
+                    NmSparse::from_dense(rows, fan_in, self.pattern, &w, &l.mask)?,
+                ))
+            })
+            .collect()
+    }
+}
