@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::{Conv2dConfig, Init, VarBuilder};
 use sparse_formats::{Mask, NmPattern, NmSparse};
 
 use crate::baselines::{magnitude_mask, srste_grad};
@@ -25,25 +25,30 @@ use crate::lbc::{lbc_state, LbcState, ScoreSgd};
 use crate::schedule::RemovalSchedule;
 use crate::LbcError;
 
-/// A linear layer whose weight is trained under an N:M mask.
+/// A linear or conv layer whose weight is trained under an N:M mask. For a conv weight
+/// `[out, in, kh, kw]` the groups are M consecutive input channels at one kernel position (the
+/// hardware axis, lbc-nm.md §1.2), i.e. `group_stride = kh·kw` on the `[out, in·kh·kw]` view.
 #[derive(Clone)]
-pub struct NmLinear {
+pub struct NmLayer {
     name: String,
     weight: Var,
     bias: Option<Var>,
     mask: Arc<RwLock<Tensor>>,
+    conv: Option<Conv2dConfig>,
 }
 
-/// `NmLinear` with a bias, like `candle_nn::linear`; the weight starts dense (mask of ones),
-/// weight and bias drawn from PyTorch's `U(−1/√in, 1/√in)` with the project's seeded RNG
-/// (candle's CPU RNG cannot be seeded).
-pub fn nm_linear(
-    in_dim: usize,
-    out_dim: usize,
+/// The linear flavour of [`NmLayer`] (the same type).
+pub type NmLinear = NmLayer;
+
+fn seeded_layer(
+    shape: &[usize],
     seed: u64,
-    vb: VarBuilder,
-) -> candle_core::Result<NmLinear> {
-    let bound = 1.0 / (in_dim as f64).sqrt();
+    vb: &VarBuilder,
+    conv: Option<Conv2dConfig>,
+) -> candle_core::Result<NmLayer> {
+    let fan_in: usize = shape[1..].iter().product();
+    let out_dim = shape[0];
+    let bound = 1.0 / (fan_in as f64).sqrt();
     let name = if vb.prefix().is_empty() {
         "weight".to_string()
     } else {
@@ -58,23 +63,46 @@ pub fn nm_linear(
             .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
             .collect()
     };
-    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.0))?;
+    let w = vb.get_with_hints(shape, "weight", Init::Const(0.0))?;
     let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
     let (w, b) = (Var::from_tensor(&w)?, Var::from_tensor(&b)?);
-    w.set(
-        &Tensor::from_vec(draw(out_dim * in_dim), (out_dim, in_dim), vb.device())?
-            .to_dtype(vb.dtype())?,
-    )?;
+    w.set(&Tensor::from_vec(draw(out_dim * fan_in), shape, vb.device())?.to_dtype(vb.dtype())?)?;
     b.set(&Tensor::from_vec(draw(out_dim), out_dim, vb.device())?.to_dtype(vb.dtype())?)?;
-    Ok(NmLinear {
+    Ok(NmLayer {
         name,
         mask: Arc::new(RwLock::new(w.ones_like()?)),
         weight: w,
         bias: Some(b),
+        conv,
     })
 }
 
-impl NmLinear {
+/// An N:M conv layer with a bias, like `candle_nn::conv2d`; seeded like [`nm_linear`].
+pub fn nm_conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    seed: u64,
+    vb: VarBuilder,
+) -> candle_core::Result<NmLayer> {
+    let c = in_channels / cfg.groups.max(1);
+    seeded_layer(&[out_channels, c, kernel, kernel], seed, &vb, Some(cfg))
+}
+
+/// `NmLinear` with a bias, like `candle_nn::linear`; the weight starts dense (mask of ones),
+/// weight and bias drawn from PyTorch's `U(−1/√in, 1/√in)` with the project's seeded RNG
+/// (candle's CPU RNG cannot be seeded).
+pub fn nm_linear(
+    in_dim: usize,
+    out_dim: usize,
+    seed: u64,
+    vb: VarBuilder,
+) -> candle_core::Result<NmLinear> {
+    seeded_layer(&[out_dim, in_dim], seed, &vb, None)
+}
+
+impl NmLayer {
     /// Weight name.
     pub fn name(&self) -> &str {
         &self.name
@@ -90,23 +118,40 @@ impl NmLinear {
         self.mask.read().expect("mask lock").clone()
     }
 
+    /// `[rows, fan_in]` of the weight view and the N:M group stride (`kh·kw` for a conv).
+    fn view(&self) -> (usize, usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1..].iter().product(), d[2..].iter().product())
+    }
+
     fn set_mask(&self, m: &Mask) -> Result<(), LbcError> {
-        let t = m.to_tensor_dtype(self.weight.dtype(), self.weight.device())?;
+        let t = m
+            .to_tensor_dtype(self.weight.dtype(), self.weight.device())?
+            .reshape(self.weight.shape())
+            .map_err(LbcError::Candle)?;
         *self.mask.write().expect("mask lock") = t;
         Ok(())
     }
 }
 
-impl Module for NmLinear {
+impl Module for NmLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight.as_tensor();
         let m = self.mask();
         // Straight-through: value W ⊙ B, gradient to W the dense ∂L/∂W̃.
         let w_eff = (w - (w * (1.0 - &m)?)?.detach())?;
-        let y = x.broadcast_matmul(&w_eff.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor()),
-            None => Ok(y),
+        match (&self.conv, &self.bias) {
+            (Some(c), b) => {
+                let y = x.conv2d(&w_eff, c.padding, c.stride, c.dilation, c.groups)?;
+                match b {
+                    Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, b.dims()[0], 1, 1))?),
+                    None => Ok(y),
+                }
+            }
+            (None, Some(b)) => x
+                .broadcast_matmul(&w_eff.t()?)?
+                .broadcast_add(b.as_tensor()),
+            (None, None) => x.broadcast_matmul(&w_eff.t()?),
         }
     }
 }
@@ -135,7 +180,8 @@ pub enum NmMethod {
 }
 
 struct Managed {
-    layer: NmLinear,
+    layer: NmLayer,
+    pattern: NmPattern,
     lbc: Option<Box<dyn LbcState + Send>>,
     mask: Mask,
 }
@@ -157,15 +203,20 @@ fn weights_of(v: &Var) -> Result<Vec<f32>, LbcError> {
 }
 
 impl NmSparsifier {
-    /// Manages `layers` under `n:m` with `method`.
+    /// Manages `layers` under `pattern` (its N and M; each conv layer's group stride is set
+    /// from its kernel size) with `method`.
     pub fn new(
-        layers: Vec<NmLinear>,
+        layers: Vec<NmLayer>,
         pattern: NmPattern,
         method: NmMethod,
     ) -> Result<Self, LbcError> {
         let mut managed = Vec::with_capacity(layers.len());
         for layer in layers {
-            let (rows, fan_in) = layer.weight.dims2().map_err(LbcError::Candle)?;
+            let (rows, fan_in, group_stride) = layer.view();
+            let pattern = NmPattern {
+                group_stride,
+                ..pattern
+            };
             pattern.validate(fan_in)?;
             let lbc = match method {
                 NmMethod::Lbc { max_scores, .. } => {
@@ -175,6 +226,7 @@ impl NmSparsifier {
             };
             managed.push(Managed {
                 layer,
+                pattern,
                 lbc,
                 mask: Mask::ones(rows, fan_in),
             });
@@ -198,10 +250,10 @@ impl NmSparsifier {
                     state.mask()
                 }
                 (NmMethod::SrSte { .. }, _) => {
-                    magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, self.pattern)?
+                    magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, l.pattern)?
                 }
                 (NmMethod::OneShot, _) if !self.started => {
-                    magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, self.pattern)?
+                    magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, l.pattern)?
                 }
                 _ => continue,
             };
@@ -264,7 +316,7 @@ impl NmSparsifier {
                 let w = weights_of(&l.layer.weight)?;
                 Ok((
                     l.layer.name.clone(),
-                    NmSparse::from_dense(rows, fan_in, self.pattern, &w, &l.mask)?,
+                    NmSparse::from_dense(rows, fan_in, l.pattern, &w, &l.mask)?,
                 ))
             })
             .collect()

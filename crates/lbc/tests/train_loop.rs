@@ -147,3 +147,78 @@ fn two_four_methods_reach_a_dense_like_loss() {
         }
     }
 }
+
+/// A conv layer under LBC: groups run along input channels at one kernel position, and the
+/// final mask is exactly 2:4 on that axis.
+#[test]
+fn lbc_on_a_conv_layer_groups_input_channels() {
+    use candle_nn::Conv2dConfig;
+    use lbc::training::nm_conv2d;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let conv = nm_conv2d(
+        8,
+        6,
+        3,
+        Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
+        2,
+        vb.pp("conv"),
+    )
+    .unwrap();
+    let method = NmMethod::Lbc {
+        schedule: RemovalSchedule {
+            t_i: 0,
+            t_f: 3,
+            power: 3.0,
+        },
+        score_sgd: ScoreSgd {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        },
+        max_scores: 1 << 20,
+    };
+    let mut sp = NmSparsifier::new(vec![conv.clone()], NmPattern::new(2, 4), method).unwrap();
+    let mut opt = MaskedSgd::new(vm.all_vars(), SgdConfig::default()).unwrap();
+    let mut rng = Rng::new(5);
+    for epoch in 0..4 {
+        for _ in 0..3 {
+            sp.before_forward(epoch).unwrap();
+            let x = Tensor::from_vec(
+                (0..2 * 8 * 25).map(|_| rng.normal() as f32).collect(),
+                (2, 8, 5, 5),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let l = conv.forward(&x).unwrap().sqr().unwrap().mean_all().unwrap();
+            let mut g = l.backward().unwrap();
+            sp.after_backward(&mut g).unwrap();
+            opt.step(&g).unwrap();
+        }
+    }
+    sp.before_forward(4).unwrap();
+    let (_, nm) = sp.export().unwrap().remove(0);
+    assert_eq!(
+        nm.pattern(),
+        NmPattern {
+            n: 2,
+            m: 4,
+            group_stride: 9
+        }
+    );
+    // Per output channel and kernel position, 2 of every 4 consecutive input channels.
+    let mask = nm.to_mask();
+    for o in 0..6 {
+        for pos in 0..9 {
+            for block in 0..2 {
+                let kept = (0..4)
+                    .filter(|&c| mask.get(o, (block * 4 + c) * 9 + pos))
+                    .count();
+                assert_eq!(kept, 2);
+            }
+        }
+    }
+}
