@@ -1,0 +1,186 @@
+//! Data sets: IDX files (MNIST, Fashion-MNIST), found on disk and validated.
+//!
+//! A data set is looked for, in order, at an explicit path, in `$DST_DATA_DIR` (or
+//! `$DST_DATA_DIR/<name>`), in `./data/<name>`, and for Fashion-MNIST in
+//! `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`). Files may be
+//! plain or gzip-compressed. Every header, size and label is validated; a truncated or corrupted
+//! file gives an [`DataError`] naming it, never a panic, and nothing is allocated beyond what the
+//! file's own size justifies.
+
+mod idx;
+
+pub use idx::{read_idx, IdxArray};
+
+use std::path::{Path, PathBuf};
+
+/// Errors reading data sets; each names the file or the places searched.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not a valid IDX file of the expected kind.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No copy of the data set was found.
+    #[error(
+        "data set `{name}` not found; looked in: {}. Get it with `apt-get install \
+         dataset-fashion-mnist` (Fashion-MNIST), or download the four IDX files of the data \
+         set's official release into ./data/{name}, or pass --data-dir",
+        searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NotFound {
+        /// Data set name.
+        name: String,
+        /// Folders looked in.
+        searched: Vec<PathBuf>,
+    },
+}
+
+/// Which split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The training split (`train-*`).
+    Train,
+    /// The test split (`t10k-*`).
+    Test,
+}
+
+/// Images and labels of an MNIST-like data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSet {
+    /// Pixels scaled to `[0, 1]`, `[n, rows·cols]` row-major.
+    pub images: Vec<f32>,
+    /// Class of each image, `< classes`.
+    pub labels: Vec<u8>,
+    /// Image height.
+    pub rows: usize,
+    /// Image width.
+    pub cols: usize,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+impl ImageSet {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True if there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+const IDX_FILES: [(&str, &str); 2] = [
+    ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+];
+
+fn has_files(dir: &Path) -> bool {
+    IDX_FILES.iter().all(|(i, l)| {
+        [i, l]
+            .iter()
+            .all(|f| dir.join(f).exists() || dir.join(format!("{f}.gz")).exists())
+    })
+}
+
+/// Finds the folder holding `name` (e.g. `fashion-mnist`), searching as described in the module
+/// documentation.
+pub fn find_dataset(name: &str, explicit: Option<&Path>) -> Result<PathBuf, DataError> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = explicit {
+        candidates.push(p.to_path_buf());
+        candidates.push(p.join(name));
+    }
+    if let Some(d) = std::env::var_os("DST_DATA_DIR") {
+        let d = PathBuf::from(d);
+        candidates.push(d.join(name));
+        candidates.push(d);
+    }
+    candidates.push(Path::new("data").join(name));
+    if name == "fashion-mnist" {
+        candidates.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
+    }
+    if let Some(found) = candidates.iter().find(|d| has_files(d)) {
+        return Ok(found.clone());
+    }
+    Err(DataError::NotFound {
+        name: name.to_string(),
+        searched: candidates,
+    })
+}
+
+fn open_either(dir: &Path, stem: &str) -> Result<IdxArray, DataError> {
+    let plain = dir.join(stem);
+    if plain.exists() {
+        read_idx(&plain)
+    } else {
+        read_idx(&dir.join(format!("{stem}.gz")))
+    }
+}
+
+/// Loads one split of an MNIST-like data set from `dir` (10 classes, `u8` pixels).
+pub fn load_mnist_like(dir: &Path, split: Split) -> Result<ImageSet, DataError> {
+    let (img_stem, lbl_stem) = IDX_FILES[match split {
+        Split::Train => 0,
+        Split::Test => 1,
+    }];
+    let images = open_either(dir, img_stem)?;
+    let labels = open_either(dir, lbl_stem)?;
+    let invalid = |stem: &str, reason: String| DataError::Invalid {
+        path: dir.join(stem),
+        reason,
+    };
+    if images.dims.len() != 3 {
+        return Err(invalid(
+            img_stem,
+            format!(
+                "expected 3 dimensions (n, rows, cols), found {:?}",
+                images.dims
+            ),
+        ));
+    }
+    if labels.dims.len() != 1 {
+        return Err(invalid(
+            lbl_stem,
+            format!("expected 1 dimension (n), found {:?}", labels.dims),
+        ));
+    }
+    if images.dims[0] != labels.dims[0] {
+        return Err(invalid(
+            lbl_stem,
+            format!("{} labels for {} images", labels.dims[0], images.dims[0]),
+        ));
+    }
+    let classes = 10;
+    if let Some((i, &l)) = labels
+        .data
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= classes)
+    {
+        return Err(invalid(
+            lbl_stem,
+            format!("label {l} at index {i} is not below {classes}"),
+        ));
+    }
+    Ok(ImageSet {
+        images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
+        labels: labels.data,
+        rows: images.dims[1],
+        cols: images.dims[2],
+        classes,
+    })
+}

@@ -1,0 +1,130 @@
+//! The IDX reader on generated files, plain and gzip, valid and broken, and on the Debian
+//! package's Fashion-MNIST when it is installed.
+
+use std::io::Write;
+use std::path::Path;
+
+use models::data::{find_dataset, load_mnist_like, read_idx, DataError, Split};
+
+fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend(data);
+    b
+}
+
+fn gz(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// Writes a 3-image, 2×2 data set; `gzip` picks plain or `.gz` files.
+fn write_set(dir: &Path, gzip: bool, labels: &[u8]) {
+    let images: Vec<u8> = (0..12).map(|i| (i * 20) as u8).collect();
+    for (stem, bytes) in [
+        ("train-images-idx3-ubyte", idx(&[3, 2, 2], &images)),
+        (
+            "train-labels-idx1-ubyte",
+            idx(&[labels.len() as u32], labels),
+        ),
+        ("t10k-images-idx3-ubyte", idx(&[3, 2, 2], &images)),
+        ("t10k-labels-idx1-ubyte", idx(&[3], &[0, 1, 2])),
+    ] {
+        if gzip {
+            std::fs::write(dir.join(format!("{stem}.gz")), gz(&bytes)).unwrap();
+        } else {
+            std::fs::write(dir.join(stem), bytes).unwrap();
+        }
+    }
+}
+
+#[test]
+fn loads_plain_and_gzip() {
+    for gzip in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path(), gzip, &[9, 0, 4]);
+        let found = find_dataset("tiny", Some(dir.path())).unwrap();
+        let set = load_mnist_like(&found, Split::Train).unwrap();
+        assert_eq!((set.len(), set.rows, set.cols), (3, 2, 2));
+        assert_eq!(set.labels, vec![9, 0, 4]);
+        assert_eq!(set.images[1], 20.0 / 255.0);
+        assert_eq!(
+            load_mnist_like(&found, Split::Test).unwrap().labels,
+            vec![0, 1, 2]
+        );
+    }
+}
+
+#[test]
+fn broken_files_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    write_set(dir.path(), false, &[1, 2, 10]);
+    let err = load_mnist_like(dir.path(), Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train-labels-idx1-ubyte") && err.contains("label 10 at index 2"),
+        "{err}"
+    );
+
+    write_set(dir.path(), false, &[1, 2]);
+    let err = load_mnist_like(dir.path(), Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 labels for 3 images"), "{err}");
+
+    let p = dir.path().join("train-images-idx3-ubyte");
+    let full = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &full[..full.len() - 3]).unwrap();
+    let err = load_mnist_like(dir.path(), Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains("truncated"),
+        "{err}"
+    );
+
+    let g = dir.path().join("broken.gz");
+    let mut z = gz(&full);
+    z.truncate(z.len() / 2);
+    std::fs::write(&g, z).unwrap();
+    assert!(matches!(read_idx(&g), Err(DataError::Invalid { .. })));
+    assert!(matches!(
+        read_idx(&dir.path().join("missing")),
+        Err(DataError::Io { .. })
+    ));
+}
+
+#[test]
+fn not_found_lists_where_it_looked_and_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = find_dataset("no-such-set", Some(dir.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no-such-set") && err.contains("apt-get install dataset-fashion-mnist"),
+        "{err}"
+    );
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+}
+
+/// The real thing, when the Debian package is installed (it is on the development machines;
+/// `.ci/run` does not install it yet).
+#[test]
+fn debian_fashion_mnist_when_installed() {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    if !dir.exists() {
+        eprintln!("skipped: {} not installed", dir.display());
+        return;
+    }
+    let test = load_mnist_like(dir, Split::Test).unwrap();
+    assert_eq!((test.len(), test.rows, test.cols), (10_000, 28, 28));
+    let mut counts = [0usize; 10];
+    for &l in &test.labels {
+        counts[l as usize] += 1;
+    }
+    assert_eq!(counts, [1000; 10], "Fashion-MNIST's test set is balanced");
+}
