@@ -146,13 +146,18 @@ impl MaskAware for MaskedSgd {
             let Some(g) = grads.get(&slot.var) else {
                 continue;
             };
-            let w = slot.var.as_tensor();
+            // candle may hand back gradients that still record how they were computed.
+            let g = g.detach();
+            // Detached: arithmetic with the Var itself would record graph nodes, and the momentum
+            // buffers built from them would chain every past step's tensors (a leak of ~6 MB a
+            // step on LeNet-300-100, measured).
+            let w = slot.var.as_tensor().detach();
             let mut d = match &slot.mask {
-                Some(m) => (g * m)?,
+                Some(m) => (&g * m)?,
                 None => g.clone(),
             };
             if c.weight_decay != 0.0 {
-                d = (d + (w * c.weight_decay)?)?;
+                d = (d + (&w * c.weight_decay)?)?;
             }
             if c.momentum != 0.0 {
                 let b = ((&slot.state[0] * c.momentum)? + &d)?;
@@ -163,7 +168,7 @@ impl MaskAware for MaskedSgd {
                 };
                 slot.state[0] = b;
             }
-            let mut new_w = (w - (d * c.lr)?)?;
+            let mut new_w = (&w - (d * c.lr)?)?;
             if let Some(m) = &slot.mask {
                 new_w = (new_w * m)?;
                 for s in &mut slot.state {
@@ -247,15 +252,20 @@ impl MaskAware for MaskedAdamW {
             let Some(g) = grads.get(&slot.var) else {
                 continue;
             };
+            // candle may hand back gradients that still record how they were computed.
+            let g = g.detach();
             let g = match &slot.mask {
-                Some(m) => (g * m)?,
-                None => g.clone(),
+                Some(m) => (&g * m)?,
+                None => g,
             };
-            let w = slot.var.as_tensor();
+            // Detached: arithmetic with the Var itself would record graph nodes, and the momentum
+            // buffers built from them would chain every past step's tensors (a leak of ~6 MB a
+            // step on LeNet-300-100, measured).
+            let w = slot.var.as_tensor().detach();
             let m1 = ((&slot.state[0] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let m2 = ((&slot.state[1] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m1 / bc1)? / ((&m2 / bc2)?.sqrt()? + c.eps)?)?;
-            let mut new_w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+            let mut new_w = ((&w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
             slot.state[0] = m1;
             slot.state[1] = m2;
             if let Some(m) = &slot.mask {
@@ -369,6 +379,35 @@ mod tests {
             let v = s.to_vec2::<f32>().unwrap();
             assert_eq!(v[0][0], 0.0, "dropped weight's state reset");
             assert_eq!(v[1][1], 0.0, "grown weight starts with zero state");
+        }
+    }
+
+    /// Optimizer state must not record graph nodes: momentum built from a tracked expression
+    /// chains every past step's tensors and leaks memory without bound.
+    #[test]
+    fn state_is_detached_from_the_graph() {
+        let (w, m) = setup();
+        let cfg = SgdConfig {
+            weight_decay: 0.1,
+            ..SgdConfig::default()
+        };
+        let mut sgd = MaskedSgd::new(vec![w.clone()], cfg).unwrap();
+        let mut adam = MaskedAdamW::new(vec![w.clone()], AdamWConfig::default()).unwrap();
+        sgd.set_mask(&w, &m).unwrap();
+        for _ in 0..2 {
+            let grads = w
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            sgd.step(&grads).unwrap();
+            adam.step(&grads).unwrap();
+        }
+        for (i, s) in sgd.state(&w).into_iter().chain(adam.state(&w)).enumerate() {
+            assert!(!s.track_op(), "optimizer state {i} records a graph");
         }
     }
 
