@@ -141,10 +141,19 @@ impl SparseParam {
     }
 }
 
-/// Creates the weight through the `VarBuilder` and, when it is a fresh variable (a `VarMap`
-/// builder), fills it from the project's seeded RNG with PyTorch's default
+/// Creates the weight through the `VarBuilder` (with a `VarMap` builder the variable is the
+/// map's own) and fills it from the project's seeded RNG with PyTorch's default
 /// `U(−1/√fan_in, 1/√fan_in)`: candle's CPU RNG cannot be seeded.
-fn seeded_weight(vb: &VarBuilder, shape: &[usize], name: &str, seed: u64) -> Result<(Var, String)> {
+///
+/// Returns the variable and its full name (`prefix.name`), which also seeds its RNG stream.
+/// Shared by every layer of the workspace that needs a reproducible weight (dst-core's and
+/// lbc's).
+pub fn seeded_weight(
+    vb: &VarBuilder,
+    shape: &[usize],
+    name: &str,
+    seed: u64,
+) -> Result<(Var, String)> {
     let t = vb.get_with_hints(shape, name, Init::Const(0.0))?;
     let full = if vb.prefix().is_empty() {
         name.to_string()
@@ -163,7 +172,9 @@ fn seeded_weight(vb: &VarBuilder, shape: &[usize], name: &str, seed: u64) -> Res
     Ok((var, full))
 }
 
-fn seeded_bias(
+/// A bias of `n` entries drawn from `U(−1/√fan_in, 1/√fan_in)`, on its own stream derived
+/// from the weight's full name and `seed` (same rule as [`seeded_weight`]).
+pub fn seeded_bias(
     vb: &VarBuilder,
     n: usize,
     fan_in: usize,

@@ -16,7 +16,8 @@ use std::sync::{Arc, RwLock};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var};
-use candle_nn::{Conv2dConfig, Init, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use dst_core::layers::{seeded_bias, seeded_weight};
 use sparse_formats::{Mask, NmPattern, NmSparse};
 
 use crate::baselines::{magnitude_mask, srste_grad};
@@ -46,28 +47,10 @@ fn seeded_layer(
     vb: &VarBuilder,
     conv: Option<Conv2dConfig>,
 ) -> candle_core::Result<NmLayer> {
+    // The same seeded initialisation as dst-core's sparse layers.
     let fan_in: usize = shape[1..].iter().product();
-    let out_dim = shape[0];
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    let name = if vb.prefix().is_empty() {
-        "weight".to_string()
-    } else {
-        format!("{}.weight", vb.prefix())
-    };
-    let id = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let mut rng = dst_core::Rng::derive(seed, &[id]);
-    let mut draw = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
-            .collect()
-    };
-    let w = vb.get_with_hints(shape, "weight", Init::Const(0.0))?;
-    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-    let (w, b) = (Var::from_tensor(&w)?, Var::from_tensor(&b)?);
-    w.set(&Tensor::from_vec(draw(out_dim * fan_in), shape, vb.device())?.to_dtype(vb.dtype())?)?;
-    b.set(&Tensor::from_vec(draw(out_dim), out_dim, vb.device())?.to_dtype(vb.dtype())?)?;
+    let (w, name) = seeded_weight(vb, shape, "weight", seed).map_err(candle_core::Error::wrap)?;
+    let b = seeded_bias(vb, shape[0], fan_in, &name, seed).map_err(candle_core::Error::wrap)?;
     Ok(NmLayer {
         name,
         mask: Arc::new(RwLock::new(w.ones_like()?)),
