@@ -1,69 +1,74 @@
 //! Trains LeNet-300-100 on Fashion-MNIST with SRigL at 90% sparsity (ERK) and reports the test
-//! accuracy each epoch. The data set comes from `--data-dir DIR`, `$DST_DATA_DIR`,
-//! `./data/fashion-mnist` or Debian's package (`apt-get install -y dataset-fashion-mnist`).
+//! accuracy each epoch. The same code trains any other method by changing one config field
+//! (`cfg.method.name`): `--method dense|static|set|rigl|srigl|lbc|srste|nm-magnitude`.
 //!
-//! Run: `cargo run --release -p examples --example train_fashion_mnist -- [--method dense|static|set|rigl|srigl] [--sparsity 0.9] [--epochs 20] [--seed 1] [--data-dir DIR]`
+//! The data set comes from `--data-dir DIR`, `$DST_DATA_DIR`, `./data/fashion-mnist` or Debian's
+//! package (`apt-get install -y dataset-fashion-mnist`).
+//!
+//! Run: `cargo run --release -p examples --example train_fashion_mnist -- [--method srigl]
+//! [--sparsity 0.9] [--n 2 --m 4] [--epochs 20] [--seed 1] [--data-dir DIR] [--out RUN_DIR]`
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use dst_core::Method;
-use models::data::{find_dataset, load_mnist_like, Split};
-use models::train::{train_mlp, MlpConfig};
+use models::{Control, Datasets, Event, MethodName, TrainConfig, Trainer};
 
 fn main() -> Result<()> {
-    let mut cfg = MlpConfig::lenet_300_100_srigl();
-    let mut data_dir: Option<PathBuf> = None;
+    // LeNet-300-100, SRigL 90% ERK, 20 epochs, batch 128, Nesterov SGD 0.1 with cosine decay.
+    let mut cfg = TrainConfig::default();
+    let mut out: Option<PathBuf> = None;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--method" => {
-                cfg.method = match value()?.as_str() {
-                    "dense" => None,
-                    "static" => Some(Method::Static),
-                    "set" => Some(Method::Set),
-                    "rigl" => Some(Method::Rigl),
-                    "srigl" => Some(Method::Srigl),
-                    other => bail!(
-                        "--method: unknown method `{other}` (dense, static, set, rigl, srigl)"
-                    ),
-                }
+                cfg.method.name = value()?
+                    .parse::<MethodName>()
+                    .map_err(|e| anyhow::anyhow!("--method: {e}"))?
             }
             "--sparsity" => {
-                cfg.sparsity = value()?.parse().context("--sparsity: not a number")?;
-                if !(0.0..1.0).contains(&cfg.sparsity) {
-                    bail!("--sparsity: {} is outside [0, 1)", cfg.sparsity);
-                }
+                cfg.method.sparsity = value()?.parse().context("--sparsity: not a number")?
             }
+            "--n" => cfg.method.n = value()?.parse().context("--n: not a whole number")?,
+            "--m" => cfg.method.m = value()?.parse().context("--m: not a whole number")?,
             "--epochs" => cfg.epochs = value()?.parse().context("--epochs: not a whole number")?,
             "--seed" => cfg.seed = value()?.parse().context("--seed: not a whole number")?,
-            "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
+            "--data-dir" => cfg.data.dir = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
             other => bail!("unknown flag `{other}`"),
         }
     }
-    let dir = find_dataset("fashion-mnist", data_dir.as_deref())?;
-    let train = load_mnist_like(&dir, Split::Train)?;
-    let test = load_mnist_like(&dir, Split::Test)?;
+    let data = Datasets::load(&cfg)?;
+    let m = &cfg.method;
     println!(
-        "Fashion-MNIST from {}: {} train / {} test; LeNet-300-100, {}, seed {}",
-        dir.display(),
-        train.len(),
-        test.len(),
-        match cfg.method {
-            Some(m) => format!("{m:?} at {:.0}% sparsity (ERK)", cfg.sparsity * 100.0),
-            None => "dense".into(),
+        "Fashion-MNIST: {} train / {} test; LeNet-300-100, {}, seed {}",
+        data.train.len(),
+        data.test.len(),
+        match m.name {
+            MethodName::Dense => "dense".to_string(),
+            n if n.is_nm() => format!("{} {}:{}", n.as_str(), m.n, m.m),
+            n => format!(
+                "{} at {:.0}% sparsity (ERK)",
+                n.as_str(),
+                m.sparsity * 100.0
+            ),
         },
         cfg.seed
     );
-    let history = train_mlp(&train, &test, &cfg, |m| {
-        println!(
-            "epoch {:>2}  train loss {:.4}  test loss {:.4}  test acc {:.4}  sparsity {:.4}  ablated {}  {:.0}s",
-            m.epoch, m.train_loss, m.test_loss, m.test_accuracy, m.sparsity, m.ablated_neurons, m.wall_s
-        );
+    let mut trainer = Trainer::new(cfg, data)?;
+    if let Some(dir) = &out {
+        trainer = trainer.with_output(dir)?;
+    }
+    let summary = trainer.run(&mut |e: &Event| {
+        if let Event::Epoch(m) = e {
+            println!(
+                "epoch {:>2}  train loss {:.4}  test loss {:.4}  test acc {:.4}  sparsity {:.4}  ablated {}  {:.0}s",
+                m.epoch, m.train_loss, m.test_loss, m.test_accuracy, m.sparsity, m.ablated_neurons, m.wall_s
+            );
+        }
+        Control::Continue
     })?;
-    let last = history.last().context("no epoch ran")?;
-    println!("test accuracy {:.4}", last.test_accuracy);
+    println!("test accuracy {:.4}", summary.test_accuracy);
     Ok(())
 }

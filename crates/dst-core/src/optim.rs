@@ -27,6 +27,13 @@ pub trait MaskAware {
     fn set_learning_rate(&mut self, lr: f64);
     /// One update from the gradients of a backward pass.
     fn step(&mut self, grads: &GradStore) -> Result<()>;
+    /// Replaces the state tensors of `var` (a checkpoint's [`MaskAware::state`]); their number
+    /// and shapes must match. The mask, if any, is applied to them.
+    fn set_state(&mut self, var: &Var, state: Vec<Tensor>) -> Result<()>;
+    /// Optimizer steps taken so far (AdamW's bias correction depends on it).
+    fn steps(&self) -> u64;
+    /// Sets the step counter (when resuming from a checkpoint).
+    fn set_steps(&mut self, steps: u64);
 }
 
 struct Slot {
@@ -60,6 +67,37 @@ fn state_of(slots: &[Slot], var: &Var) -> Vec<Tensor> {
         .find(|s| s.var.as_tensor().id() == var.as_tensor().id())
         .map(|s| s.state.clone())
         .unwrap_or_default()
+}
+
+fn set_state_in(slots: &mut [Slot], var: &Var, state: Vec<Tensor>) -> Result<()> {
+    let Some(slot) = find(slots, var.as_tensor().id()) else {
+        return Err(crate::error::DstError::Config {
+            field: "state",
+            reason: "the variable is not managed by this optimizer".into(),
+        });
+    };
+    if state.len() != slot.state.len() || state.iter().any(|t| t.dims() != var.dims()) {
+        return Err(crate::error::DstError::Config {
+            field: "state",
+            reason: format!(
+                "expected {} tensors of shape {:?}, got {:?}",
+                slot.state.len(),
+                var.dims(),
+                state.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>()
+            ),
+        });
+    }
+    slot.state = state
+        .into_iter()
+        .map(|t| {
+            let t = t.to_dtype(var.dtype())?.detach();
+            match &slot.mask {
+                Some(m) => t * m,
+                None => Ok(t),
+            }
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok(())
 }
 
 fn set_mask_in(slots: &mut [Slot], var: &Var, mask: &Tensor) -> Result<()> {
@@ -109,6 +147,7 @@ impl Default for SgdConfig {
 pub struct MaskedSgd {
     slots: Vec<Slot>,
     cfg: SgdConfig,
+    t: u64,
 }
 
 impl MaskedSgd {
@@ -119,6 +158,7 @@ impl MaskedSgd {
         Ok(MaskedSgd {
             slots: slots(vars, n_state)?,
             cfg,
+            t: 0,
         })
     }
 }
@@ -140,7 +180,20 @@ impl MaskAware for MaskedSgd {
         self.cfg.lr = lr;
     }
 
+    fn set_state(&mut self, var: &Var, state: Vec<Tensor>) -> Result<()> {
+        set_state_in(&mut self.slots, var, state)
+    }
+
+    fn steps(&self) -> u64 {
+        self.t
+    }
+
+    fn set_steps(&mut self, steps: u64) {
+        self.t = steps;
+    }
+
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.t += 1;
         let c = self.cfg;
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.var) else {
@@ -212,7 +265,7 @@ impl Default for AdamWConfig {
 pub struct MaskedAdamW {
     slots: Vec<Slot>,
     cfg: AdamWConfig,
-    t: i32,
+    t: u64,
 }
 
 impl MaskedAdamW {
@@ -243,11 +296,23 @@ impl MaskAware for MaskedAdamW {
         self.cfg.lr = lr;
     }
 
+    fn set_state(&mut self, var: &Var, state: Vec<Tensor>) -> Result<()> {
+        set_state_in(&mut self.slots, var, state)
+    }
+
+    fn steps(&self) -> u64 {
+        self.t
+    }
+
+    fn set_steps(&mut self, steps: u64) {
+        self.t = steps;
+    }
+
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t);
-        let bc2 = 1.0 - c.beta2.powi(self.t);
+        let bc1 = 1.0 - c.beta1.powf(self.t as f64);
+        let bc2 = 1.0 - c.beta2.powf(self.t as f64);
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.var) else {
                 continue;
@@ -292,7 +357,7 @@ pub enum OptimizerConfig {
 
 impl OptimizerConfig {
     /// Builds the optimizer over `vars`.
-    pub fn build(&self, vars: Vec<Var>) -> Result<Box<dyn MaskAware>> {
+    pub fn build(&self, vars: Vec<Var>) -> Result<Box<dyn MaskAware + Send>> {
         Ok(match *self {
             OptimizerConfig::Sgd(c) => Box::new(MaskedSgd::new(vars, c)?),
             OptimizerConfig::AdamW(c) => Box::new(MaskedAdamW::new(vars, c)?),
@@ -301,7 +366,7 @@ impl OptimizerConfig {
 }
 
 /// Lets a `&mut Box<dyn MaskAware>` be passed where `&mut impl MaskAware` is expected.
-impl MaskAware for Box<dyn MaskAware> {
+impl<T: MaskAware + ?Sized> MaskAware for Box<T> {
     fn set_mask(&mut self, var: &Var, mask: &Tensor) -> Result<()> {
         (**self).set_mask(var, mask)
     }
@@ -316,6 +381,15 @@ impl MaskAware for Box<dyn MaskAware> {
     }
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         (**self).step(grads)
+    }
+    fn set_state(&mut self, var: &Var, state: Vec<Tensor>) -> Result<()> {
+        (**self).set_state(var, state)
+    }
+    fn steps(&self) -> u64 {
+        (**self).steps()
+    }
+    fn set_steps(&mut self, steps: u64) {
+        (**self).set_steps(steps)
     }
 }
 
@@ -409,6 +483,38 @@ mod tests {
         for (i, s) in sgd.state(&w).into_iter().chain(adam.state(&w)).enumerate() {
             assert!(!s.track_op(), "optimizer state {i} records a graph");
         }
+    }
+
+    /// Restoring a state and the step counter continues exactly as the uninterrupted optimizer.
+    #[test]
+    fn restored_state_continues_identically() {
+        let loss = |w: &Var| {
+            w.as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (w, m) = setup();
+        let mut a = MaskedAdamW::new(vec![w.clone()], AdamWConfig::default()).unwrap();
+        a.set_mask(&w, &m).unwrap();
+        for _ in 0..3 {
+            a.step(&loss(&w)).unwrap();
+        }
+        let w2 = Var::from_tensor(&w.as_tensor().copy().unwrap()).unwrap();
+        let mut b = MaskedAdamW::new(vec![w2.clone()], AdamWConfig::default()).unwrap();
+        b.set_mask(&w2, &m).unwrap();
+        b.set_state(&w2, a.state(&w)).unwrap();
+        b.set_steps(a.steps());
+        a.step(&loss(&w)).unwrap();
+        b.step(&loss(&w2)).unwrap();
+        assert_eq!(
+            w.as_tensor().to_vec2::<f32>().unwrap(),
+            w2.as_tensor().to_vec2::<f32>().unwrap()
+        );
+        assert!(b.set_state(&w2, vec![]).is_err(), "wrong number of tensors");
     }
 
     #[test]

@@ -274,6 +274,56 @@ impl Sparsifier {
         }))
     }
 
+    /// Per managed layer, the union of every mask it has had (what [`Sparsifier::itop`] counts);
+    /// saved in checkpoints.
+    pub fn ever_active(&self) -> Vec<Mask> {
+        self.layers.iter().map(|l| l.ever_active.clone()).collect()
+    }
+
+    /// Restores the masks and ITOP unions of a checkpoint (one of each per managed layer, in
+    /// order) after the weights themselves have been loaded, and hands the masks to `opt`.
+    /// Fails naming the layer whose mask does not fit.
+    pub fn restore(
+        &mut self,
+        masks: Vec<Mask>,
+        ever_active: Vec<Mask>,
+        opt: &mut impl MaskAware,
+    ) -> Result<()> {
+        if masks.len() != self.layers.len() || ever_active.len() != self.layers.len() {
+            return Err(DstError::Config {
+                field: "masks",
+                reason: format!(
+                    "{} masks and {} ITOP masks for {} layers",
+                    masks.len(),
+                    ever_active.len(),
+                    self.layers.len()
+                ),
+            });
+        }
+        for ((l, mask), ever) in self.layers.iter_mut().zip(masks).zip(ever_active) {
+            let (rows, fan_in) = (l.param.rows(), l.param.fan_in());
+            for m in [&mask, &ever] {
+                if (m.rows(), m.fan_in()) != (rows, fan_in) {
+                    return Err(DstError::layer(
+                        l.param.name(),
+                        format!(
+                            "checkpoint mask is {}x{}, the layer is {rows}x{fan_in}",
+                            m.rows(),
+                            m.fan_in()
+                        ),
+                    ));
+                }
+            }
+            let weights = l.param.weights()?;
+            l.param.set(mask, weights)?;
+            l.ever_active = ever;
+            if !l.budget.dense {
+                opt.set_mask(l.param.var(), &l.param.mask_tensor()?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Fraction of the sparse layers' weights that have ever been active (ITOP).
     pub fn itop(&self) -> f64 {
         let (ever, total) = self

@@ -47,6 +47,34 @@ pub trait LbcState {
     fn remove_to(&mut self, k: usize);
     /// Alive combinations in the group with most of them.
     fn max_alive(&self) -> usize;
+    /// The whole state as named `f64` vectors (exact for every field: scores, momenta,
+    /// accumulators, alive flags as 0/1), for checkpoints.
+    fn export_state(&self) -> Vec<(String, Vec<f64>)>;
+    /// Restores what [`LbcState::export_state`] gave; fails naming a missing or mis-sized field.
+    fn import_state(&mut self, state: &[(String, Vec<f64>)]) -> Result<(), LbcError>;
+}
+
+fn field<'a>(
+    state: &'a [(String, Vec<f64>)],
+    name: &str,
+    len: usize,
+) -> Result<&'a [f64], LbcError> {
+    let v = state
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
+        .ok_or_else(|| LbcError::Shape(format!("LBC state: missing field `{name}`")))?;
+    if v.len() != len {
+        return Err(LbcError::Shape(format!(
+            "LBC state: field `{name}` has {} values, expected {len}",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
 }
 
 pub(crate) struct Layout {
@@ -228,6 +256,28 @@ impl LbcState for DirectScores {
             .max()
             .unwrap_or(0)
     }
+    fn export_state(&self) -> Vec<(String, Vec<f64>)> {
+        vec![
+            ("scores".into(), to_f64(&self.scores)),
+            ("momentum".into(), to_f64(&self.momentum)),
+            (
+                "alive".into(),
+                self.alive.iter().map(|&a| f64::from(u8::from(a))).collect(),
+            ),
+        ]
+    }
+    fn import_state(&mut self, state: &[(String, Vec<f64>)]) -> Result<(), LbcError> {
+        let n = self.scores.len();
+        let (scores, momentum, alive) = (
+            field(state, "scores", n)?,
+            field(state, "momentum", n)?,
+            field(state, "alive", n)?,
+        );
+        self.scores = scores.iter().map(|&x| x as f32).collect();
+        self.momentum = momentum.iter().map(|&x| x as f32).collect();
+        self.alive = alive.iter().map(|&x| x != 0.0).collect();
+        Ok(())
+    }
 }
 
 /// The memory-light exact formulation of §1.6: under SGD with momentum μ and L2 decay λ, every
@@ -335,6 +385,37 @@ impl LbcState for AccumulatedScores {
             .map(|w| w.iter().map(|x| x.count_ones() as usize).sum())
             .max()
             .unwrap_or(0)
+    }
+    fn export_state(&self) -> Vec<(String, Vec<f64>)> {
+        let c = self.layout.combos.len();
+        let alive = (0..self.layout.groups())
+            .flat_map(|gi| (0..c).map(move |k| (gi, k)))
+            .map(|(gi, k)| f64::from(u8::from(self.is_alive(gi, k))))
+            .collect();
+        vec![
+            ("acc".into(), to_f64(&self.acc)),
+            ("acc_momentum".into(), to_f64(&self.acc_momentum)),
+            ("common".into(), vec![self.common, self.common_momentum]),
+            ("alive".into(), alive),
+        ]
+    }
+    fn import_state(&mut self, state: &[(String, Vec<f64>)]) -> Result<(), LbcError> {
+        let (n, c) = (self.acc.len(), self.layout.combos.len());
+        let acc = field(state, "acc", n)?;
+        let mom = field(state, "acc_momentum", n)?;
+        let common = field(state, "common", 2)?;
+        let alive = field(state, "alive", self.layout.groups() * c)?;
+        self.acc = acc.iter().map(|&x| x as f32).collect();
+        self.acc_momentum = mom.iter().map(|&x| x as f32).collect();
+        (self.common, self.common_momentum) = (common[0], common[1]);
+        self.alive.iter_mut().for_each(|w| *w = 0);
+        for (i, &a) in alive.iter().enumerate() {
+            if a != 0.0 {
+                let (gi, k) = (i / c, i % c);
+                self.alive[gi * self.words_per_group + k / 64] |= 1 << (k % 64);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -46,16 +46,21 @@ fn seeded_layer(
     seed: u64,
     vb: &VarBuilder,
     conv: Option<Conv2dConfig>,
+    with_bias: bool,
 ) -> candle_core::Result<NmLayer> {
     // The same seeded initialisation as dst-core's sparse layers.
     let fan_in: usize = shape[1..].iter().product();
     let (w, name) = seeded_weight(vb, shape, "weight", seed).map_err(candle_core::Error::wrap)?;
-    let b = seeded_bias(vb, shape[0], fan_in, &name, seed).map_err(candle_core::Error::wrap)?;
+    let bias = if with_bias {
+        Some(seeded_bias(vb, shape[0], fan_in, &name, seed).map_err(candle_core::Error::wrap)?)
+    } else {
+        None
+    };
     Ok(NmLayer {
         name,
         mask: Arc::new(RwLock::new(w.ones_like()?)),
         weight: w,
-        bias: Some(b),
+        bias,
         conv,
     })
 }
@@ -70,7 +75,42 @@ pub fn nm_conv2d(
     vb: VarBuilder,
 ) -> candle_core::Result<NmLayer> {
     let c = in_channels / cfg.groups.max(1);
-    seeded_layer(&[out_channels, c, kernel, kernel], seed, &vb, Some(cfg))
+    seeded_layer(
+        &[out_channels, c, kernel, kernel],
+        seed,
+        &vb,
+        Some(cfg),
+        true,
+    )
+}
+
+/// [`nm_conv2d`] without a bias (the usual choice before a BatchNorm).
+pub fn nm_conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    seed: u64,
+    vb: VarBuilder,
+) -> candle_core::Result<NmLayer> {
+    let c = in_channels / cfg.groups.max(1);
+    seeded_layer(
+        &[out_channels, c, kernel, kernel],
+        seed,
+        &vb,
+        Some(cfg),
+        false,
+    )
+}
+
+/// [`nm_linear`] without a bias.
+pub fn nm_linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    seed: u64,
+    vb: VarBuilder,
+) -> candle_core::Result<NmLinear> {
+    seeded_layer(&[out_dim, in_dim], seed, &vb, None, false)
 }
 
 /// `NmLinear` with a bias, like `candle_nn::linear`; the weight starts dense (mask of ones),
@@ -82,7 +122,7 @@ pub fn nm_linear(
     seed: u64,
     vb: VarBuilder,
 ) -> candle_core::Result<NmLinear> {
-    seeded_layer(&[out_dim, in_dim], seed, &vb, None)
+    seeded_layer(&[out_dim, in_dim], seed, &vb, None, true)
 }
 
 impl NmLayer {
@@ -94,6 +134,11 @@ impl NmLayer {
     /// The dense weight variable.
     pub fn weight(&self) -> &Var {
         &self.weight
+    }
+
+    /// The bias variable, if any.
+    pub fn bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
     }
 
     /// The current 0/1 mask.
@@ -162,6 +207,26 @@ pub enum NmMethod {
     OneShot,
 }
 
+/// A checkpointable snapshot of an [`NmSparsifier`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NmState {
+    /// Whether the first forward pass has happened (one-shot masks are chosen then).
+    pub started: bool,
+    /// Per managed layer, in order.
+    pub layers: Vec<NmLayerState>,
+}
+
+/// One layer of an [`NmState`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NmLayerState {
+    /// Weight name.
+    pub name: String,
+    /// Its current mask.
+    pub mask: Mask,
+    /// Its LBC state (empty for SR-STE and one-shot).
+    pub lbc: Vec<(String, Vec<f64>)>,
+}
+
 struct Managed {
     layer: NmLayer,
     pattern: NmPattern,
@@ -222,6 +287,13 @@ impl NmSparsifier {
         })
     }
 
+    /// Sets the scores' learning rate (LBC follows the weights' schedule; no-op otherwise).
+    pub fn set_score_lr(&mut self, lr: f32) {
+        if let NmMethod::Lbc { score_sgd, .. } = &mut self.method {
+            score_sgd.lr = lr;
+        }
+    }
+
     /// Updates the masks for the coming forward pass at `epoch` (0-based).
     pub fn before_forward(&mut self, epoch: usize) -> Result<(), LbcError> {
         let c = binomial(self.pattern.m, self.pattern.n) as usize;
@@ -278,6 +350,52 @@ impl NmSparsifier {
             let t = Tensor::from_vec(new, shape, var.device()).map_err(LbcError::Candle)?;
             grads.insert(&var, t);
         }
+        Ok(())
+    }
+
+    /// Everything a checkpoint needs to resume exactly: per layer its mask and LBC state.
+    pub fn state(&self) -> NmState {
+        NmState {
+            started: self.started,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| NmLayerState {
+                    name: l.layer.name.clone(),
+                    mask: l.mask.clone(),
+                    lbc: l.lbc.as_ref().map(|s| s.export_state()).unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Restores a [`NmSparsifier::state`] (same layers, same order) after the weights have been
+    /// loaded; fails naming the layer that does not fit.
+    pub fn restore(&mut self, state: &NmState) -> Result<(), LbcError> {
+        if state.layers.len() != self.layers.len() {
+            return Err(LbcError::Shape(format!(
+                "N:M state has {} layers, the model {}",
+                state.layers.len(),
+                self.layers.len()
+            )));
+        }
+        for (l, s) in self.layers.iter_mut().zip(&state.layers) {
+            if s.name != l.layer.name
+                || (s.mask.rows(), s.mask.fan_in()) != (l.mask.rows(), l.mask.fan_in())
+            {
+                return Err(LbcError::Shape(format!(
+                    "N:M state layer `{}` does not fit layer `{}`",
+                    s.name, l.layer.name
+                )));
+            }
+            if let Some(lbc) = l.lbc.as_mut() {
+                lbc.import_state(&s.lbc)
+                    .map_err(|e| LbcError::Shape(format!("layer `{}`: {e}", s.name)))?;
+            }
+            l.layer.set_mask(&s.mask)?;
+            l.mask = s.mask.clone();
+        }
+        self.started = state.started;
         Ok(())
     }
 

@@ -128,3 +128,111 @@ fn debian_fashion_mnist_when_installed() {
     }
     assert_eq!(counts, [1000; 10], "Fashion-MNIST's test set is balanced");
 }
+
+fn cifar_record(label: u8, seed: u8) -> Vec<u8> {
+    let mut r = vec![label];
+    r.extend((0..3072).map(|i| (i as u8).wrapping_mul(seed)));
+    r
+}
+
+fn write_cifar(dir: &Path, per_file: usize) {
+    for f in 1..=5 {
+        let bytes: Vec<u8> = (0..per_file)
+            .flat_map(|i| cifar_record((i % 10) as u8, f as u8))
+            .collect();
+        std::fs::write(dir.join(format!("data_batch_{f}.bin")), bytes).unwrap();
+    }
+    let test: Vec<u8> = (0..per_file)
+        .flat_map(|i| cifar_record(9 - (i % 10) as u8, 7))
+        .collect();
+    std::fs::write(dir.join("test_batch.bin"), test).unwrap();
+}
+
+#[test]
+fn cifar10_binary_reader() {
+    use models::data::load_cifar10;
+    let dir = tempfile::tempdir().unwrap();
+    write_cifar(dir.path(), 3);
+    assert_eq!(
+        find_dataset("cifar-10", Some(dir.path())).unwrap(),
+        dir.path()
+    );
+    let train = load_cifar10(dir.path(), Split::Train).unwrap();
+    assert_eq!(
+        (train.len(), train.channels, train.rows, train.cols),
+        (15, 3, 32, 32)
+    );
+    assert_eq!(&train.labels[..4], &[0, 1, 2, 0]);
+    // Record 3 is the first of data_batch_2: pixel i = (i · 2) mod 256, red plane first.
+    let img = &train.images[3 * 3072..4 * 3072];
+    assert_eq!(img[1], 2.0 / 255.0);
+    assert_eq!(img[1024 + 1], ((1025u32 * 2) % 256) as f32 / 255.0);
+    let test = load_cifar10(dir.path(), Split::Test).unwrap();
+    assert_eq!(test.labels, vec![9, 8, 7]);
+}
+
+#[test]
+fn broken_cifar_files_name_the_file() {
+    use models::data::load_cifar10;
+    let dir = tempfile::tempdir().unwrap();
+    write_cifar(dir.path(), 2);
+    let f = dir.path().join("data_batch_3.bin");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes.truncate(5000);
+    std::fs::write(&f, &bytes).unwrap();
+    let e = load_cifar10(dir.path(), Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("data_batch_3.bin") && e.contains("5000 bytes"),
+        "{e}"
+    );
+    let t = dir.path().join("test_batch.bin");
+    let mut bytes = std::fs::read(&t).unwrap();
+    bytes[3073] = 10;
+    std::fs::write(&t, &bytes).unwrap();
+    let e = load_cifar10(dir.path(), Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test_batch.bin") && e.contains("record 1: label 10"),
+        "{e}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let e = find_dataset("cifar-10", Some(empty.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cifar-10-binary.tar.gz"), "{e}");
+}
+
+#[test]
+fn validation_split_is_seeded_disjoint_and_complete() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
+    let set = load_mnist_like(&dir, Split::Train).unwrap();
+    let (train, val) = set.split_validation(0.2, 4);
+    assert_eq!((train.len(), val.len()), (800, 200));
+    assert_eq!(set.split_validation(0.2, 4), (train.clone(), val.clone()));
+    assert_ne!(set.split_validation(0.2, 5).1, val);
+    // Every image lands in exactly one part: compare the multisets of per-image sums.
+    let sums = |s: &models::data::ImageSet| {
+        let mut v: Vec<u64> = s
+            .images
+            .chunks(784)
+            .map(|c| c.iter().map(|p| (p * 255.0).round() as u64).sum())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let mut both = sums(&train);
+    both.extend(sums(&val));
+    both.sort_unstable();
+    assert_eq!(both, sums(&set));
+    assert_eq!(set.limit(10).len(), 10);
+    assert_eq!(set.limit(10).labels, set.labels[..10]);
+    let stats = set.channel_stats();
+    assert_eq!(stats.len(), 1);
+    assert!(
+        (stats[0].0 - 0.286).abs() < 0.02 && (stats[0].1 - 0.353).abs() < 0.02,
+        "{stats:?}"
+    );
+}

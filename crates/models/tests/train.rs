@@ -1,85 +1,328 @@
-//! Training on a committed slice of real Fashion-MNIST (1,000 train / 500 test images): SRigL
-//! at 90% beats chance by a wide margin, and the same seed gives the same run.
+//! The trainer on a committed slice of real Fashion-MNIST (1,000 train / 500 test images):
+//! SRigL at 90% beats chance by a wide margin; dense, RigL and LBC 2:4 run by changing the
+//! method field; a run resumed from a checkpoint (written mid-epoch) ends bit-identical to the
+//! uninterrupted run; thread count does not change results; divergence is a clear error.
 
 use std::path::Path;
 
-use dst_core::Method;
+use dst_core::optim::{AdamWConfig, OptimizerConfig};
 use models::data::{load_mnist_like, Split};
-use models::train::{train_mlp, MlpConfig};
+use models::{Control, Datasets, Event, LrKind, MethodName, Silent, TrainConfig, Trainer};
 
-fn fixture() -> (models::data::ImageSet, models::data::ImageSet) {
+fn fixture(cfg: &TrainConfig) -> Datasets {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
-    (
+    Datasets::split(
         load_mnist_like(&dir, Split::Train).unwrap(),
         load_mnist_like(&dir, Split::Test).unwrap(),
+        cfg,
     )
 }
 
-fn cfg(method: Option<Method>) -> MlpConfig {
-    MlpConfig {
+fn cfg(method: MethodName) -> TrainConfig {
+    let mut c = TrainConfig {
         epochs: 4,
         batch_size: 50,
-        delta_t: 10,
-        method,
-        ..MlpConfig::lenet_300_100_srigl()
-    }
+        ..TrainConfig::default()
+    };
+    c.method.name = method;
+    c.method.delta_t = 10;
+    c
+}
+
+fn small(method: MethodName) -> TrainConfig {
+    let mut c = cfg(method);
+    c.epochs = 3;
+    c.data.limit = Some(300); // 6 steps an epoch
+    c.method.delta_t = 4;
+    c.method.lbc_t_f = Some(2);
+    c
+}
+
+fn run(c: &TrainConfig) -> (Trainer, models::Summary) {
+    let mut t = Trainer::new(c.clone(), fixture(c)).unwrap();
+    let s = t.run(&mut Silent).unwrap();
+    (t, s)
 }
 
 #[test]
 fn srigl_90_on_real_fashion_mnist_beats_chance() {
-    let (train, test) = fixture();
-    let mut seen = 0;
-    let h = train_mlp(&train, &test, &cfg(Some(Method::Srigl)), |_| seen += 1).unwrap();
-    assert_eq!(seen, 4);
-    let last = h.last().unwrap();
+    let c = cfg(MethodName::Srigl);
+    let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    let (mut epochs, mut updates, mut steps) = (0, 0, 0);
+    let s = t
+        .run(&mut |e: &Event| {
+            match e {
+                Event::Epoch(_) => epochs += 1,
+                Event::MaskUpdate(_) => updates += 1,
+                Event::Step { .. } => steps += 1,
+                _ => {}
+            }
+            Control::Continue
+        })
+        .unwrap();
+    assert_eq!((epochs, steps), (4, 80));
+    // ΔT = 10, T_end = 0.75·80 = 60 exclusive: updates at 10, 20, ..., 50.
+    assert_eq!(updates, 5);
     assert!(
-        last.test_accuracy > 0.6,
+        s.test_accuracy > 0.6,
         "test accuracy {} (chance 0.1)",
-        last.test_accuracy
+        s.test_accuracy
     );
-    assert!(
-        (last.sparsity - 0.9).abs() < 0.01,
-        "sparsity {}",
-        last.sparsity
-    );
-    assert!(h[0].train_loss > last.train_loss);
+    assert!((s.sparsity - 0.9).abs() < 0.01, "sparsity {}", s.sparsity);
+    for l in &s.layers {
+        assert_eq!(l.min_fan_in, l.max_fan_in, "constant fan-in in {}", l.name);
+    }
+    assert!(s.history[0].train_loss > s.history[3].train_loss);
 }
 
 #[test]
-fn same_seed_same_run_and_dense_runs_too() {
-    let (train, test) = fixture();
-    let small = MlpConfig {
-        epochs: 1,
-        limit: Some(300),
-        ..cfg(Some(Method::Rigl))
+fn one_field_switches_dense_rigl_and_lbc() {
+    let (_, dense) = run(&small(MethodName::Dense));
+    assert_eq!(dense.sparsity, 0.0);
+    assert!(dense.test_accuracy > 0.4, "dense {}", dense.test_accuracy);
+
+    let (_, rigl) = run(&small(MethodName::Rigl));
+    assert!((rigl.sparsity - 0.9).abs() < 0.01);
+    assert!(rigl.test_accuracy > 0.4, "rigl {}", rigl.test_accuracy);
+
+    let (t, lbc) = run(&small(MethodName::Lbc));
+    assert!(lbc.test_accuracy > 0.4, "lbc {}", lbc.test_accuracy);
+    assert!((lbc.sparsity - 0.5).abs() < 1e-9, "2:4 is 50% sparse");
+    // Exactly 2 of every 4 after t_f, exported without error.
+    let exported = t.nm_sparsifier().unwrap().export().unwrap();
+    assert_eq!(exported.len(), 3);
+    for (name, mask) in t.masks() {
+        for row in 0..mask.rows() {
+            for g in mask.row(row).chunks(4) {
+                assert_eq!(g.iter().filter(|&&b| b).count(), 2, "{name} row {row}");
+            }
+        }
+    }
+}
+
+fn variables_equal(a: &Trainer, b: &Trainer) {
+    let (va, vb) = (a.variables(), b.variables());
+    assert_eq!(va.len(), vb.len());
+    for ((na, ta), (nb, tb)) in va.iter().zip(&vb) {
+        assert_eq!(na, nb);
+        let (xa, xb) = (
+            ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            tb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(xa == xb, "variable {na} differs");
+    }
+    assert_eq!(a.masks(), b.masks());
+}
+
+/// Train N steps, versus train k (mid-epoch, between mask updates), checkpoint, rebuild from the
+/// checkpoint alone, train to N: identical weights, masks, optimizer counters and metrics.
+fn resume_is_exact(c: TrainConfig, k: usize) {
+    let (full, full_summary) = run(&c);
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    first.run_until(k, &mut Silent).unwrap();
+    assert_eq!(first.step(), k);
+    first.save_checkpoint(dir.path()).unwrap();
+    drop(first);
+    let cfg = Trainer::checkpoint_config(dir.path()).unwrap();
+    assert_eq!(cfg, c);
+    let mut resumed = Trainer::resume(dir.path(), fixture(&cfg)).unwrap();
+    let s = resumed.run(&mut Silent).unwrap();
+    variables_equal(&full, &resumed);
+    assert_eq!(s.steps, full_summary.steps);
+    let strip = |h: &[models::EpochMetrics]| {
+        h.iter()
+            .map(|m| {
+                (
+                    m.train_loss,
+                    m.train_accuracy,
+                    m.test_loss,
+                    m.test_accuracy,
+                    m.itop,
+                )
+            })
+            .collect::<Vec<_>>()
     };
-    let a = train_mlp(&train, &test, &small, |_| {}).unwrap();
-    let b = train_mlp(&train, &test, &small, |_| {}).unwrap();
-    assert_eq!(a[0].test_loss, b[0].test_loss);
-    assert_eq!(a[0].train_loss, b[0].train_loss);
-    let dense = train_mlp(
-        &train,
-        &test,
-        &MlpConfig {
-            method: None,
-            ..small
-        },
-        |_| {},
+    assert_eq!(strip(&s.history), strip(&full_summary.history));
+}
+
+#[test]
+fn resume_is_exact_for_srigl_with_sgd() {
+    resume_is_exact(small(MethodName::Srigl), 9);
+}
+
+#[test]
+fn resume_is_exact_for_lbc_with_adamw_and_warmup() {
+    let mut c = small(MethodName::Lbc);
+    c.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+    c.lr_schedule.warmup_epochs = 1.0;
+    c.label_smoothing = 0.1;
+    resume_is_exact(c, 7);
+}
+
+#[test]
+fn resume_is_exact_for_set_and_srste() {
+    resume_is_exact(small(MethodName::Set), 5);
+    resume_is_exact(small(MethodName::Srste), 11);
+}
+
+#[test]
+fn thread_count_does_not_change_the_run() {
+    let mut c = small(MethodName::Srigl);
+    c.epochs = 2;
+    c.threads = Some(1);
+    let (a, sa) = run(&c);
+    c.threads = Some(2);
+    let (b, sb) = run(&c);
+    variables_equal(&a, &b);
+    assert_eq!(sa.history[1].test_loss, sb.history[1].test_loss);
+}
+
+#[test]
+fn output_folder_holds_config_metrics_checkpoint_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = small(MethodName::Srigl);
+    c.data.validation_fraction = 0.1;
+    let mut t = Trainer::new(c.clone(), fixture(&c))
+        .unwrap()
+        .with_output(dir.path())
+        .unwrap();
+    let s = t.run(&mut Silent).unwrap();
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let epochs: Vec<_> = records.iter().filter(|r| r["kind"] == "epoch").collect();
+    let updates: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "mask-update")
+        .collect();
+    assert_eq!(epochs.len(), 3);
+    // 18 steps, ΔT 4, T_end 13: updates at 4, 8, 12.
+    assert_eq!(updates.len(), 3);
+    assert_eq!(updates[0]["step"], 4);
+    assert!(epochs[2]["validation"].is_array(), "validation metrics");
+    assert_eq!(epochs[2]["layers"].as_array().unwrap().len(), 3);
+    let summary: models::Summary =
+        serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.test_accuracy, s.test_accuracy);
+    let back: TrainConfig =
+        serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(back, c);
+    assert!(dir.path().join("checkpoint/checkpoint.json").exists());
+    let tensors: Vec<_> = std::fs::read_dir(dir.path().join("checkpoint"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            n.ends_with(".safetensors").then_some(n)
+        })
+        .collect();
+    assert_eq!(
+        tensors,
+        vec!["state-000000018.safetensors"],
+        "old ones removed"
+    );
+}
+
+#[test]
+fn stop_request_checkpoints_and_resume_finishes_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = small(MethodName::Srigl);
+    let (full, _) = run(&c);
+    let mut t = Trainer::new(c.clone(), fixture(&c))
+        .unwrap()
+        .with_output(dir.path())
+        .unwrap();
+    let s = t
+        .run(&mut |e: &Event| match e {
+            Event::Step { step: 8, .. } => Control::Stop,
+            _ => Control::Continue,
+        })
+        .unwrap();
+    assert!(s.stopped);
+    assert_eq!(s.steps, 8);
+    let ck = dir.path().join("checkpoint");
+    let mut r = Trainer::resume(&ck, fixture(&c))
+        .unwrap()
+        .with_resumed_output(dir.path())
+        .unwrap();
+    r.run(&mut Silent).unwrap();
+    variables_equal(&full, &r);
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let epochs = metrics.lines().filter(|l| l.contains("\"epoch\"")).count();
+    assert_eq!(epochs, 3, "one record per epoch across the resume");
+}
+
+#[test]
+fn divergence_is_a_clear_error_naming_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = small(MethodName::Dense);
+    c.optimizer = OptimizerConfig::Sgd(dst_core::optim::SgdConfig {
+        lr: 1e-3,
+        momentum: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+    });
+    c.lr_schedule.kind = LrKind::Step;
+    c.lr_schedule.milestones = vec![1];
+    c.lr_schedule.gamma = 1e25; // epoch 2 explodes
+    let mut t = Trainer::new(c.clone(), fixture(&c))
+        .unwrap()
+        .with_output(dir.path())
+        .unwrap();
+    let err = t.run(&mut Silent).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, models::TrainError::Diverged { epoch: 2, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("diverged") && msg.contains("checkpoint"),
+        "{msg}"
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("checkpoint/checkpoint.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(dense[0].sparsity, 0.0);
-    assert!(dense[0].test_accuracy > 0.3);
+    assert_eq!(state["step"], 6, "the epoch-1 checkpoint is kept");
 }
 
 #[test]
-fn bad_widths_are_a_clear_error() {
-    let (train, test) = fixture();
-    let bad = MlpConfig {
-        widths: vec![100, 10],
-        ..cfg(None)
-    };
-    let err = train_mlp(&train, &test, &bad, |_| {})
-        .unwrap_err()
+fn bad_settings_name_the_field() {
+    let mut c = small(MethodName::Srigl);
+    c.method.sparsity = 1.0;
+    let e = Trainer::new(c.clone(), fixture(&c))
+        .err()
+        .unwrap()
         .to_string();
-    assert!(err.contains("widths") && err.contains("784"), "{err}");
+    assert!(e.contains("method.sparsity"), "{e}");
+    let mut c = small(MethodName::Lbc);
+    c.method.n = 5;
+    let e = Trainer::new(c.clone(), fixture(&c))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("method.n"), "{e}");
+    let mut c = small(MethodName::Lbc);
+    c.method.m = 7; // does not divide 784
+    let e = Trainer::new(c.clone(), fixture(&c))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("method.m"), "{e}");
+    let mut c = small(MethodName::Srigl);
+    c.method.dense_layers = vec!["nope.weight".into()];
+    let e = Trainer::new(c.clone(), fixture(&c))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("nope.weight"), "{e}");
+    let mut c = small(MethodName::Dense);
+    c.model = models::ModelConfig::Lenet5;
+    c.data.limit = Some(10);
+    assert!(
+        Trainer::new(c.clone(), fixture(&c)).is_ok(),
+        "LeNet-5 on 28×28"
+    );
 }

@@ -7,8 +7,10 @@
 //! file gives an [`DataError`] naming it, never a panic, and nothing is allocated beyond what the
 //! file's own size justifies.
 
+mod cifar;
 mod idx;
 
+pub use cifar::load_cifar10;
 pub use idx::{read_idx, IdxArray};
 
 use std::path::{Path, PathBuf};
@@ -34,9 +36,7 @@ pub enum DataError {
     },
     /// No copy of the data set was found.
     #[error(
-        "data set `{name}` not found; looked in: {}. Get it with `apt-get install \
-         dataset-fashion-mnist` (Fashion-MNIST), or download the four IDX files of the data \
-         set's official release into ./data/{name}, or pass --data-dir",
+        "data set `{name}` not found; looked in: {}. {hint}",
         searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     NotFound {
@@ -44,6 +44,8 @@ pub enum DataError {
         name: String,
         /// Folders looked in.
         searched: Vec<PathBuf>,
+        /// How to get it.
+        hint: String,
     },
 }
 
@@ -56,13 +58,15 @@ pub enum Split {
     Test,
 }
 
-/// Images and labels of an MNIST-like data set.
+/// Images and labels of a data set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSet {
-    /// Pixels scaled to `[0, 1]`, `[n, rows·cols]` row-major.
+    /// Pixels scaled to `[0, 1]`, `[n, channels, rows, cols]` row-major.
     pub images: Vec<f32>,
     /// Class of each image, `< classes`.
     pub labels: Vec<u8>,
+    /// Colour channels (1 for MNIST, 3 for CIFAR-10).
+    pub channels: usize,
     /// Image height.
     pub rows: usize,
     /// Image width.
@@ -80,6 +84,70 @@ impl ImageSet {
     /// True if there are no examples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// Values per image (`channels · rows · cols`).
+    pub fn image_len(&self) -> usize {
+        self.channels * self.rows * self.cols
+    }
+
+    /// The examples at `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> ImageSet {
+        let d = self.image_len();
+        ImageSet {
+            images: idx
+                .iter()
+                .flat_map(|&i| self.images[i * d..(i + 1) * d].iter().copied())
+                .collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            channels: self.channels,
+            rows: self.rows,
+            cols: self.cols,
+            classes: self.classes,
+        }
+    }
+
+    /// The first `limit` examples (all if there are fewer).
+    pub fn limit(&self, limit: usize) -> ImageSet {
+        let idx: Vec<usize> = (0..limit.min(self.len())).collect();
+        self.select(&idx)
+    }
+
+    /// Splits off a validation set of `round(fraction · n)` examples chosen by a seeded
+    /// shuffle; returns `(train, validation)`. The same seed always gives the same split.
+    pub fn split_validation(&self, fraction: f64, seed: u64) -> (ImageSet, ImageSet) {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        let mut rng = dst_core::Rng::derive(seed, &[0x5917]);
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let n_val = ((fraction * self.len() as f64).round() as usize).min(self.len());
+        let (val, train) = order.split_at(n_val);
+        let (mut train, mut val) = (train.to_vec(), val.to_vec());
+        train.sort_unstable();
+        val.sort_unstable();
+        (self.select(&train), self.select(&val))
+    }
+
+    /// Per-channel mean and standard deviation of the pixels (for normalisation).
+    pub fn channel_stats(&self) -> Vec<(f32, f32)> {
+        let hw = self.rows * self.cols;
+        (0..self.channels)
+            .map(|c| {
+                let (mut s, mut s2, mut n) = (0.0f64, 0.0f64, 0usize);
+                for img in self.images.chunks_exact(self.image_len().max(1)) {
+                    for &p in &img[c * hw..(c + 1) * hw] {
+                        s += p as f64;
+                        s2 += (p as f64) * (p as f64);
+                        n += 1;
+                    }
+                }
+                let n = n.max(1) as f64;
+                let mean = s / n;
+                let std = (s2 / n - mean * mean).max(1e-12).sqrt();
+                (mean as f32, std as f32)
+            })
+            .collect()
     }
 }
 
@@ -113,12 +181,33 @@ pub fn find_dataset(name: &str, explicit: Option<&Path>) -> Result<PathBuf, Data
     if name == "fashion-mnist" {
         candidates.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
     }
-    if let Some(found) = candidates.iter().find(|d| has_files(d)) {
+    let present = |d: &Path| {
+        if name == "cifar-10" {
+            cifar::has_files(d)
+        } else {
+            has_files(d)
+        }
+    };
+    if let Some(found) = candidates.iter().find(|d| present(d)) {
         return Ok(found.clone());
     }
+    let hint = match name {
+        "cifar-10" => {
+            "Download the binary version (cifar-10-binary.tar.gz) from \
+                       https://www.cs.toronto.edu/~kriz/cifar.html and extract its \
+                       data_batch_*.bin and test_batch.bin into ./data/cifar-10, or pass --data-dir"
+                .to_string()
+        }
+        _ => format!(
+            "Get it with `apt-get install dataset-fashion-mnist` (Fashion-MNIST), or download \
+             the four IDX files of the data set's official release into ./data/{name}, or pass \
+             --data-dir"
+        ),
+    };
     Err(DataError::NotFound {
         name: name.to_string(),
         searched: candidates,
+        hint,
     })
 }
 
@@ -179,6 +268,7 @@ pub fn load_mnist_like(dir: &Path, split: Split) -> Result<ImageSet, DataError> 
     Ok(ImageSet {
         images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
         labels: labels.data,
+        channels: 1,
         rows: images.dims[1],
         cols: images.dims[2],
         classes,

@@ -1,0 +1,364 @@
+//! The training configuration: one serde struct, so that a run is described by a file (TOML or
+//! JSON) and every field can be overridden from a command line.
+
+use std::path::PathBuf;
+
+use dst_core::optim::{OptimizerConfig, SgdConfig};
+use dst_core::Distribution;
+use serde::{Deserialize, Serialize};
+
+use crate::nets::ModelConfig;
+
+/// Everything that defines a run. Missing fields take the defaults of
+/// [`TrainConfig::default`] (LeNet-300-100, SRigL 90% ERK, Fashion-MNIST, 20 epochs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The architecture.
+    pub model: ModelConfig,
+    /// The data set.
+    pub data: DataConfig,
+    /// The sparse-training method and its parameters.
+    pub method: MethodConfig,
+    /// Epochs.
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Optimizer (SGD with momentum / Nesterov / weight decay, or AdamW) and its peak
+    /// learning rate.
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// Label smoothing ε (0 = plain cross-entropy).
+    pub label_smoothing: f64,
+    /// Seed of initialisation, masks, shuffling and the validation split.
+    pub seed: u64,
+    /// Worker threads (`None`: all cores). Results do not depend on it.
+    pub threads: Option<usize>,
+    /// Write a checkpoint every this many epochs when the run has an output folder (0: only at
+    /// the end). A checkpoint is also written when a run is stopped.
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: ModelConfig::lenet_300_100(),
+            data: DataConfig::default(),
+            method: MethodConfig::default(),
+            epochs: 20,
+            batch_size: 128,
+            optimizer: OptimizerConfig::Sgd(SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 1e-4,
+            }),
+            lr_schedule: LrSchedule::default(),
+            label_smoothing: 0.0,
+            seed: 1,
+            threads: None,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+/// Where the data come from and how they are split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `fashion-mnist`, `mnist` or `cifar-10`.
+    pub name: String,
+    /// Explicit folder (searched before `$DST_DATA_DIR`, `./data/<name>` and the Debian
+    /// package's location).
+    pub dir: Option<PathBuf>,
+    /// Train on the first `limit` training examples only.
+    pub limit: Option<usize>,
+    /// Fraction of the training set held out for validation (seeded split; 0 = none).
+    pub validation_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            name: "fashion-mnist".into(),
+            dir: None,
+            limit: None,
+            validation_fraction: 0.0,
+        }
+    }
+}
+
+/// The methods the trainer knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodName {
+    /// Dense training.
+    Dense,
+    /// Fixed random sparse mask.
+    Static,
+    /// SET (magnitude drop, random grow).
+    Set,
+    /// RigL (magnitude drop, gradient grow).
+    Rigl,
+    /// SRigL (RigL under constant fan-in, with neuron ablation).
+    Srigl,
+    /// LBC N:M.
+    Lbc,
+    /// SR-STE N:M.
+    Srste,
+    /// One-shot magnitude N:M.
+    NmMagnitude,
+}
+
+impl MethodName {
+    /// Every method, in documentation order.
+    pub const ALL: [MethodName; 8] = [
+        MethodName::Dense,
+        MethodName::Static,
+        MethodName::Set,
+        MethodName::Rigl,
+        MethodName::Srigl,
+        MethodName::Lbc,
+        MethodName::Srste,
+        MethodName::NmMagnitude,
+    ];
+
+    /// The dst-core method, for the unstructured / constant fan-in ones.
+    pub fn dst(self) -> Option<dst_core::Method> {
+        Some(match self {
+            MethodName::Static => dst_core::Method::Static,
+            MethodName::Set => dst_core::Method::Set,
+            MethodName::Rigl => dst_core::Method::Rigl,
+            MethodName::Srigl => dst_core::Method::Srigl,
+            _ => return None,
+        })
+    }
+
+    /// True for the N:M methods (LBC, SR-STE, one-shot magnitude).
+    pub fn is_nm(self) -> bool {
+        matches!(
+            self,
+            MethodName::Lbc | MethodName::Srste | MethodName::NmMagnitude
+        )
+    }
+
+    /// The kebab-case name used in configs and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodName::Dense => "dense",
+            MethodName::Static => "static",
+            MethodName::Set => "set",
+            MethodName::Rigl => "rigl",
+            MethodName::Srigl => "srigl",
+            MethodName::Lbc => "lbc",
+            MethodName::Srste => "srste",
+            MethodName::NmMagnitude => "nm-magnitude",
+        }
+    }
+}
+
+impl std::str::FromStr for MethodName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        MethodName::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown method `{s}` (one of: {})",
+                    MethodName::ALL.map(|m| m.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// The method and its parameters; fields that do not apply to the chosen method are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MethodConfig {
+    /// Which method.
+    pub name: MethodName,
+    /// Global target sparsity in `[0, 1)` (dst methods).
+    pub sparsity: f64,
+    /// How the sparsity is spread over layers (dst methods).
+    pub distribution: Distribution,
+    /// Mask-update period ΔT in optimizer steps.
+    pub delta_t: usize,
+    /// Initial drop fraction α (cosine-annealed).
+    pub alpha: f64,
+    /// Mask updates stop at this fraction of the run (T_end = fraction · total steps).
+    pub t_end_fraction: f64,
+    /// SRigL's γ_sal.
+    pub gamma_sal: f64,
+    /// SRigL's dynamic neuron ablation.
+    pub ablation: bool,
+    /// Weight names kept dense (e.g. `fc1.weight`); they still count in the budget.
+    pub dense_layers: Vec<String>,
+    /// Weight names protected from ablation (`None`: the output layer).
+    pub protected_layers: Option<Vec<String>>,
+    /// N of N:M.
+    pub n: usize,
+    /// M of N:M.
+    pub m: usize,
+    /// LBC: first epoch of combination removal.
+    pub lbc_t_i: usize,
+    /// LBC: epoch from which one combination is left (`None`: three quarters of the epochs).
+    pub lbc_t_f: Option<usize>,
+    /// LBC: exponent of the removal schedule.
+    pub lbc_power: f64,
+    /// SR-STE's λ_W.
+    pub srste_lambda: f32,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        MethodConfig {
+            name: MethodName::Srigl,
+            sparsity: 0.9,
+            distribution: Distribution::default(),
+            delta_t: 100,
+            alpha: 0.3,
+            t_end_fraction: 0.75,
+            gamma_sal: 0.3,
+            ablation: true,
+            dense_layers: Vec::new(),
+            protected_layers: None,
+            n: 2,
+            m: 4,
+            lbc_t_i: 0,
+            lbc_t_f: None,
+            lbc_power: 3.0,
+            srste_lambda: 2e-4,
+        }
+    }
+}
+
+/// Shape of the learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrKind {
+    /// Constant.
+    Constant,
+    /// Multiplied by `gamma` at each milestone epoch.
+    Step,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+}
+
+/// Learning-rate schedule: linear warm-up, then constant, step or cosine. The optimizer's own
+/// `lr` is the peak.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrSchedule {
+    /// The shape after warm-up.
+    pub kind: LrKind,
+    /// Warm-up length in epochs (may be fractional); the rate rises linearly to the peak.
+    pub warmup_epochs: f64,
+    /// Epochs at which a step schedule multiplies the rate by `gamma`.
+    pub milestones: Vec<usize>,
+    /// Step factor.
+    pub gamma: f64,
+}
+
+impl Default for LrSchedule {
+    fn default() -> Self {
+        LrSchedule {
+            kind: LrKind::Cosine,
+            warmup_epochs: 0.0,
+            milestones: Vec::new(),
+            gamma: 0.1,
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The rate used for the optimizer step that follows `step` completed steps.
+    pub fn lr(&self, peak: f64, step: usize, steps_per_epoch: usize, total_steps: usize) -> f64 {
+        let warm = (self.warmup_epochs * steps_per_epoch as f64).round() as usize;
+        if step < warm {
+            return peak * (step + 1) as f64 / warm as f64;
+        }
+        match self.kind {
+            LrKind::Constant => peak,
+            LrKind::Step => {
+                let epoch = step / steps_per_epoch.max(1);
+                let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
+                peak * self.gamma.powi(passed as i32)
+            }
+            LrKind::Cosine => {
+                let span = total_steps.saturating_sub(warm).max(1) as f64;
+                let t = (step - warm) as f64 / span;
+                peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every field that can be checked without the data; the error names the field.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let m = &self.method;
+        if self.epochs == 0 {
+            return Err(("epochs", "must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(("batch_size", "must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&m.sparsity) {
+            return Err((
+                "method.sparsity",
+                format!("{} is outside [0, 1)", m.sparsity),
+            ));
+        }
+        if m.name.is_nm() && (m.n == 0 || m.n > m.m) {
+            return Err((
+                "method.n",
+                format!("N:M needs 0 < N ≤ M, got {}:{}", m.n, m.m),
+            ));
+        }
+        if m.delta_t == 0 {
+            return Err(("method.delta_t", "must be at least 1".into()));
+        }
+        if !(0.0..=1.0).contains(&m.alpha) {
+            return Err(("method.alpha", format!("{} is outside [0, 1]", m.alpha)));
+        }
+        if !(0.0..=1.0).contains(&m.t_end_fraction) {
+            return Err((
+                "method.t_end_fraction",
+                format!("{} is outside [0, 1]", m.t_end_fraction),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.data.validation_fraction) {
+            return Err((
+                "data.validation_fraction",
+                format!("{} is outside [0, 1)", self.data.validation_fraction),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err((
+                "label_smoothing",
+                format!("{} is outside [0, 1)", self.label_smoothing),
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(("threads", "must be at least 1".into()));
+        }
+        let lr = match self.optimizer {
+            OptimizerConfig::Sgd(c) => c.lr,
+            OptimizerConfig::AdamW(c) => c.lr,
+        };
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(("optimizer.lr", format!("{lr} is not a positive number")));
+        }
+        Ok(())
+    }
+
+    /// The optimizer's peak learning rate.
+    pub fn peak_lr(&self) -> f64 {
+        match self.optimizer {
+            OptimizerConfig::Sgd(c) => c.lr,
+            OptimizerConfig::AdamW(c) => c.lr,
+        }
+    }
+}

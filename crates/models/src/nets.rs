@@ -1,0 +1,606 @@
+//! Architectures: MLPs (LeNet-300-100, 784-1000-1000-1000-10), a LeNet-5-style CNN, a CIFAR
+//! ResNet-18 and a small ViT.
+//!
+//! Every linear and conv layer is built by a [`LayerFactory`]: a dst-core sparse layer
+//! ([`SparseLinear`] / [`SparseConv2d`], masks managed by a `Sparsifier`) or an lbc N:M layer
+//! ([`NmLayer`], managed by an `NmSparsifier`), chosen by the training method. Which layers are
+//! sparsified is decided later by the sparsifier (ERK, `dense_layers`); the factory only records
+//! every weight in build order, so the last one is the output layer (protected from ablation by
+//! default). Initialisation is seeded: same seed, same network.
+//!
+//! ResNet-18 and the ViT are GPU-sized; on CPU they are built small in tests (`width`, `dim`).
+
+use candle_core::{Module, ModuleT, Tensor, Var, D};
+use candle_nn::{BatchNorm, Conv2dConfig, VarBuilder};
+use dst_core::layers::{
+    sparse_conv2d, sparse_conv2d_no_bias, sparse_linear, sparse_linear_no_bias, SparseConv2d,
+    SparseLinear, SparseParam,
+};
+use dst_core::Rng;
+use lbc::training::{nm_conv2d, nm_conv2d_no_bias, nm_linear, nm_linear_no_bias, NmLayer};
+use serde::{Deserialize, Serialize};
+
+/// Which architecture (serde: `kind = "mlp"`, `hidden = [300, 100]`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ModelConfig {
+    /// A ReLU MLP; input and output sizes come from the data set.
+    Mlp {
+        /// Hidden widths (LeNet-300-100: `[300, 100]`).
+        hidden: Vec<usize>,
+    },
+    /// LeNet-5: conv 5×5 (6) → pool → conv 5×5 (16) → pool → 120 → 84 → classes.
+    Lenet5,
+    /// The CIFAR ResNet-18 (3×3 stem, four stages of two basic blocks, BatchNorm).
+    Resnet18 {
+        /// Channels of the first stage (64 in the paper).
+        width: usize,
+    },
+    /// A small Vision Transformer (patch embedding, pre-norm blocks, mean pooling).
+    Vit {
+        /// Patch side in pixels (must divide the image side).
+        patch: usize,
+        /// Embedding width.
+        dim: usize,
+        /// Transformer blocks.
+        depth: usize,
+        /// Attention heads (must divide `dim`).
+        heads: usize,
+        /// Hidden width of each block's MLP.
+        mlp_dim: usize,
+    },
+}
+
+impl ModelConfig {
+    /// LeNet-300-100.
+    pub fn lenet_300_100() -> Self {
+        ModelConfig::Mlp {
+            hidden: vec![300, 100],
+        }
+    }
+
+    /// The 784-1000-1000-1000-10 MLP of the SRigL paper.
+    pub fn mlp_1000x3() -> Self {
+        ModelConfig::Mlp {
+            hidden: vec![1000, 1000, 1000],
+        }
+    }
+
+    /// ResNet-18 at the paper's width (64).
+    pub fn resnet18() -> Self {
+        ModelConfig::Resnet18 { width: 64 }
+    }
+
+    /// A ViT for 32×32 images: patch 4, width 192, 6 blocks of 3 heads, MLP 768.
+    pub fn vit_small() -> Self {
+        ModelConfig::Vit {
+            patch: 4,
+            dim: 192,
+            depth: 6,
+            heads: 3,
+            mlp_dim: 768,
+        }
+    }
+
+    /// The preset named on command lines: `lenet-300-100`, `mlp-1000x3`, `lenet5`, `resnet18`,
+    /// `vit-small`.
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            "lenet-300-100" => Self::lenet_300_100(),
+            "mlp-1000x3" | "mlp-784-1000-1000-1000-10" => Self::mlp_1000x3(),
+            "lenet5" | "lenet-5" => ModelConfig::Lenet5,
+            "resnet18" | "resnet-18" => Self::resnet18(),
+            "vit-small" | "vit" => Self::vit_small(),
+            _ => return None,
+        })
+    }
+
+    /// The names [`ModelConfig::preset`] accepts.
+    pub const PRESETS: [&'static str; 5] = [
+        "lenet-300-100",
+        "mlp-1000x3",
+        "lenet5",
+        "resnet18",
+        "vit-small",
+    ];
+}
+
+/// What kind of layers a [`LayerFactory`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// dst-core layers (dense, or masks from a `Sparsifier`).
+    Dst,
+    /// lbc N:M layers (masks from an `NmSparsifier`).
+    Nm,
+}
+
+/// One linear or conv layer of either kind.
+#[derive(Clone)]
+pub enum Layer {
+    /// A dst-core linear layer.
+    Linear(SparseLinear),
+    /// A dst-core conv layer.
+    Conv(SparseConv2d),
+    /// An lbc N:M layer (linear or conv).
+    Nm(NmLayer),
+}
+
+impl Module for Layer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Layer::Linear(l) => l.forward(x),
+            Layer::Conv(l) => l.forward(x),
+            Layer::Nm(l) => l.forward(x),
+        }
+    }
+}
+
+/// Builds every weight layer of a network and records it, in build order.
+pub struct LayerFactory<'a> {
+    vb: VarBuilder<'a>,
+    kind: LayerKind,
+    seed: u64,
+    /// dst-core weights built so far.
+    pub sparse: Vec<SparseParam>,
+    /// N:M layers built so far.
+    pub nm: Vec<NmLayer>,
+}
+
+impl<'a> LayerFactory<'a> {
+    /// A factory over `vb` (use a `VarMap` builder so the variables can be trained).
+    pub fn new(vb: VarBuilder<'a>, kind: LayerKind, seed: u64) -> Self {
+        LayerFactory {
+            vb,
+            kind,
+            seed,
+            sparse: Vec::new(),
+            nm: Vec::new(),
+        }
+    }
+
+    /// A linear layer at `path` (weight `path.weight`).
+    pub fn linear(
+        &mut self,
+        path: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> candle_core::Result<Layer> {
+        let vb = self.vb.pp(path);
+        Ok(match (self.kind, bias) {
+            (LayerKind::Dst, b) => {
+                let l = if b {
+                    sparse_linear(in_dim, out_dim, self.seed, vb)
+                } else {
+                    sparse_linear_no_bias(in_dim, out_dim, self.seed, vb)
+                }
+                .map_err(candle_core::Error::wrap)?;
+                self.sparse.push(l.weight().clone());
+                Layer::Linear(l)
+            }
+            (LayerKind::Nm, b) => {
+                let l = if b {
+                    nm_linear(in_dim, out_dim, self.seed, vb)?
+                } else {
+                    nm_linear_no_bias(in_dim, out_dim, self.seed, vb)?
+                };
+                self.nm.push(l.clone());
+                Layer::Nm(l)
+            }
+        })
+    }
+
+    /// A square-kernel conv layer at `path`.
+    pub fn conv(
+        &mut self,
+        path: &str,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        cfg: Conv2dConfig,
+        bias: bool,
+    ) -> candle_core::Result<Layer> {
+        let vb = self.vb.pp(path);
+        Ok(match self.kind {
+            LayerKind::Dst => {
+                let l = if bias {
+                    sparse_conv2d(in_c, out_c, kernel, cfg, self.seed, vb)
+                } else {
+                    sparse_conv2d_no_bias(in_c, out_c, kernel, cfg, self.seed, vb)
+                }
+                .map_err(candle_core::Error::wrap)?;
+                self.sparse.push(l.weight().clone());
+                Layer::Conv(l)
+            }
+            LayerKind::Nm => {
+                let l = if bias {
+                    nm_conv2d(in_c, out_c, kernel, cfg, self.seed, vb)?
+                } else {
+                    nm_conv2d_no_bias(in_c, out_c, kernel, cfg, self.seed, vb)?
+                };
+                self.nm.push(l.clone());
+                Layer::Nm(l)
+            }
+        })
+    }
+
+    fn batch_norm(&self, path: &str, c: usize) -> candle_core::Result<BatchNorm> {
+        candle_nn::batch_norm(c, 1e-5, self.vb.pp(path))
+    }
+
+    fn layer_norm(&self, path: &str, d: usize) -> candle_core::Result<LayerNorm> {
+        let vb = self.vb.pp(path);
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
+    /// A dense parameter drawn from `N(0, std²)` with the seeded RNG.
+    fn normal(&self, path: &str, shape: &[usize], std: f64) -> candle_core::Result<Var> {
+        let t = self
+            .vb
+            .get_with_hints(shape, path, candle_nn::Init::Const(0.0))?;
+        let var = Var::from_tensor(&t)?;
+        let mut rng = Rng::derive(self.seed, &[0x9e75, shape.iter().product::<usize>() as u64]);
+        let vals: Vec<f32> = (0..t.elem_count())
+            .map(|_| (rng.normal() * std) as f32)
+            .collect();
+        var.set(&Tensor::from_vec(vals, shape, t.device())?)?;
+        Ok(var)
+    }
+}
+
+/// LayerNorm over the last dimension from plain tensor ops: candle-nn's `LayerNorm` runs a
+/// fused kernel without a backward pass on contiguous inputs, which stops every gradient below
+/// it.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+fn conv_cfg(padding: usize, stride: usize) -> Conv2dConfig {
+    Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    }
+}
+
+struct BasicBlock {
+    conv1: Layer,
+    bn1: BatchNorm,
+    conv2: Layer,
+    bn2: BatchNorm,
+    shortcut: Option<(Layer, BatchNorm)>,
+}
+
+impl BasicBlock {
+    fn new(
+        f: &mut LayerFactory,
+        path: &str,
+        in_c: usize,
+        out_c: usize,
+        stride: usize,
+    ) -> candle_core::Result<Self> {
+        let conv1 = f.conv(
+            &format!("{path}.conv1"),
+            in_c,
+            out_c,
+            3,
+            conv_cfg(1, stride),
+            false,
+        )?;
+        let bn1 = f.batch_norm(&format!("{path}.bn1"), out_c)?;
+        let conv2 = f.conv(
+            &format!("{path}.conv2"),
+            out_c,
+            out_c,
+            3,
+            conv_cfg(1, 1),
+            false,
+        )?;
+        let bn2 = f.batch_norm(&format!("{path}.bn2"), out_c)?;
+        let shortcut = if stride != 1 || in_c != out_c {
+            Some((
+                f.conv(
+                    &format!("{path}.shortcut.0"),
+                    in_c,
+                    out_c,
+                    1,
+                    conv_cfg(0, stride),
+                    false,
+                )?,
+                f.batch_norm(&format!("{path}.shortcut.1"), out_c)?,
+            ))
+        } else {
+            None
+        };
+        Ok(BasicBlock {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            shortcut,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
+        let s = match &self.shortcut {
+            Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (h + s)?.relu()
+    }
+}
+
+/// A linear layer on `[b, n, d]` tokens, as one `[b·n, d]` matrix product (one GEMM instead of
+/// a broadcast batch of them).
+fn tokens(l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let y = l.forward(&x.reshape((b * n, d))?)?;
+    let out = y.dim(1)?;
+    y.reshape((b, n, out))
+}
+
+struct VitBlock {
+    ln1: LayerNorm,
+    qkv: Layer,
+    proj: Layer,
+    ln2: LayerNorm,
+    fc1: Layer,
+    fc2: Layer,
+    heads: usize,
+}
+
+impl VitBlock {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = tokens(&self.qkv, &self.ln1.forward(x)?)?
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?; // [3, b, heads, n, hd]
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, d))?;
+        let x = (x + tokens(&self.proj, &y)?)?;
+        let h = tokens(&self.fc1, &self.ln2.forward(&x)?)?.gelu_erf()?;
+        &x + tokens(&self.fc2, &h)?
+    }
+}
+
+enum Body {
+    Mlp(Vec<Layer>),
+    Lenet5 {
+        conv1: Layer,
+        conv2: Layer,
+        fcs: Vec<Layer>,
+    },
+    Resnet {
+        stem: (Layer, BatchNorm),
+        blocks: Vec<BasicBlock>,
+        fc: Layer,
+    },
+    Vit {
+        embed: Layer,
+        pos: Var,
+        blocks: Vec<VitBlock>,
+        ln: LayerNorm,
+        head: Layer,
+        patch: usize,
+    },
+}
+
+/// A built network: `forward_t` takes images `[batch, channels, rows, cols]` and returns
+/// logits `[batch, classes]`.
+pub struct Network {
+    body: Body,
+}
+
+/// The weight layers of a built network (what the sparsifiers manage).
+pub struct BuiltLayers {
+    /// dst-core weights, in build order (output layer last).
+    pub sparse: Vec<SparseParam>,
+    /// N:M layers, in build order.
+    pub nm: Vec<NmLayer>,
+}
+
+/// Why a configuration cannot be built for a data set.
+fn shape_error(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+impl Network {
+    /// Builds `cfg` for images `[channels, side, side]` and `classes` classes.
+    pub fn build(
+        cfg: &ModelConfig,
+        image: [usize; 3],
+        classes: usize,
+        vb: VarBuilder,
+        kind: LayerKind,
+        seed: u64,
+    ) -> candle_core::Result<(Network, BuiltLayers)> {
+        let mut f = LayerFactory::new(vb, kind, seed);
+        let [c, h, w] = image;
+        let body = match cfg {
+            ModelConfig::Mlp { hidden } => {
+                let mut widths = vec![c * h * w];
+                widths.extend(hidden);
+                widths.push(classes);
+                let layers = widths
+                    .windows(2)
+                    .enumerate()
+                    .map(|(i, wd)| f.linear(&format!("fc{}", i + 1), wd[0], wd[1], true))
+                    .collect::<candle_core::Result<_>>()?;
+                Body::Mlp(layers)
+            }
+            ModelConfig::Lenet5 => {
+                // 28×28 inputs are padded by 2 (as LeNet-5's 32×32); both end at 16×5×5.
+                let pad = if h == 28 { 2 } else { 0 };
+                if (h + 2 * pad, w + 2 * pad) != (32, 32) {
+                    return Err(shape_error(format!(
+                        "model `lenet5` needs 28×28 or 32×32 images, the data set has {h}×{w}"
+                    )));
+                }
+                let conv1 = f.conv("conv1", c, 6, 5, conv_cfg(pad, 1), true)?;
+                let conv2 = f.conv("conv2", 6, 16, 5, conv_cfg(0, 1), true)?;
+                let fcs = vec![
+                    f.linear("fc1", 16 * 5 * 5, 120, true)?,
+                    f.linear("fc2", 120, 84, true)?,
+                    f.linear("fc3", 84, classes, true)?,
+                ];
+                Body::Lenet5 { conv1, conv2, fcs }
+            }
+            ModelConfig::Resnet18 { width } => {
+                let width = *width;
+                let stem = (
+                    f.conv("conv1", c, width, 3, conv_cfg(1, 1), false)?,
+                    f.batch_norm("bn1", width)?,
+                );
+                let mut blocks = Vec::new();
+                let mut in_c = width;
+                for (stage, mult) in [1, 2, 4, 8].into_iter().enumerate() {
+                    let out_c = width * mult;
+                    for b in 0..2 {
+                        let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                        let path = format!("layer{}.{b}", stage + 1);
+                        blocks.push(BasicBlock::new(&mut f, &path, in_c, out_c, stride)?);
+                        in_c = out_c;
+                    }
+                }
+                let fc = f.linear("fc", in_c, classes, true)?;
+                Body::Resnet { stem, blocks, fc }
+            }
+            ModelConfig::Vit {
+                patch,
+                dim,
+                depth,
+                heads,
+                mlp_dim,
+            } => {
+                let (patch, dim) = (*patch, *dim);
+                if patch == 0 || h % patch != 0 || w % patch != 0 {
+                    return Err(shape_error(format!(
+                        "model `vit`: patch {patch} does not divide the {h}×{w} images"
+                    )));
+                }
+                if *heads == 0 || dim % heads != 0 {
+                    return Err(shape_error(format!(
+                        "model `vit`: {heads} heads do not divide width {dim}"
+                    )));
+                }
+                let n = (h / patch) * (w / patch);
+                let embed = f.linear("embed", c * patch * patch, dim, true)?;
+                let pos = f.normal("pos_embed", &[1, n, dim], 0.02)?;
+                let blocks = (0..*depth)
+                    .map(|i| {
+                        let p = format!("blocks.{i}");
+                        Ok(VitBlock {
+                            ln1: f.layer_norm(&format!("{p}.ln1"), dim)?,
+                            qkv: f.linear(&format!("{p}.attn.qkv"), dim, 3 * dim, true)?,
+                            proj: f.linear(&format!("{p}.attn.proj"), dim, dim, true)?,
+                            ln2: f.layer_norm(&format!("{p}.ln2"), dim)?,
+                            fc1: f.linear(&format!("{p}.mlp.fc1"), dim, *mlp_dim, true)?,
+                            fc2: f.linear(&format!("{p}.mlp.fc2"), *mlp_dim, dim, true)?,
+                            heads: *heads,
+                        })
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                let ln = f.layer_norm("ln", dim)?;
+                let head = f.linear("head", dim, classes, true)?;
+                Body::Vit {
+                    embed,
+                    pos,
+                    blocks,
+                    ln,
+                    head,
+                    patch,
+                }
+            }
+        };
+        Ok((
+            Network { body },
+            BuiltLayers {
+                sparse: f.sparse,
+                nm: f.nm,
+            },
+        ))
+    }
+
+    /// Logits for images `x` `[batch, channels, rows, cols]`; `train` selects BatchNorm's batch
+    /// statistics (and updates its running ones).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.body {
+            Body::Mlp(layers) => {
+                let mut h = x.flatten_from(1)?;
+                for (i, l) in layers.iter().enumerate() {
+                    h = l.forward(&h)?;
+                    if i + 1 < layers.len() {
+                        h = h.relu()?;
+                    }
+                }
+                Ok(h)
+            }
+            Body::Lenet5 { conv1, conv2, fcs } => {
+                let h = conv1.forward(x)?.relu()?.max_pool2d(2)?;
+                let mut h = conv2.forward(&h)?.relu()?.max_pool2d(2)?.flatten_from(1)?;
+                for (i, l) in fcs.iter().enumerate() {
+                    h = l.forward(&h)?;
+                    if i + 1 < fcs.len() {
+                        h = h.relu()?;
+                    }
+                }
+                Ok(h)
+            }
+            Body::Resnet { stem, blocks, fc } => {
+                let mut h = stem.1.forward_t(&stem.0.forward(x)?, train)?.relu()?;
+                for b in blocks {
+                    h = b.forward_t(&h, train)?;
+                }
+                fc.forward(&h.mean(D::Minus1)?.mean(D::Minus1)?)
+            }
+            Body::Vit {
+                embed,
+                pos,
+                blocks,
+                ln,
+                head,
+                patch,
+            } => {
+                let (b, c, hh, ww) = x.dims4()?;
+                let p = *patch;
+                // [b, c, hh/p, p, ww/p, p] → [b, hh/p, ww/p, c, p, p] → [b, n, c·p·p]
+                let patches = x
+                    .reshape((b, c, hh / p, p, ww / p, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .contiguous()?
+                    .reshape((b, (hh / p) * (ww / p), c * p * p))?;
+                let mut h = tokens(embed, &patches)?.broadcast_add(pos.as_tensor())?;
+                for blk in blocks {
+                    h = blk.forward(&h)?;
+                }
+                head.forward(&ln.forward(&h)?.mean(1)?)
+            }
+        }
+    }
+}

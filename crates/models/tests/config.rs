@@ -1,0 +1,63 @@
+//! The configuration: serde round trip, defaults for missing fields, unknown fields rejected,
+//! learning-rate schedules on hand-computed values.
+
+use models::{LrKind, LrSchedule, MethodName, TrainConfig};
+
+#[test]
+fn json_round_trip_and_partial_files() {
+    let c = TrainConfig::default();
+    let back: TrainConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    let partial: TrainConfig =
+        serde_json::from_str(r#"{"epochs": 3, "method": {"name": "lbc", "n": 1, "m": 4}}"#)
+            .unwrap();
+    assert_eq!(partial.epochs, 3);
+    assert_eq!(partial.method.name, MethodName::Lbc);
+    assert_eq!((partial.method.n, partial.method.m), (1, 4));
+    assert_eq!(partial.batch_size, TrainConfig::default().batch_size);
+    let e = serde_json::from_str::<TrainConfig>(r#"{"epoch": 3}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `epoch`"), "{e}");
+}
+
+#[test]
+fn method_names_parse_both_ways() {
+    for m in MethodName::ALL {
+        assert_eq!(m.as_str().parse::<MethodName>().unwrap(), m);
+    }
+    let e = "rig".parse::<MethodName>().unwrap_err();
+    assert!(e.contains("rigl") && e.contains("nm-magnitude"), "{e}");
+}
+
+#[test]
+fn learning_rate_schedules() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    // 10 steps an epoch, 100 in all.
+    let cos = LrSchedule::default();
+    close(cos.lr(1.0, 0, 10, 100), 1.0);
+    close(cos.lr(1.0, 50, 10, 100), 0.5);
+    close(cos.lr(1.0, 100, 10, 100), 0.0);
+    let warm = LrSchedule {
+        warmup_epochs: 2.0,
+        ..LrSchedule::default()
+    };
+    close(warm.lr(1.0, 0, 10, 100), 0.05);
+    close(warm.lr(1.0, 19, 10, 100), 1.0);
+    close(warm.lr(1.0, 20, 10, 100), 1.0);
+    close(warm.lr(1.0, 60, 10, 100), 0.5); // half-way through the 80 cosine steps
+    let step = LrSchedule {
+        kind: LrKind::Step,
+        milestones: vec![3, 6],
+        gamma: 0.1,
+        ..LrSchedule::default()
+    };
+    close(step.lr(1.0, 29, 10, 100), 1.0);
+    close(step.lr(1.0, 30, 10, 100), 0.1);
+    close(step.lr(1.0, 65, 10, 100), 0.01);
+    let constant = LrSchedule {
+        kind: LrKind::Constant,
+        ..LrSchedule::default()
+    };
+    close(constant.lr(0.3, 99, 10, 100), 0.3);
+}
