@@ -1,12 +1,20 @@
 //! `dst`: the command line of the sparse-training toolkit.
 //!
-//! Only the skeleton exists so far: subcommands land with the training and CLI issues.
+//! Every failure prints one line naming the file, field or flag at fault and exits with code 2;
+//! outputs are written to temporary files and renamed, so nothing is left half-written.
+
+mod export;
+mod mask_update;
+mod report;
+mod train;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 /// Train sparse neural networks and run them fast.
 #[derive(Parser)]
-#[command(name = "dst", version, about)]
+#[command(name = "dst", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,22 +22,60 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a sparse model (not yet available).
-    Train {
-        /// Any flags; ignored until training lands.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Train a model (dense, Static, SET, RigL, SRigL, LBC, SR-STE, one-shot N:M).
+    #[command(after_help = "Examples:\n  \
+        dst train --model lenet-300-100 --method srigl --sparsity 0.9 --distribution erk \
+        --epochs 20 --seed 1 --out runs/srigl90\n  \
+        dst train --method lbc --n 2 --m 4 --out runs/lbc24\n  \
+        dst train --config run.toml --epochs 5\n  \
+        dst train --resume runs/srigl90")]
+    Train(Box<train::TrainArgs>),
+    /// Accuracy and loss of a trained run on the test set.
+    #[command(after_help = "Example:\n  dst eval runs/srigl90")]
+    Eval(export::EvalArgs),
+    /// Export the trained layers to condensed, N:M or CSR (dense layers stay dense).
+    #[command(
+        after_help = "Examples:\n  dst export runs/srigl90 --format condensed --out srigl90.safetensors\n  \
+                      dst export runs/lbc24 --format nm --out lbc24.safetensors"
+    )]
+    Export(export::ExportArgs),
+    /// Per-layer format, shape, nnz, sparsity, fan-in and N:M validity of a safetensors file.
+    #[command(after_help = "Examples:\n  dst inspect srigl90.safetensors\n  \
+                      dst inspect runs/srigl90/masks.safetensors --show-mask fc3.weight")]
+    Inspect(export::InspectArgs),
+    /// Apply exactly one mask update to the layers of a state file.
+    #[command(
+        after_help = "The state file holds, per layer, `<layer>.weight`, `<layer>.grad` and \
+                      `<layer>.mask` (f32, [rows, fan_in] or a conv shape).\n\nExample:\n  \
+                      dst mask-update --method srigl --state in.safetensors --out out.safetensors \
+                      --drop-fraction 0.3"
+    )]
+    MaskUpdate(mask_update::MaskUpdateArgs),
+    /// Kernel timings against dense for an exported model's layers or for synthetic layers.
+    #[command(after_help = "Examples:\n  dst bench\n  dst bench srigl90.safetensors --batch 1,64")]
+    Bench(export::BenchArgs),
+    /// A self-contained HTML report (SVG charts) of one or more runs.
+    #[command(after_help = "Examples:\n  dst report runs/srigl90\n  \
+                      dst report runs/dense runs/rigl90 runs/srigl90 --out compare.html")]
+    Report(report::ReportArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Train { .. } => {
-            eprintln!(
-                "dst train: not yet available — training lands with the models and CLI issues; \
-                 see README.md for what works today"
-            );
-            std::process::exit(2);
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train::run(*a),
+        Command::Eval(a) => export::eval(a),
+        Command::Export(a) => export::export(a),
+        Command::Inspect(a) => export::inspect(a),
+        Command::MaskUpdate(a) => mask_update::run(a),
+        Command::Bench(a) => export::bench(a),
+        Command::Report(a) => report::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
         }
     }
 }

@@ -265,7 +265,9 @@ impl NmSparsifier {
                 group_stride,
                 ..pattern
             };
-            pattern.validate(fan_in)?;
+            pattern
+                .validate(fan_in)
+                .map_err(|e| LbcError::Shape(format!("layer `{}`: {e}", layer.name)))?;
             let lbc = match method {
                 NmMethod::Lbc { max_scores, .. } => {
                     Some(lbc_state(rows, fan_in, pattern, max_scores)?)

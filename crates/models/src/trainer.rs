@@ -642,7 +642,9 @@ impl Trainer {
                     }
                     let every = self.cfg.checkpoint_every;
                     let last = self.step == self.total_steps;
-                    if self.out.is_some() && (last || (every > 0 && (epoch + 1).is_multiple_of(every))) {
+                    if self.out.is_some()
+                        && (last || (every > 0 && (epoch + 1).is_multiple_of(every)))
+                    {
                         self.checkpoint_now(wall(self), progress)?;
                     }
                 }

@@ -1,8 +1,10 @@
-//! Data sets: IDX files (MNIST, Fashion-MNIST), found on disk and validated.
+//! Data sets: IDX files (MNIST, Fashion-MNIST) and CIFAR-10, found on disk and validated, with
+//! seeded validation splits and subsets.
 //!
-//! A data set is looked for, in order, at an explicit path, in `$DST_DATA_DIR` (or
-//! `$DST_DATA_DIR/<name>`), in `./data/<name>`, and for Fashion-MNIST in
-//! `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`). Files may be
+//! A data set is looked for at an explicit path (`DIR` or `DIR/<name>`; when given, nowhere
+//! else), otherwise in `$DST_DATA_DIR` (or `$DST_DATA_DIR/<name>`), in `./data/<name>`, and for
+//! Fashion-MNIST in `/usr/share/datasets/fashion-mnist` (Debian package
+//! `dataset-fashion-mnist`). CIFAR-10 is the binary version (`data_batch_*.bin`). Files may be
 //! plain or gzip-compressed. Every header, size and label is validated; a truncated or corrupted
 //! file gives an [`DataError`] naming it, never a panic, and nothing is allocated beyond what the
 //! file's own size justifies.
@@ -169,16 +171,19 @@ fn has_files(dir: &Path) -> bool {
 pub fn find_dataset(name: &str, explicit: Option<&Path>) -> Result<PathBuf, DataError> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
+        // An explicit folder is the only place looked at: a wrong path must not silently fall
+        // back to another copy.
         candidates.push(p.to_path_buf());
         candidates.push(p.join(name));
-    }
-    if let Some(d) = std::env::var_os("DST_DATA_DIR") {
+    } else if let Some(d) = std::env::var_os("DST_DATA_DIR") {
         let d = PathBuf::from(d);
         candidates.push(d.join(name));
         candidates.push(d);
     }
-    candidates.push(Path::new("data").join(name));
-    if name == "fashion-mnist" {
+    if explicit.is_none() {
+        candidates.push(Path::new("data").join(name));
+    }
+    if explicit.is_none() && name == "fashion-mnist" {
         candidates.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
     }
     let present = |d: &Path| {

@@ -1,0 +1,536 @@
+//! `dst eval`, `dst export`, `dst inspect` and `dst bench`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, ValueEnum};
+use models::data::ImageSet;
+use models::{Datasets, Trainer};
+use serde::Serialize;
+use sparse_formats::io::{DenseTensor, SparseLayer};
+use sparse_formats::{Condensed, Csr, Mask, NmPattern, NmSparse};
+use sparse_kernels::{Exec, SparseWeight};
+
+/// `dst eval` flags.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A run folder (its checkpoint/ is used) or a checkpoint folder.
+    path: PathBuf,
+    /// Folder holding the data set (overrides the run's).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `dst export` flags.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A run folder or a checkpoint folder.
+    run: PathBuf,
+    /// Target format of the sparse layers.
+    #[arg(long, value_enum)]
+    format: ExportFormat,
+    /// Output file (.safetensors), written atomically.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum ExportFormat {
+    Condensed,
+    Nm,
+    Csr,
+}
+
+/// `dst inspect` flags.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A safetensors file written by `dst export`, `dst train` (masks) or sparse-formats.
+    file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print the mask of this layer as a text grid (# active, . inactive).
+    #[arg(long, value_name = "LAYER")]
+    show_mask: Option<String>,
+}
+
+/// `dst bench` flags.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// An exported file; without it, synthetic 3072→768 layers at 90% and 99% and 2:4.
+    file: Option<PathBuf>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    batch: Vec<usize>,
+    /// Threads for both the sparse kernels and candle's dense matmul (0: all).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// The checkpoint folder of a run folder, or the folder itself.
+fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
+    for p in [path.join("checkpoint"), path.to_path_buf()] {
+        if p.join("checkpoint.json").exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{}: not a run folder or checkpoint (no checkpoint.json in it or in its checkpoint/)",
+        path.display()
+    )
+}
+
+/// One placeholder example of the data set's shape: enough to rebuild a network for export.
+fn placeholder(cfg: &models::TrainConfig) -> Result<Datasets> {
+    let (c, s) = match cfg.data.name.as_str() {
+        "fashion-mnist" | "mnist" => (1, 28),
+        "cifar-10" => (3, 32),
+        other => bail!("unknown data set `{other}` in the run's config"),
+    };
+    let set = ImageSet {
+        images: vec![0.5; c * s * s],
+        labels: vec![0],
+        channels: c,
+        rows: s,
+        cols: s,
+        classes: 10,
+    };
+    Ok(Datasets {
+        train: set.clone(),
+        validation: set.limit(0),
+        test: set,
+    })
+}
+
+/// `dst eval`.
+pub fn eval(a: EvalArgs) -> Result<ExitCode> {
+    let ck = checkpoint_dir(&a.path)?;
+    let mut cfg = Trainer::checkpoint_config(&ck)?;
+    if let Some(d) = a.data_dir {
+        cfg.data.dir = Some(d);
+    }
+    let data = Datasets::load(&cfg)?;
+    let t = Trainer::resume(&ck, data)?;
+    let (loss, acc) = t.evaluate(&t.data().test)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"test_accuracy": acc, "test_loss": loss, "step": t.step()})
+        );
+    } else {
+        println!(
+            "test accuracy {acc:.4}  test loss {loss:.4}  ({} test examples, step {})",
+            t.data().test.len(),
+            t.step()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Weight layers of a checkpoint: name, dense `[rows, fan_in]` values, mask, bias, N:M group
+/// stride (kh·kw).
+struct Trained {
+    name: String,
+    rows: usize,
+    fan_in: usize,
+    values: Vec<f32>,
+    mask: Mask,
+    bias: Option<Vec<f32>>,
+    stride: usize,
+}
+
+fn trained_layers(run: &Path) -> Result<(models::TrainConfig, Vec<Trained>)> {
+    let ck = checkpoint_dir(run)?;
+    let cfg = Trainer::checkpoint_config(&ck)?;
+    let t = Trainer::resume(&ck, placeholder(&cfg)?)?;
+    let vars: std::collections::HashMap<String, Tensor> = t.variables().into_iter().collect();
+    let mut out = Vec::new();
+    for (name, mask) in t.masks() {
+        let w = vars
+            .get(&name)
+            .with_context(|| format!("weight `{name}` missing from the checkpoint"))?;
+        let stride: usize = w.dims()[2..].iter().product();
+        let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
+        let bias = match vars.get(&bias_name) {
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
+        };
+        out.push(Trained {
+            rows: mask.rows(),
+            fan_in: mask.fan_in(),
+            values: w.flatten_all()?.to_vec1::<f32>()?,
+            mask,
+            bias,
+            stride,
+            name,
+        });
+    }
+    Ok((cfg, out))
+}
+
+/// `dst export`.
+pub fn export(a: ExportArgs) -> Result<ExitCode> {
+    let (cfg, layers) = trained_layers(&a.run)?;
+    let mut out: Vec<(String, SparseLayer)> = Vec::new();
+    for l in layers {
+        let dense = l.mask.nnz() == l.mask.len();
+        let base = l.name.trim_end_matches(".weight").to_string();
+        if dense {
+            out.push((
+                l.name.clone(),
+                SparseLayer::Dense(DenseTensor {
+                    shape: vec![l.rows, l.fan_in],
+                    values: l.values,
+                }),
+            ));
+            if let Some(b) = l.bias {
+                out.push((
+                    format!("{base}.bias"),
+                    SparseLayer::Dense(DenseTensor {
+                        shape: vec![b.len()],
+                        values: b,
+                    }),
+                ));
+            }
+            continue;
+        }
+        let layer = match a.format {
+            ExportFormat::Condensed => SparseLayer::Condensed(
+                Condensed::from_dense(l.rows, l.fan_in, &l.values, &l.mask, l.bias.as_deref())
+                    .with_context(|| {
+                        format!(
+                            "layer `{}`: cannot export to condensed (trained with {}; use \
+                             --format csr for unstructured masks)",
+                            l.name,
+                            cfg.method.name.as_str()
+                        )
+                    })?,
+            ),
+            ExportFormat::Nm => {
+                let pattern = NmPattern {
+                    group_stride: l.stride,
+                    ..NmPattern::new(cfg.method.n, cfg.method.m)
+                };
+                SparseLayer::Nm(
+                    NmSparse::from_dense(l.rows, l.fan_in, pattern, &l.values, &l.mask)
+                        .with_context(|| {
+                            format!(
+                                "layer `{}`: the mask is not {}:{} (trained with {})",
+                                l.name,
+                                cfg.method.n,
+                                cfg.method.m,
+                                cfg.method.name.as_str()
+                            )
+                        })?,
+                )
+            }
+            ExportFormat::Csr => {
+                SparseLayer::Csr(Csr::from_dense(l.rows, l.fan_in, &l.values, &l.mask)?)
+            }
+        };
+        out.push((l.name.clone(), layer));
+        if a.format != ExportFormat::Condensed {
+            if let Some(b) = l.bias {
+                out.push((
+                    format!("{base}.bias"),
+                    SparseLayer::Dense(DenseTensor {
+                        shape: vec![b.len()],
+                        values: b,
+                    }),
+                ));
+            }
+        }
+    }
+    sparse_formats::io::save(&a.out, &out).with_context(|| format!("--out {}", a.out.display()))?;
+    println!("{} tensors → {}", out.len(), a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct LayerInfo {
+    name: String,
+    format: String,
+    shape: Vec<usize>,
+    nnz: usize,
+    sparsity: f64,
+    min_fan_in: usize,
+    max_fan_in: usize,
+    ablated_rows: usize,
+    /// The layer's N:M pattern, or the standard patterns its mask meets exactly.
+    nm: Vec<String>,
+}
+
+fn mask_of(layer: &SparseLayer) -> Option<Mask> {
+    Some(match layer {
+        SparseLayer::Dense(_) => return None,
+        SparseLayer::Mask(m) => m.clone(),
+        SparseLayer::Condensed(c) => c.to_mask(),
+        SparseLayer::Nm(n) => n.to_mask(),
+        SparseLayer::Csr(c) => c.to_mask(),
+    })
+}
+
+fn exact_nm(mask: &Mask, n: usize, m: usize) -> bool {
+    mask.fan_in().is_multiple_of(m)
+        && (0..mask.rows()).all(|r| {
+            mask.row(r)
+                .chunks(m)
+                .all(|g| g.iter().filter(|&&b| b).count() == n)
+        })
+}
+
+fn info(name: &str, layer: &SparseLayer) -> LayerInfo {
+    let format = layer.format_name().to_string();
+    match mask_of(layer) {
+        None => {
+            let SparseLayer::Dense(d) = layer else {
+                unreachable!("only dense layers have no mask")
+            };
+            let nnz = d.values.iter().filter(|&&v| v != 0.0).count();
+            let fan_in = d.shape.iter().skip(1).product::<usize>();
+            LayerInfo {
+                name: name.into(),
+                format,
+                shape: d.shape.clone(),
+                nnz,
+                sparsity: 1.0 - nnz as f64 / d.values.len().max(1) as f64,
+                min_fan_in: fan_in,
+                max_fan_in: fan_in,
+                ablated_rows: 0,
+                nm: vec![],
+            }
+        }
+        Some(mask) => {
+            let s = mask.stats();
+            let nm = match layer {
+                SparseLayer::Nm(n) => vec![format!("{}:{}", n.n(), n.m())],
+                _ => [(2, 4), (1, 4), (2, 8), (1, 16)]
+                    .into_iter()
+                    .filter(|&(n, m)| exact_nm(&mask, n, m))
+                    .map(|(n, m)| format!("{n}:{m}"))
+                    .collect(),
+            };
+            LayerInfo {
+                name: name.into(),
+                format,
+                shape: s.shape.to_vec(),
+                nnz: s.nnz,
+                sparsity: 1.0 - s.nnz as f64 / mask.len().max(1) as f64,
+                min_fan_in: s.min_fan_in,
+                max_fan_in: s.max_fan_in,
+                ablated_rows: s.empty_rows,
+                nm,
+            }
+        }
+    }
+}
+
+/// `dst inspect`.
+pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
+    let layers = sparse_formats::io::load(&a.file)?;
+    if let Some(name) = &a.show_mask {
+        let (_, layer) = layers.iter().find(|(n, _)| n == name).with_context(|| {
+            format!(
+                "--show-mask: no layer `{name}` in {} (layers: {})",
+                a.file.display(),
+                layers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let mask = mask_of(layer)
+            .with_context(|| format!("--show-mask: layer `{name}` is dense (no mask)"))?;
+        print!("{}", mask.render());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let infos: Vec<LayerInfo> = layers.iter().map(|(n, l)| info(n, l)).collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<10} {:>14} {:>9} {:>8} {:>13} {:>7}  n:m",
+        "layer", "format", "shape", "nnz", "sparsity", "fan-in", "ablated"
+    );
+    for i in infos {
+        let shape = i
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        println!(
+            "{:<28} {:<10} {:>14} {:>9} {:>8.4} {:>13} {:>7}  {}",
+            i.name,
+            i.format,
+            shape,
+            i.nnz,
+            i.sparsity,
+            format!("{}..{}", i.min_fan_in, i.max_fan_in),
+            i.ablated_rows,
+            if i.nm.is_empty() {
+                "-".into()
+            } else {
+                i.nm.join(",")
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn median_ns(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 5 || (start.elapsed().as_secs_f64() < 0.3 && times.len() < 200) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_nanos() as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn synthetic() -> Result<Vec<(String, SparseLayer)>> {
+    let (rows, fan_in) = (768, 3072);
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let values: Vec<f32> = (0..rows * fan_in)
+        .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut out = Vec::new();
+    for (label, k) in [
+        ("condensed-90%", fan_in / 10),
+        ("condensed-99%", fan_in / 100),
+    ] {
+        let mut mask = Mask::zeros(rows, fan_in);
+        for r in 0..rows {
+            let mut picked = 0;
+            while picked < k {
+                let c = (next() % fan_in as u64) as usize;
+                if !mask.get(r, c) {
+                    mask.set(r, c, true);
+                    picked += 1;
+                }
+            }
+        }
+        out.push((
+            label.to_string(),
+            SparseLayer::Condensed(Condensed::from_dense(rows, fan_in, &values, &mask, None)?),
+        ));
+    }
+    let mut mask = Mask::zeros(rows, fan_in);
+    for r in 0..rows {
+        for g in 0..fan_in / 4 {
+            let a = (next() % 4) as usize;
+            let b = (a + 1 + (next() % 3) as usize) % 4;
+            mask.set(r, g * 4 + a, true);
+            mask.set(r, g * 4 + b, true);
+        }
+    }
+    out.push((
+        "nm-2:4".to_string(),
+        SparseLayer::Nm(NmSparse::from_dense(
+            rows,
+            fan_in,
+            NmPattern::new(2, 4),
+            &values,
+            &mask,
+        )?),
+    ));
+    Ok(out)
+}
+
+/// `dst bench`: in a pool of `--threads` threads, so that candle's matmul uses as many.
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    if a.threads == 0 {
+        return bench_in_pool(a);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build()?
+        .install(|| bench_in_pool(a))
+}
+
+fn bench_in_pool(a: BenchArgs) -> Result<ExitCode> {
+    let layers = match &a.file {
+        Some(f) => sparse_formats::io::load(f)?,
+        None => synthetic()?,
+    };
+    if a.batch.contains(&0) {
+        bail!("--batch: batch sizes must be at least 1");
+    }
+    let exec = Exec::default().with_threads(a.threads);
+    println!(
+        "{:<28} {:<10} {:>6} {:>12} {:>12} {:>8}",
+        "layer", "format", "batch", "sparse µs", "dense µs", "speed-up"
+    );
+    let dev = Device::Cpu;
+    for (name, layer) in &layers {
+        let (w, values): (SparseWeight, &[f32]) = match layer {
+            SparseLayer::Condensed(c) => (c.into(), c.values()),
+            SparseLayer::Nm(n) => (n.into(), n.values()),
+            SparseLayer::Csr(c) => (c.into(), c.values()),
+            _ => continue,
+        };
+        let (rows, fan_in) = (w.rows(), w.fan_in());
+        let dense_w = Tensor::from_vec(
+            mask_of(layer)
+                .map(|m| {
+                    let mut d = vec![0.0f32; rows * fan_in];
+                    for (i, b) in m.as_slice().iter().enumerate() {
+                        d[i] = if *b { 0.5 } else { 0.0 };
+                    }
+                    d
+                })
+                .unwrap_or_default(),
+            (rows, fan_in),
+            &dev,
+        )?
+        .t()?
+        .contiguous()?;
+        for &b in &a.batch {
+            let x: Vec<f32> = (0..b * fan_in).map(|i| (i % 7) as f32 * 0.1).collect();
+            let xt = Tensor::from_vec(x.clone(), (b, fan_in), &dev)?;
+            let sparse = median_ns(|| {
+                sparse_kernels::forward(w, values, None, &x, b, exec)?;
+                Ok(())
+            })?;
+            let dense = median_ns(|| {
+                xt.matmul(&dense_w)?;
+                Ok(())
+            })?;
+            println!(
+                "{:<28} {:<10} {:>6} {:>12.1} {:>12.1} {:>7.2}x",
+                name,
+                layer.format_name(),
+                b,
+                sparse / 1e3,
+                dense / 1e3,
+                dense / sparse
+            );
+        }
+    }
+    println!(
+        "(threads: {}; dense = candle's matmul on the same shapes, same process)",
+        if a.threads == 0 {
+            "all".to_string()
+        } else {
+            a.threads.to_string()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,391 @@
+//! `dst train`: a config file (TOML or JSON) and flags overriding it → a run folder.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use dst_core::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
+use dst_core::Distribution;
+use indicatif::{ProgressBar, ProgressStyle};
+use models::{Control, Datasets, Event, LrKind, MethodName, ModelConfig, TrainConfig, Trainer};
+use sparse_formats::io::SparseLayer;
+
+/// Flags of `dst train`; each overrides the same field of `--config`.
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// Config file (TOML, or JSON if it ends in .json); flags override its fields.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its last checkpoint (other flags are ignored).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Run folder (default runs/<method>-s<seed>); must not hold another run.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Model preset: lenet-300-100, mlp-1000x3, lenet5, resnet18, vit-small.
+    #[arg(long)]
+    model: Option<String>,
+    /// Method: dense, static, set, rigl, srigl, lbc, srste, nm-magnitude.
+    #[arg(long)]
+    method: Option<String>,
+    /// Global sparsity in [0, 1) (dst methods).
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// How the sparsity is spread over layers.
+    #[arg(long, value_enum)]
+    distribution: Option<DistributionArg>,
+    /// Mask-update period ΔT in steps.
+    #[arg(long)]
+    delta_t: Option<usize>,
+    /// Initial drop fraction α.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Mask updates stop at this fraction of the run.
+    #[arg(long)]
+    t_end_fraction: Option<f64>,
+    /// SRigL's γ_sal.
+    #[arg(long)]
+    gamma_sal: Option<f64>,
+    /// Turn SRigL's dynamic neuron ablation off.
+    #[arg(long)]
+    no_ablation: bool,
+    /// Keep this weight dense (repeatable), e.g. --dense-layer fc1.weight.
+    #[arg(long = "dense-layer", value_name = "WEIGHT")]
+    dense_layers: Vec<String>,
+    /// N of N:M (lbc, srste, nm-magnitude).
+    #[arg(long)]
+    n: Option<usize>,
+    /// M of N:M.
+    #[arg(long)]
+    m: Option<usize>,
+    /// LBC: epoch from which one combination is left.
+    #[arg(long)]
+    lbc_t_f: Option<usize>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Mini-batch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Optimizer.
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerArg>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// SGD momentum.
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// Weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum)]
+    lr_schedule: Option<LrArg>,
+    /// Linear warm-up in epochs.
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    /// Step-schedule milestones (epochs), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<usize>>,
+    /// Label smoothing ε.
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (results do not depend on it).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Data set: fashion-mnist, mnist, cifar-10.
+    #[arg(long)]
+    data: Option<String>,
+    /// Folder holding the data set.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Train on the first N examples only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Fraction of the training set held out for validation.
+    #[arg(long)]
+    validation_fraction: Option<f64>,
+    /// Checkpoint every N epochs (0: only at the end).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Print nothing but errors and the final line.
+    #[arg(long, conflicts_with = "json")]
+    quiet: bool,
+    /// Print every epoch and the summary as JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DistributionArg {
+    Uniform,
+    Er,
+    Erk,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OptimizerArg {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LrArg {
+    Constant,
+    Step,
+    Cosine,
+}
+
+/// Reads a config file: TOML, or JSON for `.json`.
+pub fn read_config(path: &Path) -> Result<TrainConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let cfg = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e}"))
+    } else {
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.message()))
+    };
+    cfg.with_context(|| format!("{}: malformed config", path.display()))
+}
+
+fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
+    if let Some(m) = &a.model {
+        cfg.model = ModelConfig::preset(m).with_context(|| {
+            format!(
+                "--model: unknown model `{m}` (one of: {})",
+                ModelConfig::PRESETS.join(", ")
+            )
+        })?;
+    }
+    let me = &mut cfg.method;
+    if let Some(m) = &a.method {
+        me.name = m
+            .parse::<MethodName>()
+            .map_err(|e| anyhow::anyhow!("--method: {e}"))?;
+    }
+    if let Some(s) = a.sparsity {
+        if !(0.0..1.0).contains(&s) {
+            bail!("--sparsity: {s} is outside [0, 1)");
+        }
+        me.sparsity = s;
+    }
+    if let Some(d) = a.distribution {
+        me.distribution = match d {
+            DistributionArg::Uniform => Distribution::Uniform,
+            DistributionArg::Er => Distribution::ErdosRenyi,
+            DistributionArg::Erk => Distribution::Erk { power_scale: 1.0 },
+        };
+    }
+    macro_rules! set {
+        ($($flag:ident => $field:expr),* $(,)?) => {
+            $(if let Some(v) = a.$flag.clone() { $field = v; })*
+        };
+    }
+    set!(delta_t => me.delta_t, alpha => me.alpha, t_end_fraction => me.t_end_fraction,
+         gamma_sal => me.gamma_sal, n => me.n, m => me.m);
+    if let Some(t) = a.lbc_t_f {
+        me.lbc_t_f = Some(t);
+    }
+    if a.no_ablation {
+        me.ablation = false;
+    }
+    if !a.dense_layers.is_empty() {
+        me.dense_layers = a.dense_layers.clone();
+    }
+    if let (Some(n), Some(m)) = (a.n, a.m) {
+        if n == 0 || n > m {
+            bail!("--n/--m: N:M needs 0 < N ≤ M, got {n}:{m}");
+        }
+    }
+    set!(epochs => cfg.epochs, batch_size => cfg.batch_size, label_smoothing => cfg.label_smoothing,
+         seed => cfg.seed, checkpoint_every => cfg.checkpoint_every);
+    if let Some(t) = a.threads {
+        cfg.threads = Some(t);
+    }
+    if let Some(o) = a.optimizer {
+        let lr = cfg.peak_lr();
+        cfg.optimizer = match o {
+            OptimizerArg::Sgd => OptimizerConfig::Sgd(SgdConfig {
+                lr,
+                ..SgdConfig::default()
+            }),
+            OptimizerArg::Adamw => OptimizerConfig::AdamW(AdamWConfig {
+                lr: if a.lr.is_none() { 1e-3 } else { lr },
+                ..AdamWConfig::default()
+            }),
+        };
+    }
+    match &mut cfg.optimizer {
+        OptimizerConfig::Sgd(c) => {
+            set!(lr => c.lr, momentum => c.momentum, weight_decay => c.weight_decay);
+        }
+        OptimizerConfig::AdamW(c) => {
+            if a.momentum.is_some() {
+                bail!("--momentum: AdamW has no momentum setting (use --optimizer sgd)");
+            }
+            set!(lr => c.lr, weight_decay => c.weight_decay);
+        }
+    }
+    if let Some(k) = a.lr_schedule {
+        cfg.lr_schedule.kind = match k {
+            LrArg::Constant => LrKind::Constant,
+            LrArg::Step => LrKind::Step,
+            LrArg::Cosine => LrKind::Cosine,
+        };
+    }
+    set!(warmup_epochs => cfg.lr_schedule.warmup_epochs, milestones => cfg.lr_schedule.milestones);
+    if let Some(d) = &a.data {
+        cfg.data.name = d.clone();
+    }
+    if let Some(d) = &a.data_dir {
+        cfg.data.dir = Some(d.clone());
+    }
+    if let Some(l) = a.limit {
+        cfg.data.limit = Some(l);
+    }
+    set!(validation_fraction => cfg.data.validation_fraction);
+    Ok(())
+}
+
+/// Writes the final masks of every weight layer to `dir/masks.safetensors`.
+pub fn write_masks(trainer: &Trainer, dir: &Path) -> Result<()> {
+    let layers: Vec<(String, SparseLayer)> = trainer
+        .masks()
+        .into_iter()
+        .map(|(n, m)| (n, SparseLayer::Mask(m)))
+        .collect();
+    let path = dir.join("masks.safetensors");
+    sparse_formats::io::save(&path, &layers).with_context(|| format!("{}", path.display()))
+}
+
+/// `dst train`.
+pub fn run(a: TrainArgs) -> Result<ExitCode> {
+    let (mut trainer, dir) = match &a.resume {
+        Some(run_dir) => {
+            let ck = run_dir.join("checkpoint");
+            let cfg = Trainer::checkpoint_config(&ck)
+                .with_context(|| format!("--resume {}", run_dir.display()))?;
+            let data = Datasets::load(&cfg)?;
+            let t = Trainer::resume(&ck, data)?.with_resumed_output(run_dir)?;
+            (t, run_dir.clone())
+        }
+        None => {
+            let mut cfg = match &a.config {
+                Some(p) => read_config(p)?,
+                None => TrainConfig::default(),
+            };
+            apply(&a, &mut cfg)?;
+            cfg.validate()
+                .map_err(|(field, reason)| anyhow::anyhow!("config field `{field}`: {reason}"))?;
+            let dir = a.out.clone().unwrap_or_else(|| {
+                PathBuf::from(format!("runs/{}-s{}", cfg.method.name.as_str(), cfg.seed))
+            });
+            if dir.join("config.json").exists() {
+                bail!(
+                    "--out {}: the folder already holds a run; continue it with --resume {} or \
+                     choose another --out",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            let data = Datasets::load(&cfg)?;
+            let toml = toml::to_string(&cfg).context("config to TOML")?;
+            let t = Trainer::new(cfg, data)?
+                .with_output(&dir)
+                .with_context(|| format!("--out {}", dir.display()))?;
+            models::checkpoint::write_atomic(&dir.join("config.toml"), toml.as_bytes())?;
+            (t, dir)
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be installed in one process; that only matters in tests.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let (quiet, json) = (a.quiet, a.json);
+    let bar = if quiet || json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(trainer.total_steps() as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta}]",
+            )
+            .expect("valid template"),
+        );
+        b
+    };
+    let mut progress = |e: &Event| {
+        match e {
+            Event::Start { done, .. } => bar.set_position(*done as u64),
+            Event::Step {
+                step, epoch, loss, ..
+            } => {
+                bar.set_position(*step as u64);
+                if step % 10 == 0 {
+                    bar.set_message(format!("{epoch}  loss {loss:.4}"));
+                }
+            }
+            Event::Epoch(m) => {
+                if json {
+                    println!("{}", serde_json::to_string(m).expect("metrics serialise"));
+                } else if !quiet {
+                    bar.println(format!(
+                        "epoch {:>3}  train loss {:.4}  acc {:.4}  test loss {:.4}  acc {:.4}  sparsity {:.4}  ablated {}  lr {:.4}  {:.0}s",
+                        m.epoch, m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy,
+                        m.sparsity, m.ablated_neurons, m.lr, m.wall_s
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if stop.load(Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    };
+    let summary = trainer.run(&mut progress)?;
+    bar.finish_and_clear();
+    write_masks(&trainer, &dir)?;
+    if summary.stopped {
+        eprintln!(
+            "stopped at step {}; checkpoint in {}; continue with: dst train --resume {}",
+            summary.steps,
+            dir.join("checkpoint").display(),
+            dir.display()
+        );
+        return Ok(ExitCode::from(130));
+    }
+    crate::report::write(std::slice::from_ref(&dir), &dir.join("report.html"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kind": "summary",
+                "run_dir": dir,
+                "test_accuracy": summary.test_accuracy,
+                "test_loss": summary.test_loss,
+                "sparsity": summary.sparsity,
+                "wall_s": summary.wall_s,
+            })
+        );
+    } else {
+        println!(
+            "test accuracy {:.4}  sparsity {:.4}  {:.0}s  → {}",
+            summary.test_accuracy,
+            summary.sparsity,
+            summary.wall_s,
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,367 @@
+//! The `dst` binary end to end on the committed Fashion-MNIST slice: train → eval → export →
+//! inspect → report, one mask update, and bad input → one line naming the problem, exit code 2,
+//! nothing half-written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dst(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dst"))
+        .args(args)
+        .env_remove("DST_DATA_DIR")
+        .output()
+        .expect("run dst")
+}
+
+fn data_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures/fashion-mnist-tiny")
+        .display()
+        .to_string()
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "stdout: {out}\nstderr: {err}");
+    out.into_owned()
+}
+
+/// Fails with exit code 2 and a single stderr line containing every `needle`.
+fn fails(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn train(dir: &Path, extra: &[&str]) -> PathBuf {
+    let out = dir.display().to_string();
+    let data = data_dir();
+    let mut args = vec![
+        "train",
+        "--data-dir",
+        &data,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--delta-t",
+        "5",
+        "--limit",
+        "400",
+        "--quiet",
+        "--out",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    ok(&dst(&args));
+    dir.to_path_buf()
+}
+
+#[test]
+fn train_eval_export_inspect_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = train(
+        &tmp.path().join("srigl"),
+        &["--method", "srigl", "--sparsity", "0.9"],
+    );
+    for f in [
+        "config.toml",
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "masks.safetensors",
+        "report.html",
+        "checkpoint/checkpoint.json",
+    ] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "{acc}");
+    // The resolved config re-reads as the same run.
+    let toml_cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(toml_cfg.contains("name = \"srigl\""), "{toml_cfg}");
+
+    let eval = ok(&dst(&[
+        "eval",
+        run.to_str().unwrap(),
+        "--data-dir",
+        &data_dir(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&eval).unwrap();
+    assert!((v["test_accuracy"].as_f64().unwrap() - acc).abs() < 1e-6);
+
+    for format in ["condensed", "csr"] {
+        let file = tmp.path().join(format!("{format}.safetensors"));
+        ok(&dst(&[
+            "export",
+            run.to_str().unwrap(),
+            "--format",
+            format,
+            "--out",
+            file.to_str().unwrap(),
+        ]));
+        let layers = sparse_formats::io::load(&file).unwrap();
+        assert!(
+            layers.iter().any(|(_, l)| l.format_name() == format),
+            "{format}"
+        );
+        let json = ok(&dst(&["inspect", file.to_str().unwrap(), "--json"]));
+        let info: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        let fc1 = info.iter().find(|l| l["name"] == "fc1.weight").unwrap();
+        assert_eq!(
+            fc1["min_fan_in"], fc1["max_fan_in"],
+            "constant fan-in survives export"
+        );
+        assert!(fc1["sparsity"].as_f64().unwrap() > 0.8);
+    }
+    let grid = ok(&dst(&[
+        "inspect",
+        run.join("masks.safetensors").to_str().unwrap(),
+        "--show-mask",
+        "fc2.weight",
+    ]));
+    assert_eq!(grid.lines().count(), 100);
+    assert!(grid
+        .lines()
+        .all(|l| l.len() == 300 && l.chars().all(|c| c == '#' || c == '.')));
+
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("fc1.weight") && html.ends_with("</html>\n"));
+
+    // N:M export of an SRigL run is refused, naming the layer; nothing is written.
+    let nm = tmp.path().join("nm.safetensors");
+    fails(
+        &dst(&[
+            "export",
+            run.to_str().unwrap(),
+            "--format",
+            "nm",
+            "--out",
+            nm.to_str().unwrap(),
+        ]),
+        &["fc1.weight", "2:4"],
+    );
+    assert!(!nm.exists());
+}
+
+#[test]
+fn lbc_run_exports_to_nm_and_two_runs_compare() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lbc = train(
+        &tmp.path().join("lbc"),
+        &["--method", "lbc", "--n", "2", "--m", "4", "--lbc-t-f", "1"],
+    );
+    let dense = train(&tmp.path().join("dense"), &["--method", "dense"]);
+    let file = tmp.path().join("lbc.safetensors");
+    ok(&dst(&[
+        "export",
+        lbc.to_str().unwrap(),
+        "--format",
+        "nm",
+        "--out",
+        file.to_str().unwrap(),
+    ]));
+    let text = ok(&dst(&["inspect", file.to_str().unwrap()]));
+    assert!(
+        text.contains("fc1.weight") && text.contains("nm") && text.contains("2:4"),
+        "{text}"
+    );
+    let page = tmp.path().join("compare.html");
+    ok(&dst(&[
+        "report",
+        lbc.to_str().unwrap(),
+        dense.to_str().unwrap(),
+        "--out",
+        page.to_str().unwrap(),
+    ]));
+    let html = std::fs::read_to_string(page).unwrap();
+    assert!(html.contains("lbc 2:4") && html.contains("dense"));
+    let bench = ok(&dst(&["bench", file.to_str().unwrap(), "--batch", "1"]));
+    assert!(
+        bench.contains("fc1.weight") && bench.contains('x'),
+        "{bench}"
+    );
+}
+
+#[test]
+fn mask_update_applies_one_srigl_update() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let (rows, fan_in) = (8, 16);
+    let w: Vec<f32> = (0..rows * fan_in)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+        .collect();
+    let g: Vec<f32> = (0..rows * fan_in)
+        .map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5)
+        .collect();
+    let m: Vec<f32> = (0..rows * fan_in)
+        .map(|i| f32::from(u8::from(i % 16 < 4)))
+        .collect();
+    let wm: Vec<f32> = w.iter().zip(&m).map(|(a, b)| a * b).collect();
+    let mut t = std::collections::HashMap::new();
+    t.insert(
+        "fc.weight".to_string(),
+        Tensor::from_vec(wm, (rows, fan_in), &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "fc.grad".to_string(),
+        Tensor::from_vec(g, (rows, fan_in), &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "fc.mask".to_string(),
+        Tensor::from_vec(m, (rows, fan_in), &Device::Cpu).unwrap(),
+    );
+    let input = tmp.path().join("in.safetensors");
+    candle_core::safetensors::save(&t, &input).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let text = ok(&dst(&[
+        "mask-update",
+        "--method",
+        "srigl",
+        "--state",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--drop-fraction",
+        "0.5",
+        "--no-ablation",
+    ]));
+    assert!(text.contains("fc"), "{text}");
+    let res = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let mask = res["fc.mask"].to_vec2::<f32>().unwrap();
+    let weight = res["fc.weight"].to_vec2::<f32>().unwrap();
+    for (mr, wr) in mask.iter().zip(&weight) {
+        assert_eq!(
+            mr.iter().filter(|&&b| b == 1.0).count(),
+            4,
+            "constant fan-in 4"
+        );
+        for (b, w) in mr.iter().zip(wr) {
+            assert!(*b == 1.0 || *w == 0.0, "inactive weight is zero");
+        }
+    }
+    assert_ne!(mask[0][..4], [1.0; 4], "the update moved something");
+    // Missing gradient for a gradient-based method names the tensor.
+    t.remove("fc.grad");
+    candle_core::safetensors::save(&t, &input).unwrap();
+    fails(
+        &dst(&[
+            "mask-update",
+            "--method",
+            "rigl",
+            "--state",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        &["fc.grad"],
+    );
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let data = data_dir();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(
+        &dst(&["train", "--data-dir", empty.to_str().unwrap(), "--out", o]),
+        &["fashion-mnist", "not found", "apt-get"],
+    );
+    fails(
+        &dst(&["train", "--sparsity", "1.5", "--out", o]),
+        &["--sparsity", "[0, 1)"],
+    );
+    fails(
+        &dst(&[
+            "train", "--method", "lbc", "--n", "4", "--m", "2", "--out", o,
+        ]),
+        &["N:M", "4:2"],
+    );
+    fails(
+        &dst(&[
+            "train",
+            "--method",
+            "lbc",
+            "--n",
+            "2",
+            "--m",
+            "7",
+            "--data-dir",
+            &data,
+            "--out",
+            o,
+        ]),
+        &["method.m", "fc2.weight", "300"],
+    );
+    fails(
+        &dst(&[
+            "train",
+            "--method",
+            "rigl",
+            "--dense-layer",
+            "fc9.weight",
+            "--data-dir",
+            &data,
+            "--out",
+            o,
+        ]),
+        &["fc9.weight"],
+    );
+    fails(
+        &dst(&["train", "--method", "magic", "--out", o]),
+        &["--method", "magic"],
+    );
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "epochs = \"ten\"\n").unwrap();
+    fails(
+        &dst(&["train", "--config", cfg.to_str().unwrap(), "--out", o]),
+        &["bad.toml", "malformed"],
+    );
+    std::fs::write(&cfg, "epoch = 3\n").unwrap();
+    fails(
+        &dst(&["train", "--config", cfg.to_str().unwrap(), "--out", o]),
+        &["bad.toml", "epoch"],
+    );
+    assert!(!out.exists(), "nothing written for rejected runs");
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let under_file = blocker.join("run");
+    fails(
+        &dst(&[
+            "train",
+            "--data-dir",
+            &data,
+            "--out",
+            under_file.to_str().unwrap(),
+        ]),
+        &["--out"],
+    );
+    fails(
+        &dst(&[
+            "inspect",
+            tmp.path().join("nope.safetensors").to_str().unwrap(),
+        ]),
+        &["nope.safetensors"],
+    );
+    fails(
+        &dst(&["eval", empty.to_str().unwrap()]),
+        &["not a run folder"],
+    );
+    fails(
+        &dst(&["report", empty.to_str().unwrap()]),
+        &["not a run folder"],
+    );
+}
