@@ -365,3 +365,36 @@ fn bad_input_is_one_line_and_exit_code_2() {
         &["not a run folder"],
     );
 }
+
+/// The config example in README.md is a valid config (trained for one short epoch).
+#[test]
+fn readme_config_example_trains() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let start = readme.find("```toml\n").expect("README has a TOML example") + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, &readme[start..end]).unwrap();
+    let out = tmp.path().join("run");
+    ok(&dst(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--limit",
+        "100",
+        "--data-dir",
+        &data_dir(),
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let toml_cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        toml_cfg.contains("kind = \"lenet5\"") && toml_cfg.contains("sparsity = 0.95"),
+        "{toml_cfg}"
+    );
+}
