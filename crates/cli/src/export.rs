@@ -174,6 +174,17 @@ fn trained_layers(run: &Path) -> Result<(models::TrainConfig, Vec<Trained>)> {
     Ok((cfg, out))
 }
 
+/// A bias as a dense tensor named `<base>.bias`.
+fn dense_bias(base: &str, b: Vec<f32>) -> (String, SparseLayer) {
+    (
+        format!("{base}.bias"),
+        SparseLayer::Dense(DenseTensor {
+            shape: vec![b.len()],
+            values: b,
+        }),
+    )
+}
+
 /// `dst export`.
 pub fn export(a: ExportArgs) -> Result<ExitCode> {
     let (cfg, layers) = trained_layers(&a.run)?;
@@ -189,15 +200,7 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
                     values: l.values,
                 }),
             ));
-            if let Some(b) = l.bias {
-                out.push((
-                    format!("{base}.bias"),
-                    SparseLayer::Dense(DenseTensor {
-                        shape: vec![b.len()],
-                        values: b,
-                    }),
-                ));
-            }
+            out.extend(l.bias.map(|b| dense_bias(&base, b)));
             continue;
         }
         let layer = match a.format {
@@ -236,15 +239,8 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
         };
         out.push((l.name.clone(), layer));
         if a.format != ExportFormat::Condensed {
-            if let Some(b) = l.bias {
-                out.push((
-                    format!("{base}.bias"),
-                    SparseLayer::Dense(DenseTensor {
-                        shape: vec![b.len()],
-                        values: b,
-                    }),
-                ));
-            }
+            // Condensed carries its bias; the other formats store it next to the weight.
+            out.extend(l.bias.map(|b| dense_bias(&base, b)));
         }
     }
     sparse_formats::io::save(&a.out, &out).with_context(|| format!("--out {}", a.out.display()))?;

@@ -255,35 +255,23 @@ pub fn write(dirs: &[PathBuf], out: &Path) -> Result<()> {
             }
             html.push_str("</table>\n<div class=\"charts\">\n");
             let names: Vec<String> = last.layers.iter().map(|l| l.name.clone()).collect();
-            let fan: Vec<Series> = names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let pts = r
-                        .epochs
-                        .iter()
-                        .filter_map(|m| {
-                            m.layers
-                                .get(i)
-                                .map(|l| (m.epoch as f64, l.max_fan_in as f64))
-                        })
-                        .collect();
-                    (n.clone(), pts)
-                })
-                .collect();
+            let per_layer = |f: fn(&models::LayerStats) -> f64| -> Vec<Series> {
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        let pts = r
+                            .epochs
+                            .iter()
+                            .filter_map(|m| m.layers.get(i).map(|l| (m.epoch as f64, f(l))))
+                            .collect();
+                        (n.clone(), pts)
+                    })
+                    .collect()
+            };
+            let fan = per_layer(|l| l.max_fan_in as f64);
             html.push_str(&line_chart("Max fan-in per layer", "fan-in", &fan)?);
-            let sp: Vec<Series> = names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let pts = r
-                        .epochs
-                        .iter()
-                        .filter_map(|m| m.layers.get(i).map(|l| (m.epoch as f64, l.sparsity)))
-                        .collect();
-                    (n.clone(), pts)
-                })
-                .collect();
+            let sp = per_layer(|l| l.sparsity);
             html.push_str(&line_chart("Sparsity per layer", "sparsity", &sp)?);
             html.push_str("</div>\n");
         }

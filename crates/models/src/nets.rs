@@ -347,6 +347,17 @@ impl BasicBlock {
     }
 }
 
+/// Linear layers with ReLU between them (not after the last).
+fn relu_chain(layers: &[Layer], mut h: Tensor) -> candle_core::Result<Tensor> {
+    for (i, l) in layers.iter().enumerate() {
+        h = l.forward(&h)?;
+        if i + 1 < layers.len() {
+            h = h.relu()?;
+        }
+    }
+    Ok(h)
+}
+
 /// A linear layer on `[b, n, d]` tokens, as one `[b·n, d]` matrix product (one GEMM instead of
 /// a broadcast batch of them).
 fn tokens(l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -551,26 +562,11 @@ impl Network {
     /// statistics (and updates its running ones).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match &self.body {
-            Body::Mlp(layers) => {
-                let mut h = x.flatten_from(1)?;
-                for (i, l) in layers.iter().enumerate() {
-                    h = l.forward(&h)?;
-                    if i + 1 < layers.len() {
-                        h = h.relu()?;
-                    }
-                }
-                Ok(h)
-            }
+            Body::Mlp(layers) => relu_chain(layers, x.flatten_from(1)?),
             Body::Lenet5 { conv1, conv2, fcs } => {
                 let h = conv1.forward(x)?.relu()?.max_pool2d(2)?;
-                let mut h = conv2.forward(&h)?.relu()?.max_pool2d(2)?.flatten_from(1)?;
-                for (i, l) in fcs.iter().enumerate() {
-                    h = l.forward(&h)?;
-                    if i + 1 < fcs.len() {
-                        h = h.relu()?;
-                    }
-                }
-                Ok(h)
+                let h = conv2.forward(&h)?.relu()?.max_pool2d(2)?;
+                relu_chain(fcs, h.flatten_from(1)?)
             }
             Body::Resnet { stem, blocks, fc } => {
                 let mut h = stem.1.forward_t(&stem.0.forward(x)?, train)?.relu()?;
