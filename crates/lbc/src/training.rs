@@ -240,6 +240,9 @@ pub struct NmSparsifier {
     method: NmMethod,
     layers: Vec<Managed>,
     started: bool,
+    /// The epoch whose LBC masks are in place (removal depends on the epoch only, so the
+    /// masks are recomputed once per epoch, not every step).
+    lbc_epoch: Option<usize>,
 }
 
 fn weights_of(v: &Var) -> Result<Vec<f32>, LbcError> {
@@ -286,6 +289,7 @@ impl NmSparsifier {
             method,
             layers: managed,
             started: false,
+            lbc_epoch: None,
         })
     }
 
@@ -298,6 +302,12 @@ impl NmSparsifier {
 
     /// Updates the masks for the coming forward pass at `epoch` (0-based).
     pub fn before_forward(&mut self, epoch: usize) -> Result<(), LbcError> {
+        if matches!(self.method, NmMethod::Lbc { .. }) {
+            if self.lbc_epoch == Some(epoch) {
+                return Ok(());
+            }
+            self.lbc_epoch = Some(epoch);
+        }
         let c = binomial(self.pattern.m, self.pattern.n) as usize;
         for l in &mut self.layers {
             let (rows, fan_in) = (l.mask.rows(), l.mask.fan_in());
@@ -398,6 +408,7 @@ impl NmSparsifier {
             l.mask = s.mask.clone();
         }
         self.started = state.started;
+        self.lbc_epoch = None;
         Ok(())
     }
 

@@ -193,7 +193,9 @@ pub struct MethodConfig {
     pub gamma_sal: f64,
     /// SRigL's dynamic neuron ablation.
     pub ablation: bool,
-    /// Weight names kept dense (e.g. `fc1.weight`); they still count in the budget.
+    /// Weight names kept dense (e.g. `fc1.weight`). Dst methods count them in the global
+    /// budget; N:M methods build them as ordinary dense layers (needed for a stem whose fan-in
+    /// has no N:M groups, e.g. ResNet-18's `conv1.weight` on 3 input channels).
     pub dense_layers: Vec<String>,
     /// Weight names protected from ablation (`None`: the output layer).
     pub protected_layers: Option<Vec<String>>,

@@ -144,6 +144,8 @@ pub struct LayerFactory<'a> {
     pub sparse: Vec<SparseParam>,
     /// N:M layers built so far.
     pub nm: Vec<NmLayer>,
+    /// Weight names built as dst-core layers even when `kind` is N:M (they stay dense).
+    keep_dense: Vec<String>,
 }
 
 impl<'a> LayerFactory<'a> {
@@ -155,6 +157,27 @@ impl<'a> LayerFactory<'a> {
             seed,
             sparse: Vec::new(),
             nm: Vec::new(),
+            keep_dense: Vec::new(),
+        }
+    }
+
+    /// Builds the weights named here (e.g. `conv1.weight`) as dst-core layers even for N:M
+    /// methods, so they stay dense (the usual choice for a stem whose fan-in has no N:M
+    /// groups, e.g. 3 input channels).
+    pub fn keep_dense(mut self, names: &[String]) -> Self {
+        self.keep_dense = names.to_vec();
+        self
+    }
+
+    fn kind_for(&self, path: &str) -> LayerKind {
+        if self
+            .keep_dense
+            .iter()
+            .any(|n| n == &format!("{path}.weight"))
+        {
+            LayerKind::Dst
+        } else {
+            self.kind
         }
     }
 
@@ -167,7 +190,7 @@ impl<'a> LayerFactory<'a> {
         bias: bool,
     ) -> candle_core::Result<Layer> {
         let vb = self.vb.pp(path);
-        Ok(match (self.kind, bias) {
+        Ok(match (self.kind_for(path), bias) {
             (LayerKind::Dst, b) => {
                 let l = if b {
                     sparse_linear(in_dim, out_dim, self.seed, vb)
@@ -201,7 +224,7 @@ impl<'a> LayerFactory<'a> {
         bias: bool,
     ) -> candle_core::Result<Layer> {
         let vb = self.vb.pp(path);
-        Ok(match self.kind {
+        Ok(match self.kind_for(path) {
             LayerKind::Dst => {
                 let l = if bias {
                     sparse_conv2d(in_c, out_c, kernel, cfg, self.seed, vb)
@@ -451,7 +474,16 @@ impl Network {
         kind: LayerKind,
         seed: u64,
     ) -> candle_core::Result<(Network, BuiltLayers)> {
-        let mut f = LayerFactory::new(vb, kind, seed);
+        Self::build_with(cfg, image, classes, LayerFactory::new(vb, kind, seed))
+    }
+
+    /// [`Network::build`] with a configured factory (e.g. [`LayerFactory::keep_dense`]).
+    pub fn build_with(
+        cfg: &ModelConfig,
+        image: [usize; 3],
+        classes: usize,
+        mut f: LayerFactory,
+    ) -> candle_core::Result<(Network, BuiltLayers)> {
         let [c, h, w] = image;
         let body = match cfg {
             ModelConfig::Mlp { hidden } => {

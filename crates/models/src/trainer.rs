@@ -29,7 +29,7 @@ use sparse_formats::{Mask, NmPattern};
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{MethodName, TrainConfig};
 use crate::data::{find_dataset, load_cifar10, load_mnist_like, DataError, ImageSet, Split};
-use crate::nets::{LayerKind, Network};
+use crate::nets::{LayerFactory, LayerKind, Network};
 
 /// Errors of training; each names the setting, file or step at fault.
 #[derive(Debug, thiserror::Error)]
@@ -341,15 +341,29 @@ impl Trainer {
             LayerKind::Dst
         };
         let t = &data.train;
-        let (net, built) = Network::build(
-            &cfg.model,
-            [t.channels, t.rows, t.cols],
-            t.classes,
-            vb,
-            kind,
-            cfg.seed,
-        )
-        .map_err(|e| config_err("model", e))?;
+        let factory = LayerFactory::new(vb, kind, cfg.seed).keep_dense(&cfg.method.dense_layers);
+        let (net, built) =
+            Network::build_with(&cfg.model, [t.channels, t.rows, t.cols], t.classes, factory)
+                .map_err(|e| config_err("model", e))?;
+        if kind == LayerKind::Nm {
+            let names: Vec<&str> = built
+                .sparse
+                .iter()
+                .map(|p| p.name())
+                .chain(built.nm.iter().map(|l| l.name()))
+                .collect();
+            if let Some(n) = cfg
+                .method
+                .dense_layers
+                .iter()
+                .find(|n| !names.contains(&n.as_str()))
+            {
+                return Err(config_err(
+                    "method.dense_layers",
+                    format!("unknown layer `{n}` (layers: {})", names.join(", ")),
+                ));
+            }
+        }
         let steps_per_epoch = t.len().div_ceil(cfg.batch_size);
         let total_steps = steps_per_epoch * cfg.epochs;
         let m = &cfg.method;
@@ -490,7 +504,13 @@ impl Trainer {
     /// The current mask of every weight layer, by weight name, in build order.
     pub fn masks(&self) -> Vec<(String, Mask)> {
         match &self.engine {
-            Engine::Nm(s) => s.masks(),
+            // Layers kept dense (built as dst-core layers) first, then the N:M ones.
+            Engine::Nm(s) => self
+                .params
+                .iter()
+                .map(|p| (p.name().to_string(), p.mask()))
+                .chain(s.masks())
+                .collect(),
             _ => self
                 .params
                 .iter()

@@ -326,3 +326,50 @@ fn bad_settings_name_the_field() {
         "LeNet-5 on 28×28"
     );
 }
+
+/// N:M methods keep `dense_layers` dense: ResNet-18's stem has 3 input channels (no groups of
+/// 4), so 2:4 on CIFAR-shaped data needs it; the rest of the network is exactly 2:4 after t_f.
+#[test]
+fn nm_methods_honour_dense_layers_on_a_tiny_resnet() {
+    use models::data::ImageSet;
+    let img = |n: usize, seed: usize| ImageSet {
+        images: (0..n * 3 * 32 * 32)
+            .map(|i| ((i * 2_654_435_761 + seed) % 255) as f32 / 255.0)
+            .collect(),
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        channels: 3,
+        rows: 32,
+        cols: 32,
+        classes: 10,
+    };
+    let mut c = TrainConfig {
+        model: models::ModelConfig::Resnet18 { width: 4 },
+        epochs: 2,
+        batch_size: 4,
+        ..TrainConfig::default()
+    };
+    c.data.name = "cifar-10".into();
+    c.method.name = MethodName::Lbc;
+    c.method.lbc_t_f = Some(1);
+    let base = c.clone();
+    let data = || Datasets::split(img(8, 1), img(4, 2), &base);
+    let e = Trainer::new(c.clone(), data()).err().unwrap().to_string();
+    assert!(e.contains("conv1.weight"), "{e}");
+    c.method.dense_layers = vec!["conv1.weight".into()];
+    let mut t = Trainer::new(c.clone(), data()).unwrap();
+    t.run(&mut Silent).unwrap();
+    let masks = t.masks();
+    assert_eq!(masks.len(), 21);
+    assert_eq!(masks[0].0, "conv1.weight");
+    assert_eq!(masks[0].1.nnz(), masks[0].1.len(), "the stem stays dense");
+    assert!(
+        masks[1..].iter().all(|(_, m)| m.nnz() * 2 == m.len()),
+        "2:4 elsewhere"
+    );
+    c.method.dense_layers = vec!["stem.weight".into()];
+    let e = Trainer::new(c.clone(), data()).err().unwrap().to_string();
+    assert!(
+        e.contains("method.dense_layers") && e.contains("stem.weight"),
+        "{e}"
+    );
+}
