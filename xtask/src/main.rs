@@ -3,10 +3,12 @@
 //! Tasks:
 //! - `check-layers`: fail, naming the edge, if a crate depends on its own or a higher layer;
 //! - `bench`: the benchmark suites with ratios against dense (see `bench.rs`);
+//! - `accuracy`: the Fashion-MNIST results table (see `accuracy.rs`);
 //! - `ci`: everything `.ci/run` runs after installing tools (fmt, clippy, layers, tests).
 //!
 //! xtask never depends on candle, so it builds in seconds.
 
+mod accuracy;
 mod bench;
 mod layers;
 
@@ -25,6 +27,10 @@ Tasks:
                  run the kernel benchmarks (1 thread and all threads) against candle's
                  dense matmul in the same run; writes DIR/bench.json and DIR/bench.md
                  (default DIR: target/bench)
+  accuracy [--seeds 3] [--epochs 10] [--jobs 2] [--out DIR] [--only NAME]
+                 train LeNet-300-100 on Fashion-MNIST with every method x sparsity / N:M
+                 pattern x seed through `dst train`; writes DIR/results.md (mean ± std)
+                 (default DIR: target/accuracy; finished runs are not run again)
   ci             cargo fmt --check, clippy -D warnings, check-layers, the README test command
 ";
 
@@ -37,6 +43,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("ci") => ci(),
+        Some("accuracy") => accuracy::run(
+            &workspace_root(),
+            accuracy::Options::parse(&args[1..], &workspace_root())?,
+        ),
         Some("bench") => bench::run(
             &workspace_root(),
             bench::Options::parse(&args[1..], &workspace_root())?,

@@ -1,0 +1,228 @@
+//! `cargo xtask accuracy`: the Fashion-MNIST results table of `docs/results.md`, by running
+//! `dst train` for every method × sparsity (or N:M pattern) × seed and summarising mean ± std.
+//!
+//! Runs go to `DIR/<config>-s<seed>` and a finished run (one with `summary.json`) is not run
+//! again, so an interrupted sweep continues where it stopped. Runs execute `--jobs` at a time,
+//! each on one thread (results do not depend on the thread count).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+
+/// Settings of the sweep.
+pub struct Options {
+    seeds: u64,
+    epochs: usize,
+    jobs: usize,
+    out: PathBuf,
+    only: Option<String>,
+}
+
+impl Options {
+    /// `[--seeds N] [--epochs N] [--jobs N] [--out DIR] [--only SUBSTRING]`.
+    pub fn parse(args: &[String], root: &Path) -> Result<Options> {
+        let mut o = Options {
+            seeds: 3,
+            epochs: 10,
+            jobs: 2,
+            out: root.join("target/accuracy"),
+            only: None,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--seeds" => o.seeds = value()?.parse().context("--seeds")?,
+                "--epochs" => o.epochs = value()?.parse().context("--epochs")?,
+                "--jobs" => o.jobs = value()?.parse::<usize>().context("--jobs")?.max(1),
+                "--out" => o.out = PathBuf::from(value()?),
+                "--only" => o.only = Some(value()?.clone()),
+                other => bail!("accuracy: unknown flag `{other}`"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// One row of the table: a name and the `dst train` flags that define it.
+struct Config {
+    name: String,
+    label: String,
+    flags: Vec<String>,
+}
+
+fn configs() -> Vec<Config> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut c = vec![Config {
+        name: "dense".into(),
+        label: "dense".into(),
+        flags: s(&["--method", "dense"]),
+    }];
+    for sp in ["0.8", "0.9", "0.95", "0.99"] {
+        for (m, label, extra) in [
+            ("static", "Static", &[][..]),
+            ("set", "SET", &[][..]),
+            ("rigl", "RigL", &[][..]),
+            ("srigl", "SRigL, no ablation", &["--no-ablation"][..]),
+            ("srigl", "SRigL", &[][..]),
+        ] {
+            let mut flags = s(&["--method", m, "--sparsity", sp, "--distribution", "erk"]);
+            flags.extend(s(extra));
+            let tag = if extra.is_empty() { "" } else { "-noabl" };
+            c.push(Config {
+                name: format!("{m}{tag}-{sp}"),
+                label: format!("{label} {}%", (sp.parse::<f64>().unwrap() * 100.0).round()),
+                flags,
+            });
+        }
+    }
+    for (n, m) in [(2, 4), (1, 4), (2, 8), (1, 16)] {
+        for (method, label) in [
+            ("lbc", "LBC"),
+            ("srste", "SR-STE"),
+            ("nm-magnitude", "one-shot"),
+        ] {
+            let mut flags = s(&[
+                "--method",
+                method,
+                "--n",
+                &n.to_string(),
+                "--m",
+                &m.to_string(),
+            ]);
+            // The output layer stays dense (as in the references); fc2's fan-in of 300 has no
+            // groups of 8 or 16, so for those patterns it stays dense too.
+            flags.extend(s(&["--dense-layer", "fc3.weight"]));
+            if m > 4 {
+                flags.extend(s(&["--dense-layer", "fc2.weight"]));
+            }
+            c.push(Config {
+                name: format!("{method}-{n}of{m}"),
+                label: format!("{label} {n}:{m}"),
+                flags,
+            });
+        }
+    }
+    c
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Runs the sweep and writes `DIR/results.md`.
+pub fn run(root: &Path, o: Options) -> Result<()> {
+    crate::cargo(&["build", "--release", "-p", "cli"])?;
+    let dst = root.join("target/release/dst");
+    std::fs::create_dir_all(&o.out).with_context(|| format!("{}", o.out.display()))?;
+    let all: Vec<Config> = configs()
+        .into_iter()
+        .filter(|c| o.only.as_ref().is_none_or(|s| c.name.contains(s.as_str())))
+        .collect();
+    let mut queue = VecDeque::new();
+    for (i, c) in all.iter().enumerate() {
+        for seed in 1..=o.seeds {
+            let dir = o.out.join(format!("{}-s{seed}", c.name));
+            if !dir.join("summary.json").exists() {
+                let _ = std::fs::remove_dir_all(&dir); // an unfinished run starts over
+                queue.push_back((i, seed, dir));
+            }
+        }
+    }
+    let total = queue.len();
+    eprintln!(
+        "{total} runs to do ({} configs × {} seeds)",
+        all.len(),
+        o.seeds
+    );
+    let queue = Arc::new(Mutex::new(queue));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..o.jobs {
+            scope.spawn(|| loop {
+                let Some((i, seed, dir)) = queue.lock().expect("queue").pop_front() else {
+                    break;
+                };
+                let c = &all[i];
+                let status = Command::new(&dst)
+                    .arg("train")
+                    .args(&c.flags)
+                    .args([
+                        "--epochs",
+                        &o.epochs.to_string(),
+                        "--seed",
+                        &seed.to_string(),
+                    ])
+                    .args([
+                        "--threads",
+                        "1",
+                        "--checkpoint-every",
+                        "0",
+                        "--quiet",
+                        "--out",
+                    ])
+                    .arg(&dir)
+                    .status();
+                let left = queue.lock().expect("queue").len();
+                match status {
+                    Ok(s) if s.success() => eprintln!("done {} seed {seed} ({left} left)", c.name),
+                    other => failures
+                        .lock()
+                        .expect("failures")
+                        .push(format!("{} seed {seed}: {other:?}", c.name)),
+                }
+            });
+        }
+    });
+    let failures = failures.lock().expect("failures").clone();
+    let mut md = format!(
+        "| method | test accuracy (mean ± std over {} seeds, %) | sparsity | wall s / run |\n|---|---|---|---|\n",
+        o.seeds
+    );
+    for c in &all {
+        let (mut acc, mut sparsity, mut wall) = (Vec::new(), Vec::new(), Vec::new());
+        for seed in 1..=o.seeds {
+            let p = o.out.join(format!("{}-s{seed}/summary.json", c.name));
+            if let Ok(bytes) = std::fs::read(&p) {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).with_context(|| format!("{}", p.display()))?;
+                acc.push(v["test_accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0);
+                sparsity.push(v["sparsity"].as_f64().unwrap_or(f64::NAN));
+                wall.push(v["wall_s"].as_f64().unwrap_or(f64::NAN));
+            }
+        }
+        if acc.is_empty() {
+            continue;
+        }
+        let (m, s) = mean_std(&acc);
+        md.push_str(&format!(
+            "| {} | {m:.2} ± {s:.2}{} | {:.4} | {:.0} |\n",
+            c.label,
+            if acc.len() < o.seeds as usize {
+                format!(" ({} seeds)", acc.len())
+            } else {
+                String::new()
+            },
+            mean_std(&sparsity).0,
+            mean_std(&wall).0
+        ));
+    }
+    let path = o.out.join("results.md");
+    std::fs::write(&path, &md).with_context(|| format!("{}", path.display()))?;
+    print!("{md}");
+    eprintln!("→ {}", path.display());
+    if !failures.is_empty() {
+        bail!("{} runs failed: {}", failures.len(), failures.join("; "));
+    }
+    Ok(())
+}
