@@ -4,6 +4,7 @@
 //! - `check-layers`: fail, naming the edge, if a crate depends on its own or a higher layer;
 //! - `bench`: the benchmark suites with ratios against dense (see `bench.rs`);
 //! - `accuracy`: the Fashion-MNIST results table (see `accuracy.rs`);
+//! - `release`: version / changelog checks, workspace packaging, tag (see `release.rs`);
 //! - `ci`: everything `.ci/run` runs after installing tools (fmt, clippy, layers, tests).
 //!
 //! xtask never depends on candle, so it builds in seconds.
@@ -11,6 +12,7 @@
 mod accuracy;
 mod bench;
 mod layers;
+mod release;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,10 @@ Tasks:
                  train LeNet-300-100 on Fashion-MNIST with every method x sparsity / N:M
                  pattern x seed through `dst train`; writes DIR/results.md (mean ± std)
                  (default DIR: target/accuracy; finished runs are not run again)
+  release [--dry-run] [--verify] [--allow-dirty]
+                 check that crate versions and internal requirements agree and that
+                 CHANGELOG.md has the version, run `cargo publish --workspace --dry-run`
+                 (dependency = layer order), then tag v<version> (not with --dry-run)
   ci             cargo fmt --check, clippy -D warnings, check-layers, the README test command
 ";
 
@@ -43,6 +49,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("ci") => ci(),
+        Some("release") => {
+            release::release(&workspace_root(), release::Options::parse(&args[1..])?)
+        }
         Some("accuracy") => accuracy::run(
             &workspace_root(),
             accuracy::Options::parse(&args[1..], &workspace_root())?,
