@@ -5,6 +5,7 @@
 //! - `bench`: the benchmark suites with ratios against dense (see `bench.rs`);
 //! - `accuracy`: the Fashion-MNIST results table (see `accuracy.rs`);
 //! - `release`: version / changelog checks, workspace packaging, tag (see `release.rs`);
+//! - `check-report`: a `dst report` page in headless Chromium (see `report_check.rs`);
 //! - `ci`: everything `.ci/run` runs after installing tools (fmt, clippy, layers, tests).
 //!
 //! xtask never depends on candle, so it builds in seconds.
@@ -13,6 +14,7 @@ mod accuracy;
 mod bench;
 mod layers;
 mod release;
+mod report_check;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -37,6 +39,9 @@ Tasks:
                  check that crate versions and internal requirements agree and that
                  CHANGELOG.md has the version, run `cargo publish --workspace --dry-run`
                  (dependency = layer order), then tag v<version> (not with --dry-run)
+  check-report FILE.html [--screenshot PNG]
+                 render a `dst report` page in headless Chromium; fail on any console
+                 message or a missing screenshot (needs chromium)
   ci             cargo fmt --check, clippy -D warnings, check-layers, the README test command
 ";
 
@@ -52,6 +57,7 @@ fn main() -> Result<()> {
         Some("release") => {
             release::release(&workspace_root(), release::Options::parse(&args[1..])?)
         }
+        Some("check-report") => report_check::run(&args[1..]),
         Some("accuracy") => accuracy::run(
             &workspace_root(),
             accuracy::Options::parse(&args[1..], &workspace_root())?,
