@@ -102,6 +102,29 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         records.append(&mut recs);
         std::fs::remove_file(&part).ok();
     }
+    // The train suite (models/benches/train.rs): all threads, one run.
+    let part = out.join("train.json");
+    let part_s = part.to_string_lossy().to_string();
+    let mut args = vec!["bench", "-p", "models", "--bench", "train", "--"];
+    if opts.quick {
+        args.push("--quick");
+    }
+    args.extend(["--json", &part_s]);
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(&args)
+        .current_dir(root)
+        .status()
+        .context("running cargo bench")?;
+    if !status.success() {
+        bail!("the train benchmark failed ({status})");
+    }
+    let text =
+        std::fs::read_to_string(&part).with_context(|| format!("reading {}", part.display()))?;
+    let mut train: Vec<Value> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", part.display()))?;
+    records.append(&mut train);
+    std::fs::remove_file(&part).ok();
     let machine = json!({
         "cpu": cpu_model(),
         "logical_cpus": all,
@@ -277,6 +300,53 @@ pub fn render_markdown(doc: &Value) -> String {
             ));
         }
         s.push('\n');
+    }
+    let train: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "train").collect();
+    if !train.is_empty() {
+        s.push_str(
+            "### Training steps per second (batch 128, all threads)
+
+| model | sparsity | dense | \
+             dense-mask SRigL | sparse-engine SRigL | sparse ÷ dense | mask-update overhead |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        for r in &train {
+            s.push_str(&format!(
+                "| {} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2}× | {:.1}% (ΔT = {}) |\n",
+                r["model"].as_str().unwrap_or("?"),
+                f(r, "sparsity") * 100.0,
+                1.0 / f(r, "dense_s_per_step"),
+                1.0 / f(r, "dense_mask_s_per_step"),
+                1.0 / f(r, "sparse_s_per_step"),
+                f(r, "speedup_sparse_vs_dense"),
+                f(r, "update_overhead") * 100.0,
+                r["delta_t"]
+            ));
+        }
+        s.push_str("\n| train target | measured | met |\n|---|---|---|\n");
+        for (sp, want) in [(0.9, 2.0), (0.99, 5.0)] {
+            if let Some(r) = train
+                .iter()
+                .find(|r| r["model"] == "3072-3072-3072-10" && (f(r, "sparsity") - sp).abs() < 1e-9)
+            {
+                let v = f(r, "speedup_sparse_vs_dense");
+                s.push_str(&format!(
+                    "| sparse-engine SRigL {:.0}% on 3072-3072-3072-10 ≥ {want}× dense | {v:.2}× | {} |\n",
+                    sp * 100.0,
+                    if v >= want { "yes" } else { "**no**" }
+                ));
+            }
+        }
+        let worst = train
+            .iter()
+            .map(|r| f(r, "update_overhead"))
+            .fold(0.0f64, f64::max);
+        s.push_str(&format!(
+            "| mask-update overhead ≤ 5% | worst {:.1}% | {} |\n\n",
+            worst * 100.0,
+            if worst <= 0.05 { "yes" } else { "**no**" }
+        ));
     }
     let mut threads: Vec<u64> = recs.iter().filter_map(|r| r["threads"].as_u64()).collect();
     threads.sort_unstable();

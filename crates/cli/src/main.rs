@@ -27,6 +27,7 @@ enum Command {
         dst train --model lenet-300-100 --method srigl --sparsity 0.9 --distribution erk \
         --epochs 20 --seed 1 --out runs/srigl90\n  \
         dst train --method lbc --n 2 --m 4 --out runs/lbc24\n  \
+        dst train --method srigl --sparsity 0.9 --engine sparse --out runs/srigl90s\n  \
         dst train --config run.toml --epochs 5\n  \
         dst train --resume runs/srigl90")]
     Train(Box<train::TrainArgs>),

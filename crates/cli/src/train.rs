@@ -10,7 +10,9 @@ use clap::{Args, ValueEnum};
 use dst_core::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
 use dst_core::Distribution;
 use indicatif::{ProgressBar, ProgressStyle};
-use models::{Control, Datasets, Event, LrKind, MethodName, ModelConfig, TrainConfig, Trainer};
+use models::{
+    Control, Datasets, EngineKind, Event, LrKind, MethodName, ModelConfig, TrainConfig, Trainer,
+};
 use sparse_formats::io::SparseLayer;
 
 /// Flags of `dst train`; each overrides the same field of `--config`.
@@ -112,6 +114,10 @@ pub struct TrainArgs {
     /// Fraction of the training set held out for validation.
     #[arg(long)]
     validation_fraction: Option<f64>,
+    /// Training engine of sparse layers: dense-mask (dense weights × mask) or sparse (linear
+    /// weights in sparse storage between mask updates; dst methods).
+    #[arg(long, value_enum)]
+    engine: Option<EngineArg>,
     /// Checkpoint every N epochs (0: only at the end).
     #[arg(long)]
     checkpoint_every: Option<usize>,
@@ -128,6 +134,12 @@ enum DistributionArg {
     Uniform,
     Er,
     Erk,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineArg {
+    DenseMask,
+    Sparse,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,6 +220,12 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
          seed => cfg.seed, checkpoint_every => cfg.checkpoint_every);
     if let Some(t) = a.threads {
         cfg.threads = Some(t);
+    }
+    if let Some(e) = a.engine {
+        cfg.engine = match e {
+            EngineArg::DenseMask => EngineKind::DenseMask,
+            EngineArg::Sparse => EngineKind::Sparse,
+        };
     }
     if let Some(o) = a.optimizer {
         let lr = cfg.peak_lr();

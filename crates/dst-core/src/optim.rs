@@ -34,6 +34,10 @@ pub trait MaskAware {
     fn steps(&self) -> u64;
     /// Sets the step counter (when resuming from a checkpoint).
     fn set_steps(&mut self, steps: u64);
+    /// Replaces the managed variable `old` by `new` (another shape allowed) with the given
+    /// state (for a sparse-storage engine whose stored values are re-laid out at a mask
+    /// update); `new` starts without a mask.
+    fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> Result<()>;
 }
 
 struct Slot {
@@ -97,6 +101,31 @@ fn set_state_in(slots: &mut [Slot], var: &Var, state: Vec<Tensor>) -> Result<()>
             }
         })
         .collect::<candle_core::Result<_>>()?;
+    Ok(())
+}
+
+fn replace_in(slots: &mut [Slot], old: &Var, new: Var, state: Vec<Tensor>) -> Result<()> {
+    let Some(slot) = find(slots, old.as_tensor().id()) else {
+        return Err(crate::error::DstError::Config {
+            field: "replace_var",
+            reason: "the variable is not managed by this optimizer".into(),
+        });
+    };
+    if state.len() != slot.state.len() || state.iter().any(|t| t.dims() != new.dims()) {
+        return Err(crate::error::DstError::Config {
+            field: "replace_var",
+            reason: format!(
+                "expected {} state tensors of shape {:?}",
+                slot.state.len(),
+                new.dims()
+            ),
+        });
+    }
+    *slot = Slot {
+        var: new,
+        mask: None,
+        state: state.into_iter().map(|t| t.detach()).collect(),
+    };
     Ok(())
 }
 
@@ -190,6 +219,10 @@ impl MaskAware for MaskedSgd {
 
     fn set_steps(&mut self, steps: u64) {
         self.t = steps;
+    }
+
+    fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> Result<()> {
+        replace_in(&mut self.slots, old, new, state)
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
@@ -308,6 +341,10 @@ impl MaskAware for MaskedAdamW {
         self.t = steps;
     }
 
+    fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> Result<()> {
+        replace_in(&mut self.slots, old, new, state)
+    }
+
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
@@ -390,6 +427,9 @@ impl<T: MaskAware + ?Sized> MaskAware for Box<T> {
     }
     fn set_steps(&mut self, steps: u64) {
         (**self).set_steps(steps)
+    }
+    fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> Result<()> {
+        (**self).replace_var(old, new, state)
     }
 }
 

@@ -35,6 +35,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Worker threads (`None`: all cores). Results do not depend on it.
     pub threads: Option<usize>,
+    /// How sparse layers are trained: `dense-mask` (dense weights times a mask, as every public
+    /// implementation) or `sparse` (linear weights in sparse storage between mask updates; dst
+    /// methods only).
+    pub engine: EngineKind,
     /// Write a checkpoint every this many epochs when the run has an output folder (0: only at
     /// the end). A checkpoint is also written when a run is stopped.
     pub checkpoint_every: usize,
@@ -58,9 +62,21 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             seed: 1,
             threads: None,
+            engine: EngineKind::DenseMask,
             checkpoint_every: 1,
         }
     }
+}
+
+/// The training engine of sparse layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// Dense weights multiplied by a mask.
+    DenseMask,
+    /// Linear weights stored sparse (condensed for constant fan-in, CSR otherwise) between
+    /// mask updates; the dense gradient only at mask-update steps.
+    Sparse,
 }
 
 /// Where the data come from and how they are split.
@@ -341,6 +357,15 @@ impl TrainConfig {
             return Err((
                 "label_smoothing",
                 format!("{} is outside [0, 1)", self.label_smoothing),
+            ));
+        }
+        if self.engine == EngineKind::Sparse && m.name.dst().is_none() {
+            return Err((
+                "engine",
+                format!(
+                    "the sparse engine trains dst methods (static, set, rigl, srigl), not `{}`",
+                    m.name.as_str()
+                ),
             ));
         }
         if self.threads == Some(0) {

@@ -7,6 +7,7 @@
 //! - [`config`]: [`TrainConfig`], one serde struct describing a run;
 //! - [`trainer`]: the [`Trainer`] (dense, Static, SET, RigL, SRigL, LBC, SR-STE, one-shot
 //!   N:M), metrics JSON lines, progress events, checkpoints and exact resume;
+//! - [`engine`]: the sparse training engine (weights in sparse storage between mask updates);
 //! - [`checkpoint`]: the checkpoint files.
 //!
 //! ```no_run
@@ -25,10 +26,13 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod nets;
 pub mod trainer;
 
-pub use config::{DataConfig, LrKind, LrSchedule, MethodConfig, MethodName, TrainConfig};
+pub use config::{
+    DataConfig, EngineKind, LrKind, LrSchedule, MethodConfig, MethodName, TrainConfig,
+};
 pub use nets::ModelConfig;
 pub use trainer::{
     Control, Datasets, EpochMetrics, Event, LayerStats, Progress, Silent, Summary, TrainError,

@@ -20,6 +20,8 @@ use dst_core::Rng;
 use lbc::training::{nm_conv2d, nm_conv2d_no_bias, nm_linear, nm_linear_no_bias, NmLayer};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::EngineLayer;
+
 /// Which architecture (serde: `kind = "mlp"`, `hidden = [300, 100]`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -112,6 +114,9 @@ pub enum LayerKind {
     Dst,
     /// lbc N:M layers (masks from an `NmSparsifier`).
     Nm,
+    /// dst-core layers whose linear weights can be trained in sparse storage
+    /// ([`crate::engine::EngineLayer`]); convs are ordinary dst-core layers.
+    Engine,
 }
 
 /// One linear or conv layer of either kind.
@@ -123,6 +128,8 @@ pub enum Layer {
     Conv(SparseConv2d),
     /// An lbc N:M layer (linear or conv).
     Nm(NmLayer),
+    /// A linear layer of the sparse training engine.
+    Engine(EngineLayer),
 }
 
 impl Module for Layer {
@@ -131,6 +138,7 @@ impl Module for Layer {
             Layer::Linear(l) => l.forward(x),
             Layer::Conv(l) => l.forward(x),
             Layer::Nm(l) => l.forward(x),
+            Layer::Engine(l) => l.forward(x),
         }
     }
 }
@@ -144,6 +152,8 @@ pub struct LayerFactory<'a> {
     pub sparse: Vec<SparseParam>,
     /// N:M layers built so far.
     pub nm: Vec<NmLayer>,
+    /// Sparse-engine linear layers built so far (their weights are in `sparse` too).
+    pub engine: Vec<EngineLayer>,
     /// Weight names built as dst-core layers even when `kind` is N:M (they stay dense).
     keep_dense: Vec<String>,
 }
@@ -157,6 +167,7 @@ impl<'a> LayerFactory<'a> {
             seed,
             sparse: Vec::new(),
             nm: Vec::new(),
+            engine: Vec::new(),
             keep_dense: Vec::new(),
         }
     }
@@ -191,7 +202,7 @@ impl<'a> LayerFactory<'a> {
     ) -> candle_core::Result<Layer> {
         let vb = self.vb.pp(path);
         Ok(match (self.kind_for(path), bias) {
-            (LayerKind::Dst, b) => {
+            (kind @ (LayerKind::Dst | LayerKind::Engine), b) => {
                 let l = if b {
                     sparse_linear(in_dim, out_dim, self.seed, vb)
                 } else {
@@ -199,7 +210,13 @@ impl<'a> LayerFactory<'a> {
                 }
                 .map_err(candle_core::Error::wrap)?;
                 self.sparse.push(l.weight().clone());
-                Layer::Linear(l)
+                if kind == LayerKind::Engine {
+                    let e = EngineLayer::new(l.weight().clone(), l.bias().cloned());
+                    self.engine.push(e.clone());
+                    Layer::Engine(e)
+                } else {
+                    Layer::Linear(l)
+                }
             }
             (LayerKind::Nm, b) => {
                 let l = if b {
@@ -225,7 +242,7 @@ impl<'a> LayerFactory<'a> {
     ) -> candle_core::Result<Layer> {
         let vb = self.vb.pp(path);
         Ok(match self.kind_for(path) {
-            LayerKind::Dst => {
+            LayerKind::Dst | LayerKind::Engine => {
                 let l = if bias {
                     sparse_conv2d(in_c, out_c, kernel, cfg, self.seed, vb)
                 } else {
@@ -457,6 +474,8 @@ pub struct BuiltLayers {
     pub sparse: Vec<SparseParam>,
     /// N:M layers, in build order.
     pub nm: Vec<NmLayer>,
+    /// Sparse-engine linear layers, in build order.
+    pub engine: Vec<EngineLayer>,
 }
 
 /// Why a configuration cannot be built for a data set.
@@ -586,6 +605,7 @@ impl Network {
             BuiltLayers {
                 sparse: f.sparse,
                 nm: f.nm,
+                engine: f.engine,
             },
         ))
     }

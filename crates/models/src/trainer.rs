@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use dst_core::optim::MaskAware;
 use dst_core::{Rng, SparseParam, Sparsifier, SparsifierConfig, UpdateReport};
@@ -27,8 +27,9 @@ use serde::{Deserialize, Serialize};
 use sparse_formats::{Mask, NmPattern};
 
 use crate::checkpoint::{self, CheckpointState};
-use crate::config::{MethodName, TrainConfig};
+use crate::config::{EngineKind, MethodName, TrainConfig};
 use crate::data::{find_dataset, load_cifar10, load_mnist_like, DataError, ImageSet, Split};
+use crate::engine::EngineLayer;
 use crate::nets::{LayerFactory, LayerKind, Network};
 
 /// Errors of training; each names the setting, file or step at fault.
@@ -293,6 +294,47 @@ enum Engine {
     Nm(Box<NmSparsifier>),
 }
 
+/// Hands mask changes to the optimizer except for sparse-engine weights, whose dense variable
+/// the optimizer does not manage (their stored values are re-laid out instead).
+struct EngineShim<'a> {
+    opt: &'a mut (dyn MaskAware + Send),
+    skip: &'a [TensorId],
+}
+
+impl MaskAware for EngineShim<'_> {
+    fn set_mask(&mut self, var: &Var, mask: &Tensor) -> dst_core::Result<()> {
+        if self.skip.contains(&var.as_tensor().id()) {
+            Ok(())
+        } else {
+            self.opt.set_mask(var, mask)
+        }
+    }
+    fn state(&self, var: &Var) -> Vec<Tensor> {
+        self.opt.state(var)
+    }
+    fn learning_rate(&self) -> f64 {
+        self.opt.learning_rate()
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.opt.set_learning_rate(lr)
+    }
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> dst_core::Result<()> {
+        self.opt.step(grads)
+    }
+    fn set_state(&mut self, var: &Var, state: Vec<Tensor>) -> dst_core::Result<()> {
+        self.opt.set_state(var, state)
+    }
+    fn steps(&self) -> u64 {
+        self.opt.steps()
+    }
+    fn set_steps(&mut self, steps: u64) {
+        self.opt.set_steps(steps)
+    }
+    fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> dst_core::Result<()> {
+        self.opt.replace_var(old, new, state)
+    }
+}
+
 /// A training run in progress: network, optimizer, sparsifier, data and counters.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -303,6 +345,8 @@ pub struct Trainer {
     params: Vec<SparseParam>,
     nm_layers: Vec<NmLayer>,
     engine: Engine,
+    /// Linear layers trained in sparse storage (sparse engine only).
+    engine_layers: Vec<EngineLayer>,
     opt: Box<dyn MaskAware + Send>,
     norm: Vec<(f32, f32)>,
     steps_per_epoch: usize,
@@ -337,6 +381,8 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let kind = if cfg.method.name.is_nm() {
             LayerKind::Nm
+        } else if cfg.engine == EngineKind::Sparse {
+            LayerKind::Engine
         } else {
             LayerKind::Dst
         };
@@ -407,9 +453,37 @@ impl Trainer {
         } else {
             Engine::Dense
         };
-        let mut opt = cfg.optimizer.build(varmap.all_vars())?;
+        // Sparse engine: compress the linear layers the sparsifier made sparse; the optimizer
+        // trains their stored values instead of their dense variables.
+        let mut engine_layers = Vec::new();
         if let Engine::Dst(s) = &engine {
-            s.register(&mut opt)?;
+            for e in &built.engine {
+                let dense = s
+                    .budgets()
+                    .iter()
+                    .any(|b| b.name == e.param().name() && b.dense);
+                if !dense {
+                    e.compress(&[])?;
+                    engine_layers.push(e.clone());
+                }
+            }
+        }
+        let skip: Vec<TensorId> = engine_layers
+            .iter()
+            .map(|e| e.param().var().as_tensor().id())
+            .collect();
+        let mut vars: Vec<Var> = varmap
+            .all_vars()
+            .into_iter()
+            .filter(|v| !skip.contains(&v.as_tensor().id()))
+            .collect();
+        vars.extend(engine_layers.iter().filter_map(|e| e.values()));
+        let mut opt = cfg.optimizer.build(vars)?;
+        if let Engine::Dst(s) = &engine {
+            s.register(&mut EngineShim {
+                opt: &mut opt,
+                skip: &skip,
+            })?;
         }
         let norm = data.train.channel_stats();
         Ok(Trainer {
@@ -421,6 +495,7 @@ impl Trainer {
             params: built.sparse,
             nm_layers: built.nm,
             engine,
+            engine_layers,
             opt,
             norm,
             steps_per_epoch,
@@ -445,6 +520,39 @@ impl Trainer {
         checkpoint::write_atomic(&dir.join("config.json"), &json)?;
         self.out = Some(dir.to_path_buf());
         Ok(self)
+    }
+
+    /// The sparse-engine layer whose dense variable is `var`.
+    fn engine_of(&self, var: &Var) -> Option<&EngineLayer> {
+        self.engine_layers
+            .iter()
+            .find(|e| e.param().var().as_tensor().id() == var.as_tensor().id())
+    }
+
+    fn engine_skip(&self) -> Vec<TensorId> {
+        self.engine_layers
+            .iter()
+            .map(|e| e.param().var().as_tensor().id())
+            .collect()
+    }
+
+    /// Re-lays every sparse-engine layer out for its new mask, moving the optimizer state.
+    fn recompress(&mut self) -> Result<()> {
+        for e in &self.engine_layers {
+            let old = e.values().expect("engine layers are compressed");
+            let state = self.opt.state(&old);
+            let (new, new_state) = e.compress(&state)?;
+            self.opt.replace_var(&old, new, new_state)?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes the dense variables of sparse-engine layers from their stored values.
+    fn sync_dense(&self) -> Result<()> {
+        for e in &self.engine_layers {
+            e.scatter()?;
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -492,6 +600,8 @@ impl Trainer {
 
     /// Every variable by name (weights, biases, BatchNorm statistics...).
     pub fn variables(&self) -> Vec<(String, Tensor)> {
+        // Scatter only fails on a candle error, which the next training step would report.
+        let _ = self.sync_dense();
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut v: Vec<(String, Tensor)> = data
             .iter()
@@ -723,9 +833,16 @@ impl Trainer {
             let data = self.varmap.data().lock().expect("varmap lock");
             data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
+        // Sparse-engine layers are saved densely (weights and optimizer state), so a checkpoint
+        // reads the same whichever engine wrote it.
+        self.sync_dense()?;
         for (name, var) in &vars {
             t.insert(format!("var.{name}"), var.as_tensor().copy()?);
-            for (i, s) in self.opt.state(var).into_iter().enumerate() {
+            let state = match self.engine_of(var) {
+                Some(e) => e.dense_state(&self.opt.state(&e.values().expect("compressed")))?,
+                None => self.opt.state(var),
+            };
+            for (i, s) in state.into_iter().enumerate() {
                 t.insert(format!("opt.{name}.{i}"), s);
             }
         }
@@ -806,6 +923,7 @@ impl Trainer {
         let mask_of = |name: String| -> Result<Mask> {
             Ok(Mask::from_tensor(&get(name)?).map_err(dst_core::DstError::from)?)
         };
+        let skip = tr.engine_skip();
         match &mut tr.engine {
             Engine::Dense => {}
             Engine::Dst(s) => {
@@ -818,7 +936,14 @@ impl Trainer {
                     .iter()
                     .map(|n| mask_of(format!("ever.{n}")))
                     .collect::<Result<Vec<_>>>()?;
-                s.restore(masks, ever, &mut tr.opt)?;
+                s.restore(
+                    masks,
+                    ever,
+                    &mut EngineShim {
+                        opt: &mut tr.opt,
+                        skip: &skip,
+                    },
+                )?;
             }
             Engine::Nm(s) => {
                 let cur = s.state();
@@ -844,13 +969,23 @@ impl Trainer {
                 })?;
             }
         }
+        // Sparse engine: lay the restored weights out again (fresh state, replaced below).
+        tr.recompress()?;
         for (name, var) in &vars {
-            let n = tr.opt.state(var).len();
+            let target = match tr.engine_of(var) {
+                Some(e) => e.values().expect("compressed"),
+                None => var.clone(),
+            };
+            let n = tr.opt.state(&target).len();
             if n > 0 {
                 let st = (0..n)
                     .map(|i| get(format!("opt.{name}.{i}")))
                     .collect::<Result<Vec<_>>>()?;
-                tr.opt.set_state(var, st)?;
+                let st = match tr.engine_of(var) {
+                    Some(e) => e.gather_state(&st)?,
+                    None => st,
+                };
+                tr.opt.set_state(&target, st)?;
             }
         }
         tr.opt.set_steps(state.optimizer_steps);
@@ -901,6 +1036,19 @@ impl Trainer {
             s.set_score_lr(lr as f32);
             s.before_forward(epoch)?;
         }
+        // Sparse engine: a mask-update step runs densely to get the dense gradient.
+        let update_next = match &self.engine {
+            Engine::Dst(s) if !self.engine_layers.is_empty() => {
+                s.config().method != dst_core::Method::Static
+                    && s.config().schedule.is_update_step(self.step + 1)
+            }
+            _ => false,
+        };
+        if update_next {
+            for e in &self.engine_layers {
+                e.begin_dense_step()?;
+            }
+        }
         let (x, y) = self.batch(&self.data.train, idx)?;
         let logits = self.net.forward_t(&x, true)?;
         let loss = self.loss(&logits, &y)?;
@@ -918,15 +1066,41 @@ impl Trainer {
         if let Engine::Nm(s) = &mut self.engine {
             s.after_backward(&mut grads)?;
         }
+        if update_next {
+            for e in &self.engine_layers {
+                e.end_dense_step(&mut grads)?;
+            }
+        }
         self.opt.step(&grads)?;
         self.step += 1;
         self.epoch_acc.0 += loss_v as f64;
         self.epoch_acc.1 += correct as f64;
         self.epoch_acc.2 += idx.len();
+        let skip = self.engine_skip();
         let report = match &mut self.engine {
-            Engine::Dst(s) => s.step(self.step, &grads, &mut self.opt)?,
+            Engine::Dst(s) if self.engine_layers.is_empty() => {
+                s.step(self.step, &grads, &mut self.opt)?
+            }
+            Engine::Dst(s) => {
+                if update_next {
+                    for e in &self.engine_layers {
+                        e.scatter()?; // the post-step weights, for the update
+                    }
+                }
+                s.step(
+                    self.step,
+                    &grads,
+                    &mut EngineShim {
+                        opt: &mut self.opt,
+                        skip: &skip,
+                    },
+                )?
+            }
             _ => None,
         };
+        if report.is_some() && !self.engine_layers.is_empty() {
+            self.recompress()?;
+        }
         Ok((loss_v, lr, report))
     }
 

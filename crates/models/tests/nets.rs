@@ -10,7 +10,7 @@ fn check(cfg: &ModelConfig, image: [usize; 3], kind: LayerKind, weights: usize) 
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let (net, built) = Network::build(cfg, image, 10, vb, kind, 3).unwrap();
     let n = match kind {
-        LayerKind::Dst => built.sparse.len(),
+        LayerKind::Dst | LayerKind::Engine => built.sparse.len(),
         LayerKind::Nm => built.nm.len(),
     };
     assert_eq!(n, weights, "{cfg:?}");
@@ -23,7 +23,9 @@ fn check(cfg: &ModelConfig, image: [usize; 3], kind: LayerKind, weights: usize) 
     assert_eq!(y.dims(), &[2, 10]);
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let weight_vars: Vec<_> = match kind {
-        LayerKind::Dst => built.sparse.iter().map(|p| p.var().clone()).collect(),
+        LayerKind::Dst | LayerKind::Engine => {
+            built.sparse.iter().map(|p| p.var().clone()).collect()
+        }
         LayerKind::Nm => built.nm.iter().map(|l| l.weight().clone()).collect(),
     };
     let missing: Vec<_> = weight_vars
@@ -56,6 +58,8 @@ fn mlp_and_lenet5() {
         check(&ModelConfig::Lenet5, [1, 28, 28], kind, 5);
     }
     check(&ModelConfig::mlp_1000x3(), [1, 28, 28], LayerKind::Dst, 4);
+    // Sparse-engine layers run densely until compressed: same shapes and gradients.
+    check(&ModelConfig::Lenet5, [1, 28, 28], LayerKind::Engine, 5);
     check(&ModelConfig::Lenet5, [3, 32, 32], LayerKind::Dst, 5);
 }
 
