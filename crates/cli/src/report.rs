@@ -90,7 +90,8 @@ fn line_chart(title: &str, y_label: &str, series: &[Series]) -> Result<String> {
         if x0 > x1 {
             (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
         }
-        let pad = ((y1 - y0) * 0.05).max(1e-6);
+        // A flat series (no ablation, constant sparsity) still gets a readable axis.
+        let pad = ((y1 - y0) * 0.05).max(y1.abs().max(1.0) * 0.05);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 18))
             .margin(10)
