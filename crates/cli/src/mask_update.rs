@@ -223,9 +223,7 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
             Tensor::from_vec(m, l.shape.as_slice(), &Device::Cpu)?,
         );
     }
-    let tmp = a.out.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&out, &tmp)
+    models::checkpoint::save_tensors_atomic(&a.out, &out)
         .with_context(|| format!("--out {}", a.out.display()))?;
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("--out {}", a.out.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -57,6 +57,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     sparse_formats::io::write_atomic(path, bytes).map_err(|e| err(path, e))
 }
 
+/// Writes named tensors to a safetensors file through a temporary file in the same folder and
+/// a rename.
+pub fn save_tensors_atomic(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), TrainError> {
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into());
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(path, e))
+}
+
 /// Writes a checkpoint into `dir` (created if missing).
 pub fn save(
     dir: &Path,
@@ -65,10 +79,7 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| err(dir, format!("cannot create: {e}")))?;
     let name = format!("state-{:09}.safetensors", state.step);
-    let path = dir.join(&name);
-    let tmp = dir.join(format!(".tmp-{name}"));
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| err(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
+    save_tensors_atomic(&dir.join(&name), tensors)?;
     state.tensors = name.clone();
     let json = serde_json::to_vec_pretty(&state).expect("checkpoint state serialises");
     write_atomic(&dir.join("checkpoint.json"), &json)?;

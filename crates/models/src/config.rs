@@ -371,10 +371,7 @@ impl TrainConfig {
         if self.threads == Some(0) {
             return Err(("threads", "must be at least 1".into()));
         }
-        let lr = match self.optimizer {
-            OptimizerConfig::Sgd(c) => c.lr,
-            OptimizerConfig::AdamW(c) => c.lr,
-        };
+        let lr = self.peak_lr();
         if !(lr.is_finite() && lr > 0.0) {
             return Err(("optimizer.lr", format!("{lr} is not a positive number")));
         }

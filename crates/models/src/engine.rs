@@ -39,6 +39,15 @@ pub struct EngineLayer {
     inner: Arc<RwLock<Inner>>,
 }
 
+/// A dense row-major vector of `len` entries holding `values` at `positions`, 0 elsewhere.
+fn scatter_vec(positions: &[usize], values: Vec<f32>, len: usize) -> Vec<f32> {
+    let mut dense = vec![0.0f32; len];
+    for (&p, v) in positions.iter().zip(values) {
+        dense[p] = v;
+    }
+    dense
+}
+
 fn positions_of(mask: &Mask) -> Vec<usize> {
     let f = mask.fan_in();
     (0..mask.rows())
@@ -98,13 +107,8 @@ impl EngineLayer {
         let new_state = old_state
             .iter()
             .map(|s| {
-                let s = s.to_vec1::<f32>()?;
-                let mut dense = vec![0.0f32; rows * fan_in];
-                if let Some(old) = &inner.sparse {
-                    for (&p, v) in old.positions.iter().zip(s) {
-                        dense[p] = v;
-                    }
-                }
+                let old = inner.sparse.as_ref().map_or(&[][..], |o| &o.positions[..]);
+                let dense = scatter_vec(old, s.to_vec1::<f32>()?, rows * fan_in);
                 let v: Vec<f32> = positions.iter().map(|&p| dense[p]).collect();
                 Tensor::from_vec(v, positions.len(), &dev)
             })
@@ -124,14 +128,8 @@ impl EngineLayer {
             return Ok(());
         };
         let shape = self.param.var().shape().clone();
-        let mut dense = vec![0.0f32; shape.elem_count()];
-        for (&p, v) in s
-            .positions
-            .iter()
-            .zip(s.values.as_tensor().to_vec1::<f32>()?)
-        {
-            dense[p] = v;
-        }
+        let values = s.values.as_tensor().to_vec1::<f32>()?;
+        let dense = scatter_vec(&s.positions, values, shape.elem_count());
         self.param
             .var()
             .set(&Tensor::from_vec(dense, shape, self.param.var().device())?)
@@ -147,10 +145,7 @@ impl EngineLayer {
         state
             .iter()
             .map(|t| {
-                let mut dense = vec![0.0f32; shape.elem_count()];
-                for (&p, v) in s.positions.iter().zip(t.to_vec1::<f32>()?) {
-                    dense[p] = v;
-                }
+                let dense = scatter_vec(&s.positions, t.to_vec1::<f32>()?, shape.elem_count());
                 Tensor::from_vec(dense, shape.clone(), self.param.var().device())
             })
             .collect()

@@ -361,6 +361,16 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
 }
 
+/// Examples whose arg-max logit is the label.
+fn correct_count(logits: &Tensor, y: &Tensor) -> candle_core::Result<f32> {
+    logits
+        .argmax(D::Minus1)?
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()
+}
+
 fn config_err(field: &'static str, reason: impl std::fmt::Display) -> TrainError {
     TrainError::Config {
         field,
@@ -684,12 +694,7 @@ impl Trainer {
             let logits = self.net.forward_t(&x, false)?;
             let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
             loss_sum += l as f64 * chunk.len() as f64;
-            correct += logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
+            correct += correct_count(&logits, &y)? as f64;
         }
         let n = set.len().max(1) as f64;
         Ok(((loss_sum / n) as f32, (correct / n) as f32))
@@ -1056,12 +1061,7 @@ impl Trainer {
         if !loss_v.is_finite() {
             return Ok((loss_v, lr, None));
         }
-        let correct = logits
-            .argmax(D::Minus1)?
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
+        let correct = correct_count(&logits, &y)?;
         let mut grads = loss.backward()?;
         if let Engine::Nm(s) = &mut self.engine {
             s.after_backward(&mut grads)?;
