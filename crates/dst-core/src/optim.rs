@@ -38,6 +38,12 @@ pub trait MaskAware {
     /// state (for a sparse-storage engine whose stored values are re-laid out at a mask
     /// update); `new` starts without a mask.
     fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> Result<()>;
+    /// Whether [`MaskAware::set_mask`] for `var` has any effect (a wrapper that leaves some
+    /// variables to another mechanism says no, and the caller can skip building their mask).
+    fn manages(&self, var: &Var) -> bool {
+        let _ = var;
+        true
+    }
 }
 
 struct Slot {
@@ -430,6 +436,9 @@ impl<T: MaskAware + ?Sized> MaskAware for Box<T> {
     }
     fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> Result<()> {
         (**self).replace_var(old, new, state)
+    }
+    fn manages(&self, var: &Var) -> bool {
+        (**self).manages(var)
     }
 }
 

@@ -2,6 +2,7 @@
 //! [`Sparsifier::step`] after every optimiser step.
 
 use candle_core::backprop::GradStore;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sparse_formats::Mask;
 
@@ -218,52 +219,69 @@ impl Sparsifier {
             return Ok(None);
         }
         let drop_fraction = self.cfg.schedule.drop_fraction(step);
-        let mut reports = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            if l.budget.dense {
-                continue;
-            }
-            let name = l.param.name().to_string();
-            let mut weights = l.param.weights()?;
-            let grad = match grads.get(l.param.var()) {
-                Some(g) => Some(
-                    g.flatten_all()?
-                        .to_dtype(candle_core::DType::F32)?
-                        .to_vec1::<f32>()?,
-                ),
-                None if matches!(self.cfg.method, Method::Rigl | Method::Srigl) => {
-                    return Err(DstError::layer(
-                        &name,
-                        "no gradient for this weight in the gradient store",
-                    ));
+        let (method, cfg) = (self.cfg.method, &self.cfg);
+        // Layers are independent: their new masks are computed in parallel (each from its own
+        // seed-derived streams, so the result does not depend on the thread count), then applied
+        // to the weights and the optimizer in layer order.
+        let stats: Vec<Option<UpdateStats>> = self
+            .layers
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, l)| -> Result<_> {
+                if l.budget.dense {
+                    return Ok(None);
                 }
-                None => None,
+                let name = l.param.name();
+                let mut weights = l.param.weights()?;
+                let grad = match grads.get(l.param.var()) {
+                    Some(g) => Some(
+                        g.flatten_all()?
+                            .to_dtype(candle_core::DType::F32)?
+                            .to_vec1::<f32>()?,
+                    ),
+                    None if matches!(method, Method::Rigl | Method::Srigl) => {
+                        return Err(DstError::layer(
+                            name,
+                            "no gradient for this weight in the gradient store",
+                        ));
+                    }
+                    None => None,
+                };
+                let old = l.param.mask();
+                let input = UpdateInput {
+                    name,
+                    weights: &weights,
+                    grad: grad.as_deref(),
+                    mask: &old,
+                    budget: l.budget.budget,
+                    protected: l.protected,
+                };
+                let params = UpdateParams {
+                    drop_fraction,
+                    seed: cfg.seed,
+                    step: step as u64,
+                    layer_index: i as u64,
+                    tie_noise: cfg.tie_noise,
+                    srigl: cfg.srigl,
+                };
+                let upd = update_mask(method, &input, &params)?;
+                apply_update(&mut weights, &old, &upd.mask);
+                l.ever_active = l.ever_active.union(&upd.mask)?;
+                l.param.set(upd.mask, weights)?;
+                Ok(Some(upd.stats))
+            })
+            .collect::<Result<_>>()?;
+        let mut reports = Vec::new();
+        for (l, st) in self.layers.iter().zip(stats) {
+            let Some(st) = st else {
+                continue;
             };
-            let old = l.param.mask();
-            let input = UpdateInput {
-                name: &name,
-                weights: &weights,
-                grad: grad.as_deref(),
-                mask: &old,
-                budget: l.budget.budget,
-                protected: l.protected,
-            };
-            let params = UpdateParams {
-                drop_fraction,
-                seed: self.cfg.seed,
-                step: step as u64,
-                layer_index: i as u64,
-                tie_noise: self.cfg.tie_noise,
-                srigl: self.cfg.srigl,
-            };
-            let upd = update_mask(self.cfg.method, &input, &params)?;
-            apply_update(&mut weights, &old, &upd.mask);
-            l.ever_active = l.ever_active.union(&upd.mask)?;
-            l.param.set(upd.mask, weights)?;
-            opt.set_mask(l.param.var(), &l.param.mask_tensor()?)?;
+            if opt.manages(l.param.var()) {
+                opt.set_mask(l.param.var(), &l.param.mask_tensor()?)?;
+            }
             reports.push(LayerReport {
-                name,
-                stats: upd.stats,
+                name: l.param.name().to_string(),
+                stats: st,
             });
         }
         Ok(Some(UpdateReport {

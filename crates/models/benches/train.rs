@@ -3,7 +3,8 @@
 //! 3072-3072-3072-10 MLP at batch 128, 90/95/99% sparsity, all in one run; and the mask-update
 //! overhead (the same run with and without mask updates at ΔT = 100).
 //!
-//! `cargo bench -p models --bench train -- [--quick] [--json FILE]`
+//! `cargo bench -p models --bench train -- [--quick] [--json FILE] [--model SUBSTRING]
+//! [--sparsity S]` (the last two run a subset, e.g. `--model 3072 --sparsity 0.9`)
 
 use std::time::Instant;
 
@@ -46,6 +47,13 @@ fn main() {
         .iter()
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1).cloned());
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let only_model = flag("--model");
+    let only_sparsity: Option<f64> = flag("--sparsity").map(|s| s.parse().expect("--sparsity"));
     let (delta_t, steps) = if quick { (20, 40) } else { (100, 200) };
     let nets: &[(&str, Vec<usize>, usize, usize)] = &[
         ("784-1000-1000-1000-10", vec![1000, 1000, 1000], 1, 28),
@@ -60,6 +68,12 @@ fn main() {
     println!("| model | sparsity | dense steps/s | dense-mask SRigL | sparse SRigL | sparse ÷ dense | update overhead (sparse) |");
     println!("|---|---|---|---|---|---|---|");
     for (name, hidden, c, side) in nets {
+        if only_model
+            .as_ref()
+            .is_some_and(|m| !name.contains(m.as_str()))
+        {
+            continue;
+        }
         let n = 128 * 25;
         let base = TrainConfig {
             model: ModelConfig::Mlp {
@@ -79,6 +93,9 @@ fn main() {
         dense_cfg.method.name = MethodName::Dense;
         let dense = time_steps(&dense_cfg, &data, 3, steps);
         for &s in sparsities {
+            if only_sparsity.is_some_and(|o| (o - s).abs() > 1e-9) {
+                continue;
+            }
             let mut cfg = base.clone();
             cfg.method.name = MethodName::Srigl;
             cfg.method.sparsity = s;

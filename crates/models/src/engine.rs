@@ -2,7 +2,7 @@
 //! when every active row has the same fan-in, as SRigL's; CSR otherwise) between mask updates,
 //! so forward, input gradient and value gradient run on the sparse-kernels kernels and the
 //! dense weight gradient is never formed — except at the steps that need it (mask updates),
-//! where the layer runs one dense step on its dense variable.
+//! where the backward pass adds the one dense product `gyᵀ·x` for the dense variable.
 //!
 //! The dense variable (the dst-core `SparseParam`) stays the layer's identity: the sparsifier
 //! reads and writes it at mask updates, checkpoints store it, and it is refreshed from the
@@ -12,11 +12,10 @@
 
 use std::sync::{Arc, RwLock};
 
-use candle_core::backprop::GradStore;
 use candle_core::{Module, Tensor, Var};
 use dst_core::SparseParam;
 use sparse_formats::{Condensed, Csr, Mask};
-use sparse_kernels::ops::{sparse_linear, SparseStructure};
+use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
 
 struct Sparse {
     values: Var,
@@ -167,30 +166,17 @@ impl EngineLayer {
             .collect()
     }
 
-    /// Runs the next forward passes on the dense weight (refreshed from the values), so that
-    /// backward yields the dense gradient a mask update needs.
-    pub fn begin_dense_step(&self) -> candle_core::Result<()> {
-        self.scatter()?;
+    /// Makes the next forward passes also hand the dense weight gradient `gyᵀ·x` to the dense
+    /// variable in their backward pass (a mask-update step); forward, input gradient and value
+    /// gradient stay sparse.
+    pub fn begin_dense_step(&self) {
         self.write().dense_step = true;
-        Ok(())
     }
 
-    /// After the backward pass of a dense step: gives the values their gradient (the dense
-    /// gradient at the stored positions) and goes back to sparse forward passes. The dense
-    /// gradient stays in `grads` for the mask update.
-    pub fn end_dense_step(&self, grads: &mut GradStore) -> candle_core::Result<()> {
-        let mut inner = self.write();
-        inner.dense_step = false;
-        let Some(s) = &inner.sparse else {
-            return Ok(());
-        };
-        if let Some(g) = grads.get(self.param.var()) {
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            let v: Vec<f32> = s.positions.iter().map(|&p| g[p]).collect();
-            let n = v.len();
-            grads.insert(&s.values, Tensor::from_vec(v, n, s.values.device())?);
-        }
-        Ok(())
+    /// After the backward pass of a dense-gradient step: back to plain sparse passes. The dense
+    /// gradient stays in the gradient store for the mask update.
+    pub fn end_dense_step(&self) {
+        self.write().dense_step = false;
     }
 }
 
@@ -200,7 +186,14 @@ impl Module for EngineLayer {
         let bias = self.bias.as_ref().map(|b| b.as_tensor());
         match (&inner.sparse, inner.dense_step) {
             (Some(s), false) => sparse_linear(x, s.values.as_tensor(), &s.structure, bias),
-            _ => {
+            (Some(s), true) => sparse_linear_dense_grad(
+                x,
+                s.values.as_tensor(),
+                self.param.var().as_tensor(),
+                &s.structure,
+                bias,
+            ),
+            (None, _) => {
                 let y = x.broadcast_matmul(&self.param.var().as_tensor().t()?)?;
                 match bias {
                     Some(b) => y.broadcast_add(b),

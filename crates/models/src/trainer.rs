@@ -23,6 +23,7 @@ use dst_core::{Rng, SparseParam, Sparsifier, SparsifierConfig, UpdateReport};
 use lbc::lbc::ScoreSgd;
 use lbc::schedule::RemovalSchedule;
 use lbc::training::{NmLayer, NmLayerState, NmMethod, NmSparsifier, NmState};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sparse_formats::{Mask, NmPattern};
 
@@ -333,6 +334,9 @@ impl MaskAware for EngineShim<'_> {
     fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> dst_core::Result<()> {
         self.opt.replace_var(old, new, state)
     }
+    fn manages(&self, var: &Var) -> bool {
+        !self.skip.contains(&var.as_tensor().id()) && self.opt.manages(var)
+    }
 }
 
 /// A training run in progress: network, optimizer, sparsifier, data and counters.
@@ -548,11 +552,24 @@ impl Trainer {
 
     /// Re-lays every sparse-engine layer out for its new mask, moving the optimizer state.
     fn recompress(&mut self) -> Result<()> {
-        for e in &self.engine_layers {
-            let old = e.values().expect("engine layers are compressed");
-            let state = self.opt.state(&old);
-            let (new, new_state) = e.compress(&state)?;
-            self.opt.replace_var(&old, new, new_state)?;
+        let olds: Vec<(Var, Vec<Tensor>)> = self
+            .engine_layers
+            .iter()
+            .map(|e| {
+                let old = e.values().expect("engine layers are compressed");
+                let state = self.opt.state(&old);
+                (old, state)
+            })
+            .collect();
+        // Layers re-lay out independently (in parallel); the optimizer takes them in order.
+        let news = self
+            .engine_layers
+            .par_iter()
+            .zip(&olds)
+            .map(|(e, (_, state))| e.compress(state))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for ((old, _), (new, new_state)) in olds.iter().zip(news) {
+            self.opt.replace_var(old, new, new_state)?;
         }
         Ok(())
     }
@@ -1051,7 +1068,7 @@ impl Trainer {
         };
         if update_next {
             for e in &self.engine_layers {
-                e.begin_dense_step()?;
+                e.begin_dense_step();
             }
         }
         let (x, y) = self.batch(&self.data.train, idx)?;
@@ -1068,7 +1085,7 @@ impl Trainer {
         }
         if update_next {
             for e in &self.engine_layers {
-                e.end_dense_step(&mut grads)?;
+                e.end_dense_step();
             }
         }
         self.opt.step(&grads)?;
@@ -1083,9 +1100,10 @@ impl Trainer {
             }
             Engine::Dst(s) => {
                 if update_next {
-                    for e in &self.engine_layers {
-                        e.scatter()?; // the post-step weights, for the update
-                    }
+                    // The post-step weights, for the update.
+                    self.engine_layers
+                        .par_iter()
+                        .try_for_each(|e| e.scatter())?;
                 }
                 s.step(
                     self.step,

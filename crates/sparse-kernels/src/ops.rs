@@ -26,7 +26,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use sparse_formats::{Condensed, Csr, NmSparse};
 
 use crate::{Exec, SparseWeight};
@@ -118,6 +118,54 @@ pub fn sparse_linear_with(
     }
 }
 
+/// [`sparse_linear`] that also hands the dense weight gradient `∂L/∂W = gyᵀ·x` to `dense`, a
+/// `[rows, fan_in]` tensor (typically a `Var`) whose values the forward pass does not read.
+///
+/// For the steps of sparse training that need the dense gradient (a RigL/SRigL mask update):
+/// forward, input gradient and value gradient stay on the sparse kernels, and the backward
+/// pass adds one dense product, instead of running the whole step densely.
+pub fn sparse_linear_dense_grad(
+    x: &Tensor,
+    values: &Tensor,
+    dense: &Tensor,
+    structure: &SparseStructure,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let w = structure.weight();
+    if dense.dims() != [w.rows(), w.fan_in()] {
+        candle_core::bail!(
+            "sparse_linear_dense_grad: the dense weight has shape {:?}, expected [{}, {}]",
+            dense.dims(),
+            w.rows(),
+            w.fan_in()
+        );
+    }
+    let dims = x.dims();
+    let Some((&fan_in, lead)) = dims.split_last() else {
+        candle_core::bail!("sparse_linear: x must have rank ≥ 1, got a scalar");
+    };
+    if fan_in != w.fan_in() {
+        candle_core::bail!(
+            "sparse_linear: x has {fan_in} features, the weight's fan-in is {}",
+            w.fan_in()
+        );
+    }
+    let batch: usize = lead.iter().product();
+    let x2 = x.reshape((batch, fan_in))?;
+    let op = ForwardDenseGrad(Forward {
+        structure: structure.clone(),
+        exec: Exec::default(),
+    });
+    let y = x2.apply_op3(values, dense, op)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(w.rows());
+    let y = y.reshape(out_dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let all = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
@@ -178,6 +226,40 @@ impl CustomOp2 for Forward {
             )?
             .reshape(values.shape())?;
         Ok((Some(gx), Some(gv)))
+    }
+}
+
+/// The forward op with a third input, the dense weight, which only receives a gradient.
+struct ForwardDenseGrad(Forward);
+
+impl CustomOp3 for ForwardDenseGrad {
+    fn name(&self) -> &'static str {
+        "sparse-linear-dense-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+        _ds: &CpuStorage,
+        _dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd(xs, xl, vs, vl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        values: &Tensor,
+        dense: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gv) = self.0.bwd(x, values, res, grad)?;
+        let gd = grad.t()?.matmul(x)?.reshape(dense.shape())?;
+        Ok((gx, gv, Some(gd)))
     }
 }
 

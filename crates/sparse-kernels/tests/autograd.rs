@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use common::Rng;
 use sparse_formats::NmPattern;
-use sparse_kernels::ops::{sparse_linear, SparseStructure};
+use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     if a.elem_count() == 0 {
@@ -101,6 +101,86 @@ fn gradients_match_dense_masked_computation() {
         let (nm, _) = common::nm(&mut rng, rows, nm_fan_in, NmPattern::new(n, m));
         check(&mut rng, &nm.into(), batch, case % 2 == 0);
     }
+}
+
+/// The dense-gradient variant: same output and same x/values/bias gradients as
+/// `sparse_linear`, the dense weight's values never read, and its gradient `gyᵀ·x`.
+#[test]
+fn dense_grad_variant_adds_the_dense_weight_gradient() {
+    let dev = Device::Cpu;
+    let mut rng = Rng(77);
+    for case in 0..8 {
+        let rows = 1 + rng.below(10);
+        let fan_in = 1 + rng.below(25);
+        let batch = [1, 4, 13, 32][case % 4];
+        let s: SparseStructure = if case % 2 == 0 {
+            let (k, ablate) = (1 + rng.below(fan_in), rng.below(rows));
+            common::condensed(&mut rng, rows, fan_in, k, ablate, true)
+                .0
+                .into()
+        } else {
+            common::csr(&mut rng, rows, fan_in, 0.3).0.into()
+        };
+        let values = Var::new(s.weight().values(), &dev).unwrap();
+        let bias = Var::new(rng.vec(rows).as_slice(), &dev).unwrap();
+        // Garbage in the dense weight: the forward pass must not read it.
+        let dense = Var::from_tensor(
+            &Tensor::from_vec(rng.vec(rows * fan_in), (rows, fan_in), &dev).unwrap(),
+        )
+        .unwrap();
+        let x = Var::from_tensor(
+            &Tensor::from_vec(rng.vec(2 * batch * fan_in), (2, batch, fan_in), &dev).unwrap(),
+        )
+        .unwrap();
+        let r = Tensor::from_vec(rng.vec(2 * batch * rows), (2, batch, rows), &dev).unwrap();
+        let y = sparse_linear_dense_grad(
+            x.as_tensor(),
+            values.as_tensor(),
+            dense.as_tensor(),
+            &s,
+            Some(bias.as_tensor()),
+        )
+        .unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let y_ref = sparse_linear(
+            x.as_tensor(),
+            values.as_tensor(),
+            &s,
+            Some(bias.as_tensor()),
+        )
+        .unwrap();
+        let g_ref = (&y_ref * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(max_diff(&y, &y_ref), 0.0, "forward");
+        for (name, var) in [("x", &x), ("values", &values), ("bias", &bias)] {
+            let d = max_diff(g.get(var).unwrap(), g_ref.get(var).unwrap());
+            assert!(d < 1e-5, "grad {name}: max difference {d}");
+        }
+        let want = r
+            .reshape((2 * batch, rows))
+            .unwrap()
+            .t()
+            .unwrap()
+            .matmul(&x.as_tensor().reshape((2 * batch, fan_in)).unwrap())
+            .unwrap();
+        let got = g.get(&dense).expect("the dense weight gets a gradient");
+        assert_eq!(got.dims(), [rows, fan_in]);
+        let d = max_diff(got, &want);
+        assert!(d < 1e-4, "dense grad: max difference {d}");
+    }
+    let (c, _) = common::condensed(&mut rng, 3, 5, 2, 0, false);
+    let s: SparseStructure = c.into();
+    let values = Tensor::new(s.weight().values(), &dev).unwrap();
+    let x = Tensor::zeros((2, 5), candle_core::DType::F32, &dev).unwrap();
+    let wrong = Tensor::zeros((5, 3), candle_core::DType::F32, &dev).unwrap();
+    let err = sparse_linear_dense_grad(&x, &values, &wrong, &s, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected [3, 5]"), "{err}");
 }
 
 #[test]
