@@ -14,27 +14,31 @@ use serde_json::{json, Value};
 /// Parsed command line of `cargo xtask bench`.
 pub struct Options {
     quick: bool,
+    gpu: bool,
     out: PathBuf,
 }
 
 impl Options {
     /// Parses the arguments after `bench`.
     pub fn parse(args: &[String], root: &Path) -> Result<Options> {
-        let mut quick = false;
+        let (mut quick, mut gpu) = (false, false);
         let mut out = root.join("target").join("bench");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--quick" => quick = true,
+                "--gpu" => gpu = true,
                 "--out" => {
                     out = PathBuf::from(it.next().context("--out needs a folder")?);
                 }
                 other => {
-                    bail!("cargo xtask bench: unknown flag `{other}` (flags: --quick, --out DIR)")
+                    bail!(
+                    "cargo xtask bench: unknown flag `{other}` (flags: --quick, --gpu, --out DIR)"
+                )
                 }
             }
         }
-        Ok(Options { quick, out })
+        Ok(Options { quick, gpu, out })
     }
 }
 
@@ -70,6 +74,9 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         .out
         .canonicalize()
         .with_context(|| format!("resolving {}", opts.out.display()))?;
+    if opts.gpu {
+        return run_gpu(root, &out);
+    }
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut thread_counts = vec![1];
     if all > 1 {
@@ -141,6 +148,40 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     write_atomic(&md_path, md.as_bytes())?;
     println!("{md}");
     eprintln!("wrote {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
+
+/// The GPU suite (`--gpu`): sparse-kernels' `gpu_bench` example built with the `cuda` feature;
+/// it prints the table (or why no GPU can be used) and writes `DIR/gpu.json`.
+fn run_gpu(root: &Path, out: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let json_path = out.join("gpu.json");
+    let json_s = json_path.to_string_lossy().to_string();
+    let args = [
+        "run",
+        "--release",
+        "-p",
+        "sparse-kernels",
+        "--features",
+        "cuda",
+        "--example",
+        "gpu_bench",
+        "--",
+        "--json",
+        &json_s,
+    ];
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running the GPU benchmark")?;
+    if !status.success() {
+        bail!("the GPU benchmark failed ({status})");
+    }
+    if json_path.exists() {
+        eprintln!("wrote {}", json_path.display());
+    }
     Ok(())
 }
 
@@ -397,6 +438,7 @@ mod tests {
         let o = Options::parse(&["--quick".into(), "--out".into(), "x".into()], root).unwrap();
         assert!(o.quick);
         assert_eq!(o.out, PathBuf::from("x"));
+        assert!(Options::parse(&["--gpu".into()], root).unwrap().gpu);
         assert!(Options::parse(&["--fast".into()], root).is_err());
         assert!(Options::parse(&["--out".into()], root).is_err());
     }

@@ -27,10 +27,11 @@ Tasks:
   check-layers   fail if a crate depends on a crate of its own or a higher layer
                  (sparse-formats < sparse-kernels < dst-core < lbc < models < cli),
                  or if xtask depends on candle
-  bench [--quick] [--out DIR]
+  bench [--quick] [--gpu] [--out DIR]
                  run the kernel benchmarks (1 thread and all threads) against candle's
                  dense matmul in the same run; writes DIR/bench.json and DIR/bench.md
-                 (default DIR: target/bench)
+                 (default DIR: target/bench); --gpu runs only the CUDA suite against
+                 cuBLAS (needs an NVIDIA GPU, driver and NVRTC) and writes DIR/gpu.json
   accuracy [--seeds 3] [--epochs 10] [--jobs 2] [--out DIR] [--only NAME]
                  train LeNet-300-100 on Fashion-MNIST with every method x sparsity / N:M
                  pattern x seed through `dst train`; writes DIR/results.md (mean ± std)
