@@ -79,6 +79,27 @@ fn configs() -> Vec<Config> {
             });
         }
     }
+    // The sparse training engine (same SRigL, weights in condensed storage): its accuracy must
+    // match the dense-mask rows above within seed noise.
+    for sp in ["0.9", "0.99"] {
+        c.push(Config {
+            name: format!("srigl-sparse-engine-{sp}"),
+            label: format!(
+                "SRigL {}%, sparse engine",
+                (sp.parse::<f64>().unwrap() * 100.0).round()
+            ),
+            flags: s(&[
+                "--method",
+                "srigl",
+                "--sparsity",
+                sp,
+                "--distribution",
+                "erk",
+                "--engine",
+                "sparse",
+            ]),
+        });
+    }
     for (n, m) in [(2, 4), (1, 4), (2, 8), (1, 16)] {
         for (method, label) in [
             ("lbc", "LBC"),

@@ -114,8 +114,9 @@ pub struct TrainArgs {
     /// Fraction of the training set held out for validation.
     #[arg(long)]
     validation_fraction: Option<f64>,
-    /// Training engine of sparse layers: dense-mask (dense weights × mask) or sparse (linear
-    /// weights in sparse storage between mask updates; dst methods).
+    /// Training engine of sparse layers: dense-mask (dense weights × mask), sparse (linear
+    /// weights in sparse storage between mask updates; dst methods), or auto (default: sparse
+    /// for SRigL at ≥ 90% sparsity on an MLP, where it is the faster).
     #[arg(long, value_enum)]
     engine: Option<EngineArg>,
     /// Checkpoint every N epochs (0: only at the end).
@@ -138,6 +139,7 @@ enum DistributionArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineArg {
+    Auto,
     DenseMask,
     Sparse,
 }
@@ -223,6 +225,7 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     if let Some(e) = a.engine {
         cfg.engine = match e {
+            EngineArg::Auto => EngineKind::Auto,
             EngineArg::DenseMask => EngineKind::DenseMask,
             EngineArg::Sparse => EngineKind::Sparse,
         };

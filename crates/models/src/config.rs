@@ -62,7 +62,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             seed: 1,
             threads: None,
-            engine: EngineKind::DenseMask,
+            engine: EngineKind::Auto,
             checkpoint_every: 1,
         }
     }
@@ -72,6 +72,9 @@ impl Default for TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineKind {
+    /// The faster of the two for this run ([`TrainConfig::engine_for_run`]): the sparse engine
+    /// for SRigL at ≥ 90% sparsity on an MLP, the dense-mask engine otherwise.
+    Auto,
     /// Dense weights multiplied by a mask.
     DenseMask,
     /// Linear weights stored sparse (condensed for constant fan-in, CSR otherwise) between
@@ -376,6 +379,25 @@ impl TrainConfig {
             return Err(("optimizer.lr", format!("{lr} is not a positive number")));
         }
         Ok(())
+    }
+
+    /// The engine this run trains with: `Auto` resolved by what the train bench measured
+    /// (docs/benchmarks.md) — SRigL's constant fan-in layers in condensed storage beat dense
+    /// training from 90% sparsity on MLPs of width 300 to 3072; below that, for other methods
+    /// (RigL's CSR layers are not measured to pay) and for convolutional models (the engine
+    /// covers linear layers only), masking dense weights is the default.
+    pub fn engine_for_run(&self) -> EngineKind {
+        match self.engine {
+            EngineKind::Auto => {
+                let mlp = matches!(self.model, ModelConfig::Mlp { .. });
+                if mlp && self.method.name == MethodName::Srigl && self.method.sparsity >= 0.9 {
+                    EngineKind::Sparse
+                } else {
+                    EngineKind::DenseMask
+                }
+            }
+            e => e,
+        }
     }
 
     /// The optimizer's peak learning rate.

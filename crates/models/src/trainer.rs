@@ -395,7 +395,7 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let kind = if cfg.method.name.is_nm() {
             LayerKind::Nm
-        } else if cfg.engine == EngineKind::Sparse {
+        } else if cfg.engine_for_run() == EngineKind::Sparse {
             LayerKind::Engine
         } else {
             LayerKind::Dst

@@ -1,7 +1,7 @@
 //! The configuration: serde round trip, defaults for missing fields, unknown fields rejected,
 //! learning-rate schedules on hand-computed values.
 
-use models::{LrKind, LrSchedule, MethodName, TrainConfig};
+use models::{EngineKind, LrKind, LrSchedule, MethodName, ModelConfig, TrainConfig};
 
 #[test]
 fn json_round_trip_and_partial_files() {
@@ -60,4 +60,33 @@ fn learning_rate_schedules() {
         ..LrSchedule::default()
     };
     close(constant.lr(0.3, 99, 10, 100), 0.3);
+}
+
+/// `engine = "auto"` (the default) resolves to the sparse engine exactly where it is measured to
+/// pay: SRigL, ≥ 90% sparsity, an MLP; an explicit choice is kept.
+#[test]
+fn auto_engine_resolution() {
+    let mut c = TrainConfig::default();
+    assert_eq!(c.engine, EngineKind::Auto);
+    let parsed: TrainConfig = serde_json::from_str(r#"{"engine": "auto"}"#).unwrap();
+    assert_eq!(parsed.engine, EngineKind::Auto);
+    c.method.name = MethodName::Srigl;
+    c.method.sparsity = 0.9;
+    assert_eq!(c.engine_for_run(), EngineKind::Sparse);
+    c.method.sparsity = 0.8;
+    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
+    c.method.sparsity = 0.99;
+    c.method.name = MethodName::Rigl;
+    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
+    c.method.name = MethodName::Srigl;
+    c.model = ModelConfig::Lenet5;
+    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
+    c.model = ModelConfig::lenet_300_100();
+    c.engine = EngineKind::DenseMask;
+    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
+    c.method.name = MethodName::Dense;
+    c.engine = EngineKind::Sparse;
+    assert!(c.validate().is_err());
+    c.engine = EngineKind::Auto;
+    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
 }
