@@ -220,9 +220,9 @@ impl Sparsifier {
         }
         let drop_fraction = self.cfg.schedule.drop_fraction(step);
         let (method, cfg) = (self.cfg.method, &self.cfg);
-        // Layers are independent: their new masks are computed in parallel (each from its own
-        // seed-derived streams, so the result does not depend on the thread count), then applied
-        // to the weights and the optimizer in layer order.
+        // Layers are independent: their new masks are computed and applied to their weights in
+        // parallel (each from its own seed-derived streams, so the result does not depend on the
+        // thread count); the optimizer then takes the new masks in layer order.
         let stats: Vec<Option<UpdateStats>> = self
             .layers
             .par_iter_mut()

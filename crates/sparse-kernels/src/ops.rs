@@ -91,31 +91,11 @@ pub fn sparse_linear_with(
     bias: Option<&Tensor>,
     exec: Exec,
 ) -> Result<Tensor> {
-    let w = structure.weight();
-    let dims = x.dims();
-    let Some((&fan_in, lead)) = dims.split_last() else {
-        candle_core::bail!("sparse_linear: x must have rank ≥ 1, got a scalar");
-    };
-    if fan_in != w.fan_in() {
-        candle_core::bail!(
-            "sparse_linear: x has {fan_in} features, the weight's fan-in is {}",
-            w.fan_in()
-        );
-    }
-    let batch: usize = lead.iter().product();
-    let x2 = x.reshape((batch, fan_in))?;
     let op = Forward {
         structure: structure.clone(),
         exec,
     };
-    let y = x2.apply_op2(values, op)?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(w.rows());
-    let y = y.reshape(out_dims)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    linear_shape(x, structure, bias, |x2| x2.apply_op2(values, op))
 }
 
 /// [`sparse_linear`] that also hands the dense weight gradient `∂L/∂W = gyᵀ·x` to `dense`, a
@@ -140,6 +120,22 @@ pub fn sparse_linear_dense_grad(
             w.fan_in()
         );
     }
+    let op = ForwardDenseGrad(Forward {
+        structure: structure.clone(),
+        exec: Exec::default(),
+    });
+    linear_shape(x, structure, bias, |x2| x2.apply_op3(values, dense, op))
+}
+
+/// Checks `x [..., fan_in]`, runs `op` on it flattened to `[batch, fan_in]`, restores the
+/// leading dimensions and adds the bias.
+fn linear_shape(
+    x: &Tensor,
+    structure: &SparseStructure,
+    bias: Option<&Tensor>,
+    op: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let w = structure.weight();
     let dims = x.dims();
     let Some((&fan_in, lead)) = dims.split_last() else {
         candle_core::bail!("sparse_linear: x must have rank ≥ 1, got a scalar");
@@ -151,12 +147,7 @@ pub fn sparse_linear_dense_grad(
         );
     }
     let batch: usize = lead.iter().product();
-    let x2 = x.reshape((batch, fan_in))?;
-    let op = ForwardDenseGrad(Forward {
-        structure: structure.clone(),
-        exec: Exec::default(),
-    });
-    let y = x2.apply_op3(values, dense, op)?;
+    let y = op(&x.reshape((batch, fan_in))?)?;
     let mut out_dims = lead.to_vec();
     out_dims.push(w.rows());
     let y = y.reshape(out_dims)?;

@@ -17,6 +17,16 @@ __device__ __forceinline__ float warp_sum(float s) {
     return s;
 }
 
+// Batch-1 kernels: the block copies x into (dynamic) shared memory when it fits and returns
+// where to read x from. Every thread of the block must call it (it synchronises).
+__device__ __forceinline__ const float* stage_x(const float* __restrict__ x, int fan_in, int x_in_shared) {
+    extern __shared__ float xs[];
+    if (!x_in_shared) return x;
+    for (int i = threadIdx.x; i < fan_in; i += blockDim.x) xs[i] = x[i];
+    __syncthreads();
+    return xs;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward, batch 1: y[r] = bias[r] + sum_j vals[s*k+j] * x[cols[s*k+j]], one warp per output
 // row. x is staged in shared memory when it fits (`x_in_shared`); values and column indices are
@@ -29,14 +39,8 @@ extern "C" __global__ void ell_fwd_b1(const float* __restrict__ vals,
                                       const float* __restrict__ x,
                                       float* __restrict__ y,
                                       int rows, int k, int fan_in, int x_in_shared) {
-    extern __shared__ float xs[];
-    if (x_in_shared) {
-        for (int i = threadIdx.x; i < fan_in; i += blockDim.x) xs[i] = x[i];
-        __syncthreads();
-    }
-    const float* xin = x_in_shared ? xs : x;
-    const int warps_per_block = blockDim.x / WARP;
-    const int r = blockIdx.x * warps_per_block + threadIdx.x / WARP;
+    const float* xin = stage_x(x, fan_in, x_in_shared);
+    const int r = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     const int lane = threadIdx.x % WARP;
     if (r >= rows) return;
     const int s = slot_of[r];
@@ -108,15 +112,8 @@ extern "C" __global__ void nm24_fwd_b1(const float* __restrict__ vals2,
                                        const float* __restrict__ x,
                                        float* __restrict__ y,
                                        int rows, int groups, int x_in_shared) {
-    extern __shared__ float xs[];
-    const int fan_in = groups * 4;
-    if (x_in_shared) {
-        for (int i = threadIdx.x; i < fan_in; i += blockDim.x) xs[i] = x[i];
-        __syncthreads();
-    }
-    const float* xin = x_in_shared ? xs : x;
-    const int warps_per_block = blockDim.x / WARP;
-    const int r = blockIdx.x * warps_per_block + threadIdx.x / WARP;
+    const float* xin = stage_x(x, groups * 4, x_in_shared);
+    const int r = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     const int lane = threadIdx.x % WARP;
     if (r >= rows) return;
     const int s = slot_of[r];
