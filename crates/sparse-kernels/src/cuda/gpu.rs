@@ -135,6 +135,7 @@ impl Gpu {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| err("reading the compute capability", e))?;
+        // cudarc's CompileOptions takes a `&'static str`: one short string per opened GPU.
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let module = ctx
             .load_module(compile_ptx(arch)?)
