@@ -576,9 +576,9 @@ impl Trainer {
 
     /// Refreshes the dense variables of sparse-engine layers from their stored values.
     fn sync_dense(&self) -> Result<()> {
-        for e in &self.engine_layers {
-            e.scatter()?;
-        }
+        self.engine_layers
+            .par_iter()
+            .try_for_each(|e| e.scatter())?;
         Ok(())
     }
 
@@ -1093,27 +1093,22 @@ impl Trainer {
         self.epoch_acc.0 += loss_v as f64;
         self.epoch_acc.1 += correct as f64;
         self.epoch_acc.2 += idx.len();
+        if update_next {
+            self.sync_dense()?; // the post-step weights, for the update
+        }
         let skip = self.engine_skip();
         let report = match &mut self.engine {
             Engine::Dst(s) if self.engine_layers.is_empty() => {
                 s.step(self.step, &grads, &mut self.opt)?
             }
-            Engine::Dst(s) => {
-                if update_next {
-                    // The post-step weights, for the update.
-                    self.engine_layers
-                        .par_iter()
-                        .try_for_each(|e| e.scatter())?;
-                }
-                s.step(
-                    self.step,
-                    &grads,
-                    &mut EngineShim {
-                        opt: &mut self.opt,
-                        skip: &skip,
-                    },
-                )?
-            }
+            Engine::Dst(s) => s.step(
+                self.step,
+                &grads,
+                &mut EngineShim {
+                    opt: &mut self.opt,
+                    skip: &skip,
+                },
+            )?,
             _ => None,
         };
         if report.is_some() && !self.engine_layers.is_empty() {
