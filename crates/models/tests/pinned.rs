@@ -1,0 +1,95 @@
+//! Seeded metrics of every method and engine, pinned before the training-step redesign (issue
+//! #14) so that a refactor of the trainer cannot change a run silently. Each line is one run of
+//! 3 epochs × 6 steps on the committed Fashion-MNIST slice: per epoch the train loss, train
+//! accuracy, test loss and test accuracy (5 decimals), the global sparsity, ITOP, and a hash of
+//! the final masks. A change here is a change of behaviour: say why in the commit.
+
+use std::path::Path;
+
+use dst_core::optim::{AdamWConfig, OptimizerConfig};
+use models::data::{load_mnist_like, Split};
+use models::{Datasets, EngineKind, MethodName, Silent, TrainConfig, Trainer};
+
+fn fixture(cfg: &TrainConfig) -> Datasets {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
+    Datasets::split(
+        load_mnist_like(&dir, Split::Train).unwrap(),
+        load_mnist_like(&dir, Split::Test).unwrap(),
+        cfg,
+    )
+}
+
+fn small(method: MethodName, engine: EngineKind) -> TrainConfig {
+    let mut c = TrainConfig {
+        epochs: 3,
+        batch_size: 50,
+        engine,
+        ..TrainConfig::default()
+    };
+    c.method.name = method;
+    c.data.limit = Some(300); // 6 steps an epoch
+    c.method.delta_t = 4;
+    c.method.lbc_t_f = Some(2);
+    c
+}
+
+/// FNV-1a over every mask bit, in layer order.
+fn mask_hash(t: &Trainer) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (name, m) in t.masks() {
+        for b in name.bytes().chain(m.as_slice().iter().map(|&b| u8::from(b))) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn line(label: &str, c: TrainConfig) -> String {
+    let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    let s = t.run(&mut Silent).unwrap();
+    let mut out = format!("{label}: masks {:016x}\n", mask_hash(&t));
+    for m in &s.history {
+        out += &format!(
+            "  e{} train {:.5}/{:.5} test {:.5}/{:.5} sparsity {:.5} itop {}\n",
+            m.epoch,
+            m.train_loss,
+            m.train_accuracy,
+            m.test_loss,
+            m.test_accuracy,
+            m.sparsity,
+            m.itop.map_or("-".into(), |i| format!("{i:.5}")),
+        );
+    }
+    out
+}
+
+#[test]
+fn seeded_metrics_of_every_method_and_engine_are_pinned() {
+    use EngineKind::{DenseMask, Sparse};
+    use MethodName::*;
+    let mut runs = vec![
+        ("dense", small(Dense, DenseMask)),
+        ("static dense-mask", small(Static, DenseMask)),
+        ("set dense-mask", small(Set, DenseMask)),
+        ("rigl dense-mask", small(Rigl, DenseMask)),
+        ("srigl dense-mask", small(Srigl, DenseMask)),
+        ("rigl sparse", small(Rigl, Sparse)),
+        ("srigl sparse", small(Srigl, Sparse)),
+        ("lbc 2:4", small(Lbc, DenseMask)),
+        ("srste 2:4", small(Srste, DenseMask)),
+        ("nm-magnitude 2:4", small(NmMagnitude, DenseMask)),
+    ];
+    let mut adam = small(Srigl, DenseMask);
+    adam.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+    adam.method.sparsity = 0.99;
+    adam.lr_schedule.warmup_epochs = 1.0;
+    adam.label_smoothing = 0.1;
+    runs.push(("srigl 99% adamw warm-up smoothing", adam));
+    let mut lbc = small(Lbc, DenseMask);
+    lbc.method.n = 1;
+    lbc.method.m = 4;
+    lbc.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+    runs.push(("lbc 1:4 adamw", lbc));
+    let text: String = runs.into_iter().map(|(l, c)| line(l, c)).collect();
+    insta::assert_snapshot!(text);
+}
