@@ -11,7 +11,7 @@ use models::data::ImageSet;
 use models::{Datasets, Trainer};
 use serde::Serialize;
 use sparse_formats::io::{DenseTensor, SparseLayer};
-use sparse_formats::{Condensed, Csr, Mask, NmPattern, NmSparse};
+use sparse_formats::{Condensed, Csr, LayerStats, Mask, NmPattern, NmSparse};
 use sparse_kernels::{Exec, SparseWeight};
 
 /// `dst eval` flags.
@@ -88,11 +88,7 @@ fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
 
 /// One placeholder example of the data set's shape: enough to rebuild a network for export.
 fn placeholder(cfg: &models::TrainConfig) -> Result<Datasets> {
-    let (c, s) = match cfg.data.name.as_str() {
-        "fashion-mnist" | "mnist" => (1, 28),
-        "cifar-10" => (3, 32),
-        other => bail!("unknown data set `{other}` in the run's config"),
-    };
+    let [c, s, _] = cfg.data.name.image_shape();
     let set = ImageSet {
         images: vec![0.5; c * s * s],
         labels: vec![0],
@@ -149,7 +145,7 @@ fn trained_layers(run: &Path) -> Result<(models::TrainConfig, Vec<Trained>)> {
     let ck = checkpoint_dir(run)?;
     let cfg = Trainer::checkpoint_config(&ck)?;
     let t = Trainer::resume(&ck, placeholder(&cfg)?)?;
-    let vars: std::collections::HashMap<String, Tensor> = t.variables().into_iter().collect();
+    let vars: std::collections::HashMap<String, Tensor> = t.variables()?.into_iter().collect();
     let mut out = Vec::new();
     for (name, mask) in t.masks() {
         let w = vars
@@ -248,16 +244,12 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One layer as `dst inspect` shows it: its mask statistics, format and N:M patterns.
 #[derive(Serialize)]
 struct LayerInfo {
-    name: String,
+    #[serde(flatten)]
+    stats: LayerStats,
     format: String,
-    shape: Vec<usize>,
-    nnz: usize,
-    sparsity: f64,
-    min_fan_in: usize,
-    max_fan_in: usize,
-    ablated_rows: usize,
     /// The layer's N:M pattern, or the standard patterns its mask meets exactly.
     nm: Vec<String>,
 }
@@ -281,50 +273,29 @@ fn exact_nm(mask: &Mask, n: usize, m: usize) -> bool {
         })
 }
 
-fn info(name: &str, layer: &SparseLayer) -> LayerInfo {
-    let format = layer.format_name().to_string();
-    match mask_of(layer) {
-        None => {
-            let SparseLayer::Dense(d) = layer else {
-                unreachable!("only dense layers have no mask")
-            };
-            let nnz = d.values.iter().filter(|&&v| v != 0.0).count();
+fn info(name: &str, layer: &SparseLayer) -> Result<LayerInfo> {
+    let (mask, nm) = match (mask_of(layer), layer) {
+        (None, SparseLayer::Dense(d)) => {
             let fan_in = d.shape.iter().skip(1).product::<usize>();
-            LayerInfo {
-                name: name.into(),
-                format,
-                shape: d.shape.clone(),
-                nnz,
-                sparsity: 1.0 - nnz as f64 / d.values.len().max(1) as f64,
-                min_fan_in: fan_in,
-                max_fan_in: fan_in,
-                ablated_rows: 0,
-                nm: vec![],
-            }
+            let rows = d.shape.first().copied().unwrap_or(0);
+            (Mask::from_dense(rows, fan_in, &d.values)?, vec![])
         }
-        Some(mask) => {
-            let s = mask.stats();
-            let nm = match layer {
-                SparseLayer::Nm(n) => vec![format!("{}:{}", n.n(), n.m())],
-                _ => [(2, 4), (1, 4), (2, 8), (1, 16)]
-                    .into_iter()
-                    .filter(|&(n, m)| exact_nm(&mask, n, m))
-                    .map(|(n, m)| format!("{n}:{m}"))
-                    .collect(),
-            };
-            LayerInfo {
-                name: name.into(),
-                format,
-                shape: s.shape.to_vec(),
-                nnz: s.nnz,
-                sparsity: 1.0 - s.nnz as f64 / mask.len().max(1) as f64,
-                min_fan_in: s.min_fan_in,
-                max_fan_in: s.max_fan_in,
-                ablated_rows: s.empty_rows,
-                nm,
-            }
+        (Some(mask), SparseLayer::Nm(n)) => (mask, vec![format!("{}:{}", n.n(), n.m())]),
+        (Some(mask), _) => {
+            let nm = [(2, 4), (1, 4), (2, 8), (1, 16)]
+                .into_iter()
+                .filter(|&(n, m)| exact_nm(&mask, n, m))
+                .map(|(n, m)| format!("{n}:{m}"))
+                .collect();
+            (mask, nm)
         }
-    }
+        (None, _) => unreachable!("only dense layers have no mask"),
+    };
+    Ok(LayerInfo {
+        stats: LayerStats::of(name, &mask),
+        format: layer.format_name().to_string(),
+        nm,
+    })
 }
 
 /// `dst inspect`.
@@ -347,7 +318,10 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         print!("{}", mask.render());
         return Ok(ExitCode::SUCCESS);
     }
-    let infos: Vec<LayerInfo> = layers.iter().map(|(n, l)| info(n, l)).collect();
+    let infos = layers
+        .iter()
+        .map(|(n, l)| info(n, l))
+        .collect::<Result<Vec<_>>>()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&infos)?);
         return Ok(ExitCode::SUCCESS);
@@ -357,7 +331,8 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         "layer", "format", "shape", "nnz", "sparsity", "fan-in", "ablated"
     );
     for i in infos {
-        let shape = i
+        let s = &i.stats;
+        let shape = s
             .shape
             .iter()
             .map(|d| d.to_string())
@@ -365,13 +340,13 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             .join("x");
         println!(
             "{:<28} {:<10} {:>14} {:>9} {:>8.4} {:>13} {:>7}  {}",
-            i.name,
+            s.name,
             i.format,
             shape,
-            i.nnz,
-            i.sparsity,
-            format!("{}..{}", i.min_fan_in, i.max_fan_in),
-            i.ablated_rows,
+            s.nnz,
+            s.sparsity,
+            format!("{}..{}", s.min_fan_in, s.max_fan_in),
+            s.ablated_rows,
             if i.nm.is_empty() {
                 "-".into()
             } else {

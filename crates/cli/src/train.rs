@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use dst_core::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
+use dst_core::optim::{OptimizerConfig, OptimizerKind};
 use dst_core::Distribution;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::{
-    Control, Datasets, EngineKind, Event, LrKind, MethodName, ModelConfig, TrainConfig, Trainer,
+    Control, DatasetName, Datasets, EngineKind, Event, LrKind, MethodName, ModelConfig,
+    TrainConfig, Trainer,
 };
 use sparse_formats::io::SparseLayer;
 
@@ -162,11 +163,11 @@ pub fn read_config(path: &Path) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let cfg = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e}"))
+        TrainConfig::from_json(&text)
     } else {
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.message()))
+        TrainConfig::from_toml(&text)
     };
-    cfg.with_context(|| format!("{}: malformed config", path.display()))
+    cfg.map_err(|e| anyhow::anyhow!("{}: malformed config: {e}", path.display()))
 }
 
 fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
@@ -185,9 +186,6 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("--method: {e}"))?;
     }
     if let Some(s) = a.sparsity {
-        if !(0.0..1.0).contains(&s) {
-            bail!("--sparsity: {s} is outside [0, 1)");
-        }
         me.sparsity = s;
     }
     if let Some(d) = a.distribution {
@@ -213,11 +211,6 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
     if !a.dense_layers.is_empty() {
         me.dense_layers = a.dense_layers.clone();
     }
-    if let (Some(n), Some(m)) = (a.n, a.m) {
-        if n == 0 || n > m {
-            bail!("--n/--m: N:M needs 0 < N ≤ M, got {n}:{m}");
-        }
-    }
     set!(epochs => cfg.epochs, batch_size => cfg.batch_size, label_smoothing => cfg.label_smoothing,
          seed => cfg.seed, checkpoint_every => cfg.checkpoint_every);
     if let Some(t) = a.threads {
@@ -231,17 +224,15 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
         };
     }
     if let Some(o) = a.optimizer {
-        let lr = cfg.peak_lr();
-        cfg.optimizer = match o {
-            OptimizerArg::Sgd => OptimizerConfig::Sgd(SgdConfig {
-                lr,
-                ..SgdConfig::default()
-            }),
-            OptimizerArg::Adamw => OptimizerConfig::AdamW(AdamWConfig {
-                lr: if a.lr.is_none() { 1e-3 } else { lr },
-                ..AdamWConfig::default()
-            }),
+        let kind = match o {
+            OptimizerArg::Sgd => OptimizerKind::Sgd,
+            OptimizerArg::Adamw => OptimizerKind::AdamW,
         };
+        // Switching the kind starts from that kind's defaults; naming the kind the config
+        // already has changes nothing.
+        if cfg.optimizer.kind() != kind {
+            cfg.optimizer = OptimizerConfig::default_of(kind);
+        }
     }
     match &mut cfg.optimizer {
         OptimizerConfig::Sgd(c) => {
@@ -263,7 +254,9 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     set!(warmup_epochs => cfg.lr_schedule.warmup_epochs, milestones => cfg.lr_schedule.milestones);
     if let Some(d) = &a.data {
-        cfg.data.name = d.clone();
+        cfg.data.name = d
+            .parse::<DatasetName>()
+            .map_err(|e| anyhow::anyhow!("--data: {e}"))?;
     }
     if let Some(d) = &a.data_dir {
         cfg.data.dir = Some(d.clone());
@@ -273,6 +266,33 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     set!(validation_fraction => cfg.data.validation_fraction);
     Ok(())
+}
+
+/// The flag that set the config field `field`, when one did (so that a validation error names
+/// what the user typed).
+fn flag_of(a: &TrainArgs, field: &str) -> Option<&'static str> {
+    let given = |set: bool, flag| set.then_some(flag);
+    match field {
+        "method.sparsity" => given(a.sparsity.is_some(), "--sparsity"),
+        "method.n" => given(a.n.is_some() || a.m.is_some(), "--n/--m"),
+        "method.delta_t" => given(a.delta_t.is_some(), "--delta-t"),
+        "method.alpha" => given(a.alpha.is_some(), "--alpha"),
+        "method.t_end_fraction" => given(a.t_end_fraction.is_some(), "--t-end-fraction"),
+        "method.gamma_sal" => given(a.gamma_sal.is_some(), "--gamma-sal"),
+        "epochs" => given(a.epochs.is_some(), "--epochs"),
+        "batch_size" => given(a.batch_size.is_some(), "--batch-size"),
+        "label_smoothing" => given(a.label_smoothing.is_some(), "--label-smoothing"),
+        "threads" => given(a.threads.is_some(), "--threads"),
+        "engine" => given(a.engine.is_some(), "--engine"),
+        "optimizer.lr" => given(a.lr.is_some(), "--lr"),
+        "optimizer.momentum" => given(a.momentum.is_some(), "--momentum"),
+        "optimizer.weight_decay" => given(a.weight_decay.is_some(), "--weight-decay"),
+        "lr_schedule.warmup_epochs" => given(a.warmup_epochs.is_some(), "--warmup-epochs"),
+        "data.validation_fraction" => {
+            given(a.validation_fraction.is_some(), "--validation-fraction")
+        }
+        _ => None,
+    }
 }
 
 /// Writes the final masks of every weight layer to `dir/masks.safetensors`.
@@ -304,7 +324,10 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             };
             apply(&a, &mut cfg)?;
             cfg.validate()
-                .map_err(|(field, reason)| anyhow::anyhow!("config field `{field}`: {reason}"))?;
+                .map_err(|(field, reason)| match flag_of(&a, field) {
+                    Some(flag) => anyhow::anyhow!("{flag}: {reason}"),
+                    None => anyhow::anyhow!("config field `{field}`: {reason}"),
+                })?;
             let dir = a.out.clone().unwrap_or_else(|| {
                 PathBuf::from(format!("runs/{}-s{}", cfg.method.name.as_str(), cfg.seed))
             });

@@ -15,9 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DstError, Result};
 
+fn one() -> f64 {
+    1.0
+}
+
 /// How the global sparsity is spread over layers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
 pub enum Distribution {
     /// Every sparse layer gets the same sparsity (dense-kept layers compensated).
     Uniform,
@@ -27,7 +31,8 @@ pub enum Distribution {
     /// Erdős–Rényi-Kernel: raw score `(Σ dims / Π dims)^power_scale` over all dimensions
     /// (`power_scale = 1` is the RigL/SRigL default, 0 gives uniform).
     Erk {
-        /// The exponent τ.
+        /// The exponent τ (default 1).
+        #[serde(default = "one")]
         power_scale: f64,
     },
 }

@@ -43,6 +43,9 @@ pub enum DstError {
     /// From candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// From a [`Sparsify`](crate::Sparsify) method implemented outside this crate.
+    #[error(transparent)]
+    Method(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl DstError {

@@ -8,7 +8,8 @@
 //! - [`layers`]: [`SparseLinear`] and [`SparseConv2d`], candle `Module`s built from a
 //!   `VarBuilder` with seeded initialisation;
 //! - [`optim`]: mask-aware SGD (momentum, Nesterov, weight decay) and AdamW;
-//! - [`Sparsifier`]: owns the masks and calls the method on schedule from your training loop.
+//! - [`Sparsifier`]: owns the masks and calls the method on schedule from your training loop;
+//! - [`sparsify`]: the [`Sparsify`] protocol every method implements for a training loop.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -47,6 +48,7 @@ pub mod optim;
 pub mod rng;
 pub mod schedule;
 mod sparsifier;
+pub mod sparsify;
 pub mod update;
 
 pub use distribution::{Distribution, LayerBudget, LayerSpec};
@@ -54,5 +56,6 @@ pub use error::{DstError, Result};
 pub use layers::{fold_ablated_into_next, SparseConv2d, SparseLinear, SparseParam};
 pub use rng::Rng;
 pub use schedule::{Anneal, UpdateSchedule};
-pub use sparsifier::{LayerReport, LayerSummary, Sparsifier, SparsifierConfig, UpdateReport};
+pub use sparsifier::{LayerReport, Sparsifier, SparsifierConfig, UpdateReport};
+pub use sparsify::{NoSparsity, Sparsify};
 pub use update::{Method, SriglParams};

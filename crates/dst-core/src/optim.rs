@@ -169,7 +169,7 @@ impl Default for SgdConfig {
             lr: 0.1,
             momentum: 0.9,
             nesterov: true,
-            weight_decay: 5e-4,
+            weight_decay: 1e-4,
         }
     }
 }
@@ -388,14 +388,93 @@ impl MaskAware for MaskedAdamW {
     }
 }
 
-/// Which optimizer, with its settings (for configs).
+/// Which optimizer, with its settings (for configs). In a config file it is one table with a
+/// `kind` (`"sgd"` or `"adam-w"`, default `"sgd"`) and that kind's settings, every one optional
+/// (defaults: [`SgdConfig::default`], [`AdamWConfig::default`]); a key that is not a setting of
+/// that kind is an error naming it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[serde(rename_all = "kebab-case", tag = "kind", try_from = "OptimizerTable")]
 pub enum OptimizerConfig {
     /// [`MaskedSgd`].
     Sgd(SgdConfig),
     /// [`MaskedAdamW`].
     AdamW(AdamWConfig),
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::Sgd(SgdConfig::default())
+    }
+}
+
+/// The optimizer kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// SGD with momentum, Nesterov and weight decay.
+    Sgd,
+    /// AdamW.
+    AdamW,
+}
+
+/// An optimizer table as written in a config file (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptimizerTable {
+    kind: Option<OptimizerKind>,
+    lr: Option<f64>,
+    momentum: Option<f64>,
+    nesterov: Option<bool>,
+    weight_decay: Option<f64>,
+    beta1: Option<f64>,
+    beta2: Option<f64>,
+    eps: Option<f64>,
+}
+
+impl TryFrom<OptimizerTable> for OptimizerConfig {
+    type Error = String;
+    fn try_from(t: OptimizerTable) -> std::result::Result<Self, String> {
+        let foreign = |kind: &str, keys: &[(&str, bool)]| match keys.iter().find(|(_, set)| *set) {
+            Some((k, _)) => Err(format!("`{k}` is not a setting of the `{kind}` optimizer")),
+            None => Ok(()),
+        };
+        Ok(match t.kind.unwrap_or(OptimizerKind::Sgd) {
+            OptimizerKind::Sgd => {
+                foreign(
+                    "sgd",
+                    &[
+                        ("beta1", t.beta1.is_some()),
+                        ("beta2", t.beta2.is_some()),
+                        ("eps", t.eps.is_some()),
+                    ],
+                )?;
+                let d = SgdConfig::default();
+                OptimizerConfig::Sgd(SgdConfig {
+                    lr: t.lr.unwrap_or(d.lr),
+                    momentum: t.momentum.unwrap_or(d.momentum),
+                    nesterov: t.nesterov.unwrap_or(d.nesterov),
+                    weight_decay: t.weight_decay.unwrap_or(d.weight_decay),
+                })
+            }
+            OptimizerKind::AdamW => {
+                foreign(
+                    "adam-w",
+                    &[
+                        ("momentum", t.momentum.is_some()),
+                        ("nesterov", t.nesterov.is_some()),
+                    ],
+                )?;
+                let d = AdamWConfig::default();
+                OptimizerConfig::AdamW(AdamWConfig {
+                    lr: t.lr.unwrap_or(d.lr),
+                    beta1: t.beta1.unwrap_or(d.beta1),
+                    beta2: t.beta2.unwrap_or(d.beta2),
+                    eps: t.eps.unwrap_or(d.eps),
+                    weight_decay: t.weight_decay.unwrap_or(d.weight_decay),
+                })
+            }
+        })
+    }
 }
 
 impl OptimizerConfig {
@@ -405,6 +484,73 @@ impl OptimizerConfig {
             OptimizerConfig::Sgd(c) => Box::new(MaskedSgd::new(vars, c)?),
             OptimizerConfig::AdamW(c) => Box::new(MaskedAdamW::new(vars, c)?),
         })
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> OptimizerKind {
+        match self {
+            OptimizerConfig::Sgd(_) => OptimizerKind::Sgd,
+            OptimizerConfig::AdamW(_) => OptimizerKind::AdamW,
+        }
+    }
+
+    /// The defaults of `kind`.
+    pub fn default_of(kind: OptimizerKind) -> Self {
+        match kind {
+            OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig::default()),
+            OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::default()),
+        }
+    }
+
+    /// The (peak) learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::Sgd(c) => c.lr,
+            OptimizerConfig::AdamW(c) => c.lr,
+        }
+    }
+
+    /// Checks every setting; the error names it (`lr`, `momentum`, ...) and its valid range.
+    pub fn validate(&self) -> Result<()> {
+        let check = |field: &'static str, v: f64, ok: bool, range: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(crate::error::DstError::Config {
+                    field,
+                    reason: format!("{v} is outside {range}"),
+                })
+            }
+        };
+        match *self {
+            OptimizerConfig::Sgd(c) => {
+                check("lr", c.lr, c.lr > 0.0, "(0, ∞)")?;
+                check(
+                    "momentum",
+                    c.momentum,
+                    (0.0..1.0).contains(&c.momentum),
+                    "[0, 1)",
+                )?;
+                check(
+                    "weight_decay",
+                    c.weight_decay,
+                    c.weight_decay >= 0.0,
+                    "[0, ∞)",
+                )
+            }
+            OptimizerConfig::AdamW(c) => {
+                check("lr", c.lr, c.lr > 0.0, "(0, ∞)")?;
+                check("beta1", c.beta1, (0.0..1.0).contains(&c.beta1), "[0, 1)")?;
+                check("beta2", c.beta2, (0.0..1.0).contains(&c.beta2), "[0, 1)")?;
+                check("eps", c.eps, c.eps > 0.0, "(0, ∞)")?;
+                check(
+                    "weight_decay",
+                    c.weight_decay,
+                    c.weight_decay >= 0.0,
+                    "[0, ∞)",
+                )
+            }
+        }
     }
 }
 

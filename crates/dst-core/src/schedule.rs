@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DstError, Result};
 
+/// The default `T_end` as a fraction of training: mask updates stop after three quarters of
+/// the optimiser steps (the RigL/SRigL papers' setting).
+pub const T_END_FRACTION: f64 = 0.75;
+
 /// How the drop fraction decays from α.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,6 +52,11 @@ impl UpdateSchedule {
             alpha: 0.3,
             anneal: Anneal::Cosine,
         }
+    }
+
+    /// The defaults for a run of `total_steps` optimiser steps: `T_end` at [`T_END_FRACTION`].
+    pub fn for_run(total_steps: usize) -> Self {
+        UpdateSchedule::new((T_END_FRACTION * total_steps as f64) as usize)
     }
 
     /// Checks `ΔT ≥ 1` and `0 ≤ α ≤ 1`.

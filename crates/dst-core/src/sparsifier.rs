@@ -1,10 +1,13 @@
 //! [`Sparsifier`]: owns the layers' masks, the schedule and the method; a training loop calls
 //! [`Sparsifier::step`] after every optimiser step.
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sparse_formats::Mask;
+use sparse_formats::{LayerStats, Mask};
 
 use crate::distribution::{allocate, Distribution, LayerBudget, LayerSpec};
 use crate::error::{DstError, Result};
@@ -12,8 +15,9 @@ use crate::layers::SparseParam;
 use crate::optim::MaskAware;
 use crate::rng::Rng;
 use crate::schedule::UpdateSchedule;
+use crate::sparsify::{saved, Sparsify};
 use crate::update::{
-    apply_update, initial_mask, sparse_init, update_mask, Method, SriglParams, UpdateInput,
+    initial_mask, sparse_init, update_layer, LayerUpdate, Method, SriglParams, UpdateInput,
     UpdateParams, UpdateStats,
 };
 
@@ -46,13 +50,13 @@ pub struct SparsifierConfig {
 
 impl SparsifierConfig {
     /// Defaults of the SRigL paper (ERK, ΔT = 100, α = 0.3 cosine, γ_sal = 0.3) for a run of
-    /// `total_steps` optimiser steps (T_end = 75%).
+    /// `total_steps` optimiser steps (T_end at [`T_END_FRACTION`](crate::schedule::T_END_FRACTION)).
     pub fn new(method: Method, sparsity: f64, total_steps: usize) -> Self {
         SparsifierConfig {
             method,
             sparsity,
             distribution: Distribution::default(),
-            schedule: UpdateSchedule::new(total_steps * 3 / 4),
+            schedule: UpdateSchedule::for_run(total_steps),
             seed: 0,
             dense_layers: Vec::new(),
             protected_layers: None,
@@ -84,25 +88,6 @@ pub struct UpdateReport {
     pub layers: Vec<LayerReport>,
     /// In-time over-parameterisation: fraction of the sparse layers' weights ever active.
     pub itop: f64,
-}
-
-/// Per-layer summary at any time.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LayerSummary {
-    /// Weight name.
-    pub name: String,
-    /// `[rows, fan_in]`.
-    pub shape: [usize; 2],
-    /// Current sparsity.
-    pub sparsity: f64,
-    /// Smallest non-zero row fan-in.
-    pub min_fan_in: usize,
-    /// Largest row fan-in.
-    pub max_fan_in: usize,
-    /// Rows with no active weight.
-    pub ablated_rows: usize,
-    /// Dense (not sparsified).
-    pub dense: bool,
 }
 
 struct Layer {
@@ -199,7 +184,7 @@ impl Sparsifier {
     }
 
     /// Hands every sparse layer's mask to the optimizer (call once after building it).
-    pub fn register(&self, opt: &mut impl MaskAware) -> Result<()> {
+    pub fn register(&self, opt: &mut (impl MaskAware + ?Sized)) -> Result<()> {
         for l in self.layers.iter().filter(|l| !l.budget.dense) {
             opt.set_mask(l.param.var(), &l.param.mask_tensor()?)?;
         }
@@ -213,7 +198,7 @@ impl Sparsifier {
         &mut self,
         step: usize,
         grads: &GradStore,
-        opt: &mut impl MaskAware,
+        opt: &mut (impl MaskAware + ?Sized),
     ) -> Result<Option<UpdateReport>> {
         if !self.cfg.schedule.is_update_step(step) || self.cfg.method == Method::Static {
             return Ok(None);
@@ -229,10 +214,11 @@ impl Sparsifier {
             .enumerate()
             .map(|(i, l)| -> Result<_> {
                 if l.budget.dense {
+                    // `update_layer` leaves it alone too; this skips reading its tensors.
                     return Ok(None);
                 }
                 let name = l.param.name();
-                let mut weights = l.param.weights()?;
+                let weights = l.param.weights()?;
                 let grad = match grads.get(l.param.var()) {
                     Some(g) => Some(
                         g.flatten_all()?
@@ -264,11 +250,13 @@ impl Sparsifier {
                     tie_noise: cfg.tie_noise,
                     srigl: cfg.srigl,
                 };
-                let upd = update_mask(method, &input, &params)?;
-                apply_update(&mut weights, &old, &upd.mask);
-                l.ever_active = l.ever_active.union(&upd.mask)?;
-                l.param.set(upd.mask, weights)?;
-                Ok(Some(upd.stats))
+                let Some(LayerUpdate { update, weights }) = update_layer(method, &input, &params)?
+                else {
+                    return Ok(None);
+                };
+                l.ever_active = l.ever_active.union(&update.mask)?;
+                l.param.set(update.mask, weights)?;
+                Ok(Some(update.stats))
             })
             .collect::<Result<_>>()?;
         let mut reports = Vec::new();
@@ -305,7 +293,7 @@ impl Sparsifier {
         &mut self,
         masks: Vec<Mask>,
         ever_active: Vec<Mask>,
-        opt: &mut impl MaskAware,
+        opt: &mut (impl MaskAware + ?Sized),
     ) -> Result<()> {
         if masks.len() != self.layers.len() || ever_active.len() != self.layers.len() {
             return Err(DstError::Config {
@@ -358,22 +346,11 @@ impl Sparsifier {
         }
     }
 
-    /// Current per-layer summary.
-    pub fn summary(&self) -> Vec<LayerSummary> {
+    /// Current per-layer statistics (which layers are dense: [`Sparsifier::budgets`]).
+    pub fn summary(&self) -> Vec<LayerStats> {
         self.layers
             .iter()
-            .map(|l| {
-                let s = l.param.mask().stats();
-                LayerSummary {
-                    name: l.param.name().to_string(),
-                    shape: s.shape,
-                    sparsity: 1.0 - s.nnz as f64 / (s.shape[0] * s.shape[1]) as f64,
-                    min_fan_in: s.min_fan_in,
-                    max_fan_in: s.max_fan_in,
-                    ablated_rows: s.empty_rows,
-                    dense: l.budget.dense,
-                }
-            })
+            .map(|l| LayerStats::of(l.param.name(), &l.param.mask()))
             .collect()
     }
 
@@ -384,5 +361,63 @@ impl Sparsifier {
             (n + m.nnz(), t + m.len())
         });
         1.0 - nnz as f64 / total.max(1) as f64
+    }
+}
+
+/// Checkpoint tensors: `mask.<weight>` (the mask) and `ever.<weight>` (its ITOP union), `u8`.
+impl Sparsify for Sparsifier {
+    fn register(&self, opt: &mut dyn MaskAware) -> Result<()> {
+        Sparsifier::register(self, opt)
+    }
+
+    fn needs_dense_grad(&self, step: usize) -> bool {
+        self.cfg.method != Method::Static && self.cfg.schedule.is_update_step(step)
+    }
+
+    fn after_step(
+        &mut self,
+        step: usize,
+        grads: &GradStore,
+        opt: &mut dyn MaskAware,
+    ) -> Result<Option<UpdateReport>> {
+        self.step(step, grads, opt)
+    }
+
+    fn masks(&self) -> Vec<(String, Mask)> {
+        self.layers
+            .iter()
+            .map(|l| (l.param.name().to_string(), l.param.mask()))
+            .collect()
+    }
+
+    fn itop(&self) -> Option<f64> {
+        Some(Sparsifier::itop(self))
+    }
+
+    fn save(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.layers.len());
+        for l in &self.layers {
+            let name = l.param.name();
+            let mask = l.param.mask().to_tensor_dtype(DType::U8, &Device::Cpu)?;
+            let ever = l.ever_active.to_tensor_dtype(DType::U8, &Device::Cpu)?;
+            out.push((format!("mask.{name}"), mask));
+            out.push((format!("ever.{name}"), ever));
+        }
+        Ok(out)
+    }
+
+    fn restore(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        opt: &mut dyn MaskAware,
+    ) -> Result<()> {
+        let mut masks = Vec::with_capacity(self.layers.len());
+        let mut ever = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let name = l.param.name();
+            masks.push(Mask::from_tensor(saved(tensors, &format!("mask.{name}"))?)?);
+            ever.push(Mask::from_tensor(saved(tensors, &format!("ever.{name}"))?)?);
+        }
+        Sparsifier::restore(self, masks, ever, opt)
     }
 }

@@ -474,6 +474,34 @@ pub fn apply_update(weights: &mut [f32], old: &Mask, new: &Mask) {
     }
 }
 
+/// A layer's new mask and the weights under it (see [`update_layer`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerUpdate {
+    /// The update: new mask, ablated rows, counts.
+    pub update: MaskUpdate,
+    /// The weights after [`apply_update`]: dropped and newly grown entries 0.
+    pub weights: Vec<f32>,
+}
+
+/// One layer's mask update as every caller performs it (the [`Sparsifier`](crate::Sparsifier)
+/// in a training loop, and `dst mask-update` on a state file): a **dense layer is left
+/// untouched** (`None`) — one whose budget covers every entry, i.e. kept dense by the user or
+/// made dense by ERK's spill-over (its mask is all ones) — otherwise [`update_mask`] followed by
+/// [`apply_update`] on a copy of the weights.
+pub fn update_layer(
+    method: Method,
+    input: &UpdateInput<'_>,
+    p: &UpdateParams,
+) -> Result<Option<LayerUpdate>> {
+    if input.budget >= input.mask.len() {
+        return Ok(None);
+    }
+    let update = update_mask(method, input, p)?;
+    let mut weights = input.weights.to_vec();
+    apply_update(&mut weights, input.mask, &update.mask);
+    Ok(Some(LayerUpdate { update, weights }))
+}
+
 /// The initial random mask: SRigL keeps `B / rows` random inputs in every row (constant
 /// fan-in); the other methods place exactly `B` active weights uniformly over the layer.
 pub fn initial_mask(

@@ -14,10 +14,15 @@
 
 use std::sync::{Arc, RwLock};
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use dst_core::layers::{seeded_bias, seeded_weight};
+use dst_core::optim::MaskAware;
+use dst_core::sparsify::{saved, Sparsify};
+use dst_core::DstError;
 use sparse_formats::{Mask, NmPattern, NmSparse};
 
 use crate::baselines::{magnitude_mask, srste_grad};
@@ -434,5 +439,76 @@ impl NmSparsifier {
                 ))
             })
             .collect()
+    }
+}
+
+fn method_err(e: LbcError) -> DstError {
+    DstError::Method(Box::new(e))
+}
+
+/// The training-loop protocol: masks set before the forward pass (with the scores' learning
+/// rate following the weights'), gradients rewritten after the backward pass. Checkpoint
+/// tensors: `nm.<weight>` (mask, `u8`), `lbc.<weight>.<field>` (LBC state, `f64`) and
+/// `nm.started` (`u8`, whether the first masks were chosen).
+impl Sparsify for NmSparsifier {
+    fn before_forward(&mut self, _step: usize, epoch: usize, lr: f64) -> dst_core::Result<()> {
+        self.set_score_lr(lr as f32);
+        NmSparsifier::before_forward(self, epoch).map_err(method_err)
+    }
+
+    fn after_backward(&mut self, grads: &mut GradStore) -> dst_core::Result<()> {
+        NmSparsifier::after_backward(self, grads).map_err(method_err)
+    }
+
+    fn masks(&self) -> Vec<(String, Mask)> {
+        NmSparsifier::masks(self)
+    }
+
+    fn save(&self) -> dst_core::Result<Vec<(String, Tensor)>> {
+        let st = self.state();
+        let cpu = &Device::Cpu;
+        let mut out = vec![(
+            "nm.started".to_string(),
+            Tensor::new(&[u8::from(st.started)], cpu)?,
+        )];
+        for l in &st.layers {
+            out.push((
+                format!("nm.{}", l.name),
+                l.mask.to_tensor_dtype(DType::U8, cpu)?,
+            ));
+            for (field, v) in &l.lbc {
+                let t = Tensor::from_vec(v.clone(), v.len(), cpu)?;
+                out.push((format!("lbc.{}.{field}", l.name), t));
+            }
+        }
+        Ok(out)
+    }
+
+    fn restore(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        _opt: &mut dyn MaskAware,
+    ) -> dst_core::Result<()> {
+        let started = saved(tensors, "nm.started")?.to_vec1::<u8>()?;
+        let cur = self.state();
+        let mut layers = Vec::with_capacity(cur.layers.len());
+        for l in &cur.layers {
+            let mut lbc = Vec::with_capacity(l.lbc.len());
+            for (field, _) in &l.lbc {
+                let t = saved(tensors, &format!("lbc.{}.{field}", l.name))?;
+                lbc.push((field.clone(), t.to_dtype(DType::F64)?.to_vec1::<f64>()?));
+            }
+            let mask = Mask::from_tensor(saved(tensors, &format!("nm.{}", l.name))?)?;
+            layers.push(NmLayerState {
+                name: l.name.clone(),
+                mask,
+                lbc,
+            });
+        }
+        let state = NmState {
+            started: started.first() == Some(&1),
+            layers,
+        };
+        NmSparsifier::restore(self, &state).map_err(method_err)
     }
 }

@@ -6,21 +6,28 @@
 //! points at it, then older tensor files are removed. A reader therefore always finds a
 //! complete pair, even if the writer was killed half-way.
 //!
-//! Tensor names: `var.<name>` (every variable), `opt.<name>.<i>` (optimizer state),
-//! `mask.<weight>` and `ever.<weight>` (dst masks and ITOP unions, `u8`), `nm.<weight>` (N:M
-//! masks, `u8`), `lbc.<weight>.<field>` (LBC state, `f64`).
+//! This module owns the mapping between a run's state and the tensors: `var.<name>` (every
+//! variable, dense whichever engine trained it), `opt.<name>.<i>` (optimizer state, laid out
+//! like the variable), and the method's own tensors ([`dst_core::Sparsify::save`]: `mask.<weight>`
+//! and `ever.<weight>` for dynamic sparse training, `nm.<weight>`, `nm.started` and
+//! `lbc.<weight>.<field>` for N:M).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use dst_core::Sparsify;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::trainer::{EpochMetrics, TrainError};
+use crate::engine::Engine;
+use crate::error::TrainError;
+use crate::metrics::EpochMetrics;
 
-/// Version of the checkpoint layout.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the checkpoint layout (2: the N:M "started" flag moved from the JSON into the
+/// method's tensors).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The JSON half of a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,8 +40,6 @@ pub struct CheckpointState {
     pub epoch_acc: (f64, f64, usize),
     /// The optimizer's step counter.
     pub optimizer_steps: u64,
-    /// Whether the N:M sparsifier has chosen its first masks.
-    pub nm_started: bool,
     /// Seconds of training so far.
     pub wall_s: f64,
     /// The tensor file, relative to the checkpoint folder.
@@ -45,30 +50,21 @@ pub struct CheckpointState {
     pub history: Vec<EpochMetrics>,
 }
 
-fn err(path: &Path, reason: impl std::fmt::Display) -> TrainError {
-    TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    }
-}
+use crate::error::file_err as err;
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder, fsync and a rename:
+/// the one writer of every file the project writes.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     sparse_formats::io::write_atomic(path, bytes).map_err(|e| err(path, e))
 }
 
-/// Writes named tensors to a safetensors file through a temporary file in the same folder and
-/// a rename.
+/// Writes named tensors to a safetensors file atomically ([`write_atomic`]).
 pub fn save_tensors_atomic(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<(), TrainError> {
-    let name = path
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into());
-    let tmp = path.with_file_name(format!(".tmp-{name}"));
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(path, e))
+    let bytes = safetensors::serialize(tensors.iter(), None).map_err(|e| err(path, e))?;
+    write_atomic(path, &bytes)
 }
 
 /// Writes a checkpoint into `dir` (created if missing).
@@ -114,4 +110,76 @@ pub fn load(dir: &Path) -> Result<(CheckpointState, HashMap<String, Tensor>), Tr
     let tensors =
         candle_core::safetensors::load(&tpath, &Device::Cpu).map_err(|e| err(&tpath, e))?;
     Ok((state, tensors))
+}
+
+/// The variables of `varmap`, sorted by name.
+pub(crate) fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The tensors of a run's state: variables and optimizer state (dense layout, whichever
+/// engine), and the method's own.
+pub(crate) fn capture(
+    varmap: &VarMap,
+    engine: &Engine,
+    method: &dyn Sparsify,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    engine.sync_dense()?;
+    let mut t = HashMap::new();
+    for (name, var) in named_vars(varmap) {
+        t.insert(format!("var.{name}"), var.as_tensor().copy()?);
+        for (i, s) in engine.dense_state(&var)?.into_iter().enumerate() {
+            t.insert(format!("opt.{name}.{i}"), s);
+        }
+    }
+    t.extend(method.save()?);
+    Ok(t)
+}
+
+/// Restores what [`capture`] took into a freshly built run (same config); `path` names the
+/// tensor file in errors.
+pub(crate) fn restore(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    varmap: &VarMap,
+    engine: &mut Engine,
+    method: &mut dyn Sparsify,
+) -> Result<(), TrainError> {
+    let get = |name: String| {
+        tensors
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| err(path, format!("missing tensor `{name}`")))
+    };
+    let vars = named_vars(varmap);
+    for (name, var) in &vars {
+        let v = get(format!("var.{name}"))?;
+        if v.dims() != var.dims() {
+            return Err(err(
+                path,
+                format!(
+                    "`var.{name}` has shape {:?}, the model {:?}",
+                    v.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&v.to_dtype(var.dtype())?)?;
+    }
+    method.restore(tensors, engine)?;
+    // Sparse storage: lay the restored weights out again (fresh state, replaced below).
+    engine.relayout()?;
+    for (name, var) in &vars {
+        let n = engine.state_len(var);
+        if n > 0 {
+            let st = (0..n)
+                .map(|i| get(format!("opt.{name}.{i}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            engine.set_dense_state(var, st)?;
+        }
+    }
+    Ok(())
 }

@@ -1,13 +1,27 @@
 //! The training configuration: one serde struct, so that a run is described by a file (TOML or
 //! JSON) and every field can be overridden from a command line.
+//!
+//! Every setting has one default and one validation: the defaults of the dst-core and lbc
+//! settings are those crates' own ([`dst_core::SriglParams`], [`dst_core::UpdateSchedule`],
+//! [`dst_core::schedule::T_END_FRACTION`], [`dst_core::optim::SgdConfig`],
+//! [`lbc::schedule::T_F_FRACTION`]); [`TrainConfig::validate`] is the one validation pass
+//! (optimizer settings through [`OptimizerConfig::validate`]), run by the trainer and by the
+//! CLI before any file is written. Every table's fields are optional; an unknown key anywhere is
+//! an error naming its path ([`TrainConfig::from_toml`], [`TrainConfig::from_json`]).
 
 use std::path::PathBuf;
 
-use dst_core::optim::{OptimizerConfig, SgdConfig};
-use dst_core::Distribution;
+use dst_core::optim::OptimizerConfig;
+use dst_core::{Distribution, NoSparsity, SparseParam, Sparsifier, SparsifierConfig, Sparsify};
+use lbc::lbc::ScoreSgd;
+use lbc::schedule::RemovalSchedule;
+use lbc::training::{NmMethod, NmSparsifier};
 use serde::{Deserialize, Serialize};
+use sparse_formats::NmPattern;
 
-use crate::nets::ModelConfig;
+use crate::data::DatasetName;
+use crate::error::{config_err, Result};
+use crate::nets::{BuiltLayers, LayerKind, ModelConfig};
 
 /// Everything that defines a run. Missing fields take the defaults of
 /// [`TrainConfig::default`] (LeNet-300-100, SRigL 90% ERK, Fashion-MNIST, 20 epochs).
@@ -52,12 +66,7 @@ impl Default for TrainConfig {
             method: MethodConfig::default(),
             epochs: 20,
             batch_size: 128,
-            optimizer: OptimizerConfig::Sgd(SgdConfig {
-                lr: 0.1,
-                momentum: 0.9,
-                nesterov: true,
-                weight_decay: 1e-4,
-            }),
+            optimizer: OptimizerConfig::default(),
             lr_schedule: LrSchedule::default(),
             label_smoothing: 0.0,
             seed: 1,
@@ -86,8 +95,8 @@ pub enum EngineKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// `fashion-mnist`, `mnist` or `cifar-10`.
-    pub name: String,
+    /// The data set.
+    pub name: DatasetName,
     /// Explicit folder (searched before `$DST_DATA_DIR`, `./data/<name>` and the Debian
     /// package's location).
     pub dir: Option<PathBuf>,
@@ -100,7 +109,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
-            name: "fashion-mnist".into(),
+            name: DatasetName::FashionMnist,
             dir: None,
             limit: None,
             validation_fraction: 0.0,
@@ -179,7 +188,7 @@ impl MethodName {
 
 impl std::str::FromStr for MethodName {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         MethodName::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
@@ -224,7 +233,8 @@ pub struct MethodConfig {
     pub m: usize,
     /// LBC: first epoch of combination removal.
     pub lbc_t_i: usize,
-    /// LBC: epoch from which one combination is left (`None`: three quarters of the epochs).
+    /// LBC: epoch from which one combination is left (`None`: [`lbc::schedule::T_F_FRACTION`]
+    /// of the epochs).
     pub lbc_t_f: Option<usize>,
     /// LBC: exponent of the removal schedule.
     pub lbc_power: f64,
@@ -234,22 +244,25 @@ pub struct MethodConfig {
 
 impl Default for MethodConfig {
     fn default() -> Self {
+        let schedule = dst_core::UpdateSchedule::new(0);
+        let srigl = dst_core::SriglParams::default();
+        let removal = RemovalSchedule::default();
         MethodConfig {
             name: MethodName::Srigl,
             sparsity: 0.9,
             distribution: Distribution::default(),
-            delta_t: 100,
-            alpha: 0.3,
-            t_end_fraction: 0.75,
-            gamma_sal: 0.3,
-            ablation: true,
+            delta_t: schedule.delta_t,
+            alpha: schedule.alpha,
+            t_end_fraction: dst_core::schedule::T_END_FRACTION,
+            gamma_sal: srigl.gamma_sal,
+            ablation: srigl.ablation,
             dense_layers: Vec::new(),
             protected_layers: None,
             n: 2,
             m: 4,
-            lbc_t_i: 0,
+            lbc_t_i: removal.t_i,
             lbc_t_f: None,
-            lbc_power: 3.0,
+            lbc_power: removal.power,
             srste_lambda: 2e-4,
         }
     }
@@ -316,9 +329,37 @@ impl LrSchedule {
     }
 }
 
+/// A number that must be finite and in a range.
+fn check_range(
+    field: &'static str,
+    v: f64,
+    ok: impl Fn(f64) -> bool,
+    range: &str,
+) -> std::result::Result<(), (&'static str, String)> {
+    if v.is_finite() && ok(v) {
+        Ok(())
+    } else {
+        Err((field, format!("{v} is outside {range}")))
+    }
+}
+
 impl TrainConfig {
-    /// Checks every field that can be checked without the data; the error names the field.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Reads a TOML config; an unknown or malformed key is an error naming its path (e.g.
+    /// `optimizer.momentun: unknown field`).
+    pub fn from_toml(text: &str) -> std::result::Result<TrainConfig, String> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| e.message().to_string())?;
+        serde_path_to_error::deserialize(de).map_err(|e| path_error(&e))
+    }
+
+    /// Reads a JSON config (see [`TrainConfig::from_toml`]).
+    pub fn from_json(text: &str) -> std::result::Result<TrainConfig, String> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| path_error(&e))
+    }
+
+    /// Checks every field that can be checked without the data; the error names the field and
+    /// its valid range. The one validation pass of a configuration.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         let m = &self.method;
         if self.epochs == 0 {
             return Err(("epochs", "must be at least 1".into()));
@@ -326,12 +367,12 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return Err(("batch_size", "must be at least 1".into()));
         }
-        if !(0.0..1.0).contains(&m.sparsity) {
-            return Err((
-                "method.sparsity",
-                format!("{} is outside [0, 1)", m.sparsity),
-            ));
-        }
+        check_range(
+            "method.sparsity",
+            m.sparsity,
+            |v| (0.0..1.0).contains(&v),
+            "[0, 1)",
+        )?;
         if m.name.is_nm() && (m.n == 0 || m.n > m.m) {
             return Err((
                 "method.n",
@@ -341,27 +382,49 @@ impl TrainConfig {
         if m.delta_t == 0 {
             return Err(("method.delta_t", "must be at least 1".into()));
         }
-        if !(0.0..=1.0).contains(&m.alpha) {
-            return Err(("method.alpha", format!("{} is outside [0, 1]", m.alpha)));
+        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        check_range("method.alpha", m.alpha, unit, "[0, 1]")?;
+        check_range("method.t_end_fraction", m.t_end_fraction, unit, "[0, 1]")?;
+        check_range("method.gamma_sal", m.gamma_sal, |v| v >= 0.0, "[0, ∞)")?;
+        check_range("method.lbc_power", m.lbc_power, |v| v > 0.0, "(0, ∞)")?;
+        check_range(
+            "method.srste_lambda",
+            m.srste_lambda.into(),
+            |v| v >= 0.0,
+            "[0, ∞)",
+        )?;
+        if let Distribution::Erk { power_scale } = m.distribution {
+            check_range(
+                "method.distribution.power_scale",
+                power_scale,
+                |v| v >= 0.0,
+                "[0, ∞)",
+            )?;
         }
-        if !(0.0..=1.0).contains(&m.t_end_fraction) {
-            return Err((
-                "method.t_end_fraction",
-                format!("{} is outside [0, 1]", m.t_end_fraction),
-            ));
-        }
-        if !(0.0..1.0).contains(&self.data.validation_fraction) {
-            return Err((
-                "data.validation_fraction",
-                format!("{} is outside [0, 1)", self.data.validation_fraction),
-            ));
-        }
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err((
-                "label_smoothing",
-                format!("{} is outside [0, 1)", self.label_smoothing),
-            ));
-        }
+        check_range(
+            "data.validation_fraction",
+            self.data.validation_fraction,
+            |v| (0.0..1.0).contains(&v),
+            "[0, 1)",
+        )?;
+        check_range(
+            "label_smoothing",
+            self.label_smoothing,
+            |v| (0.0..1.0).contains(&v),
+            "[0, 1)",
+        )?;
+        check_range(
+            "lr_schedule.warmup_epochs",
+            self.lr_schedule.warmup_epochs,
+            |v| v >= 0.0,
+            "[0, ∞)",
+        )?;
+        check_range(
+            "lr_schedule.gamma",
+            self.lr_schedule.gamma,
+            |v| v > 0.0,
+            "(0, ∞)",
+        )?;
         if self.engine == EngineKind::Sparse && m.name.dst().is_none() {
             return Err((
                 "engine",
@@ -374,11 +437,10 @@ impl TrainConfig {
         if self.threads == Some(0) {
             return Err(("threads", "must be at least 1".into()));
         }
-        let lr = self.peak_lr();
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(("optimizer.lr", format!("{lr} is not a positive number")));
-        }
-        Ok(())
+        self.optimizer.validate().map_err(|e| match e {
+            dst_core::DstError::Config { field, reason } => (optimizer_field(field), reason),
+            other => ("optimizer", other.to_string()),
+        })
     }
 
     /// The engine this run trains with: `Auto` resolved by what the train bench measured
@@ -402,9 +464,115 @@ impl TrainConfig {
 
     /// The optimizer's peak learning rate.
     pub fn peak_lr(&self) -> f64 {
-        match self.optimizer {
-            OptimizerConfig::Sgd(c) => c.lr,
-            OptimizerConfig::AdamW(c) => c.lr,
+        self.optimizer.lr()
+    }
+
+    /// The kind of layers the network of this run is built from.
+    pub(crate) fn layer_kind(&self) -> LayerKind {
+        if self.method.name.is_nm() {
+            LayerKind::Nm
+        } else if self.engine_for_run() == EngineKind::Sparse {
+            LayerKind::Engine
+        } else {
+            LayerKind::Dst
         }
+    }
+
+    /// The dst-core sparsifier settings of this run (dst methods) for `total_steps` steps.
+    pub fn sparsifier_config(&self, total_steps: usize) -> Option<SparsifierConfig> {
+        let m = &self.method;
+        let mut sc = SparsifierConfig::new(m.name.dst()?, m.sparsity, total_steps);
+        sc.distribution = m.distribution;
+        sc.schedule.delta_t = m.delta_t;
+        sc.schedule.alpha = m.alpha;
+        sc.schedule.t_end = (m.t_end_fraction * total_steps as f64) as usize;
+        sc.seed = self.seed;
+        sc.dense_layers = m.dense_layers.clone();
+        sc.protected_layers = m.protected_layers.clone();
+        sc.srigl.gamma_sal = m.gamma_sal;
+        sc.srigl.ablation = m.ablation;
+        Some(sc)
+    }
+
+    /// The method of this run over the layers `built`, as the trainer drives it, and the
+    /// weights it leaves dense (every weight for dense training; the `dense_layers` of an N:M
+    /// method). The one place a method name becomes an implementation.
+    pub(crate) fn build_method(
+        &self,
+        built: &BuiltLayers,
+        total_steps: usize,
+    ) -> Result<(Box<dyn Sparsify>, Vec<SparseParam>)> {
+        let m = &self.method;
+        if let Some(sc) = self.sparsifier_config(total_steps) {
+            return Ok((
+                Box::new(Sparsifier::new(built.sparse.clone(), sc)?),
+                Vec::new(),
+            ));
+        }
+        if !m.name.is_nm() {
+            return Ok((Box::new(NoSparsity), built.sparse.clone()));
+        }
+        let names: Vec<&str> = built
+            .sparse
+            .iter()
+            .map(|p| p.name())
+            .chain(built.nm.iter().map(|l| l.name()))
+            .collect();
+        if let Some(n) = m.dense_layers.iter().find(|n| !names.contains(&n.as_str())) {
+            return Err(config_err(
+                "method.dense_layers",
+                format!("unknown layer `{n}` (layers: {})", names.join(", ")),
+            ));
+        }
+        let method = match m.name {
+            MethodName::Lbc => NmMethod::Lbc {
+                schedule: RemovalSchedule {
+                    t_i: m.lbc_t_i,
+                    t_f: m
+                        .lbc_t_f
+                        .unwrap_or_else(|| RemovalSchedule::default_t_f(self.epochs)),
+                    power: m.lbc_power,
+                },
+                score_sgd: ScoreSgd {
+                    lr: self.peak_lr() as f32,
+                    momentum: 0.9,
+                    weight_decay: 1e-4,
+                },
+                max_scores: 1 << 24,
+            },
+            MethodName::Srste => NmMethod::SrSte {
+                lambda_w: m.srste_lambda,
+            },
+            _ => NmMethod::OneShot,
+        };
+        let nm = NmSparsifier::new(built.nm.clone(), NmPattern::new(m.n, m.m), method)
+            .map_err(|e| config_err("method.m", e))?;
+        Ok((Box::new(nm), built.sparse.clone()))
+    }
+}
+
+/// The config path of an optimizer setting.
+fn optimizer_field(field: &str) -> &'static str {
+    match field {
+        "lr" => "optimizer.lr",
+        "momentum" => "optimizer.momentum",
+        "weight_decay" => "optimizer.weight_decay",
+        "beta1" => "optimizer.beta1",
+        "beta2" => "optimizer.beta2",
+        "eps" => "optimizer.eps",
+        _ => "optimizer",
+    }
+}
+
+/// `path: message` of a deserialisation error (the path is `.` for the top level).
+fn path_error<E: std::fmt::Display>(e: &serde_path_to_error::Error<E>) -> String {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    // TOML errors carry a multi-line excerpt of the file after the message; keep the message.
+    let first = inner.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    if path == "." {
+        first.to_string()
+    } else {
+        format!("{path}: {first}")
     }
 }

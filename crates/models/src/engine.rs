@@ -1,19 +1,29 @@
-//! The sparse training engine: a linear layer whose weight lives in a sparse layout (condensed
-//! when every active row has the same fan-in, as SRigL's; CSR otherwise) between mask updates,
-//! so forward, input gradient and value gradient run on the sparse-kernels kernels and the
-//! dense weight gradient is never formed — except at the steps that need it (mask updates),
-//! where the backward pass adds the one dense product `gyᵀ·x` for the dense variable.
+//! Storage engines: how the weights of a run are stored and trained, behind one type,
+//! [`Engine`], which owns the optimizer, the sparse storage, its re-layout at mask updates, the
+//! dense sync, and the optimizer state's re-layout.
+//!
+//! - **dense-mask**: every weight is a dense variable multiplied by its mask (as every public
+//!   implementation does); the engine then holds no [`EngineLayer`] and only forwards to the
+//!   optimizer.
+//! - **sparse**: a linear layer's weight lives in a sparse layout (condensed when every active
+//!   row has the same fan-in, as SRigL's; CSR otherwise) between mask updates, so forward, input
+//!   gradient and value gradient run on the sparse-kernels kernels and the dense weight gradient
+//!   is never formed — except at the steps that need it (mask updates), where the backward pass
+//!   adds the one dense product `gyᵀ·x` for the dense variable.
 //!
 //! The dense variable (the dst-core `SparseParam`) stays the layer's identity: the sparsifier
 //! reads and writes it at mask updates, checkpoints store it, and it is refreshed from the
-//! stored values whenever it is read ([`EngineLayer::scatter`]). The optimizer manages the
-//! stored values instead, with its state re-laid out at every mask update (kept weights keep
-//! their state, grown weights start at zero — the same as the dense-mask engine's masking).
+//! stored values whenever it is read ([`Engine::sync_dense`]). The optimizer manages the stored
+//! values instead, with its state re-laid out at every mask update (kept weights keep their
+//! state, grown weights start at zero — the same as the dense-mask engine's masking).
 
 use std::sync::{Arc, RwLock};
 
-use candle_core::{Module, Tensor, Var};
-use dst_core::SparseParam;
+use candle_core::backprop::GradStore;
+use candle_core::{Module, Tensor, TensorId, Var};
+use dst_core::optim::{MaskAware, OptimizerConfig};
+use dst_core::{SparseParam, Sparsify};
+use rayon::prelude::*;
 use sparse_formats::{Condensed, Csr, Mask};
 use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
 
@@ -201,5 +211,200 @@ impl Module for EngineLayer {
                 }
             }
         }
+    }
+}
+
+/// The storage engine of a run (see the module documentation): the optimizer, and the layers
+/// kept in sparse storage (none for the dense-mask engine). As a [`MaskAware`] it is the
+/// optimizer the method sees: masks of sparse-storage layers are not handed on (their stored
+/// values hold exactly the active weights).
+pub struct Engine {
+    opt: Box<dyn MaskAware + Send>,
+    layers: Vec<EngineLayer>,
+    /// The dense variables of `layers`, which the optimizer does not manage.
+    skip: Vec<TensorId>,
+    /// The current step forms the dense weight gradient.
+    dense_step: bool,
+}
+
+impl Engine {
+    /// Builds the engine of a run: of `candidates` (sparse-engine layers; none for the
+    /// dense-mask engine), those whose mask under `method` is sparse are laid out in sparse
+    /// storage; the optimizer is built over `vars` (every variable of the model) with those
+    /// layers' stored values in place of their dense variables, and is handed the method's masks.
+    pub fn new(
+        candidates: Vec<EngineLayer>,
+        method: &dyn Sparsify,
+        vars: Vec<Var>,
+        optimizer: &OptimizerConfig,
+    ) -> dst_core::Result<Engine> {
+        let masks = method.masks();
+        let mut layers = Vec::new();
+        for e in candidates {
+            let sparse = masks
+                .iter()
+                .any(|(n, m)| n == e.param().name() && m.nnz() < m.len());
+            if sparse {
+                e.compress(&[])?;
+                layers.push(e);
+            }
+        }
+        let skip: Vec<TensorId> = layers
+            .iter()
+            .map(|e| e.param().var().as_tensor().id())
+            .collect();
+        let mut vars: Vec<Var> = vars
+            .into_iter()
+            .filter(|v| !skip.contains(&v.as_tensor().id()))
+            .collect();
+        vars.extend(layers.iter().filter_map(|e| e.values()));
+        let mut engine = Engine {
+            opt: optimizer.build(vars)?,
+            layers,
+            skip,
+            dense_step: false,
+        };
+        method.register(&mut engine)?;
+        Ok(engine)
+    }
+
+    /// Layers in sparse storage (0 for the dense-mask engine).
+    pub fn sparse_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer_of(&self, var: &Var) -> Option<&EngineLayer> {
+        let id = var.as_tensor().id();
+        self.layers
+            .iter()
+            .find(|e| e.param().var().as_tensor().id() == id)
+    }
+
+    /// Before the forward pass: `dense_grad` makes this step's backward pass also form the
+    /// dense weight gradient of sparse-storage layers (a mask-update step).
+    pub fn begin_step(&mut self, dense_grad: bool) {
+        self.dense_step = dense_grad && !self.layers.is_empty();
+        if self.dense_step {
+            for e in &self.layers {
+                e.begin_dense_step();
+            }
+        }
+    }
+
+    /// After the backward pass: plain sparse passes again (the dense gradient stays in the
+    /// gradient store for the mask update).
+    pub fn end_backward(&self) {
+        if self.dense_step {
+            for e in &self.layers {
+                e.end_dense_step();
+            }
+        }
+    }
+
+    /// After the optimizer step of a dense-gradient step: the dense variables take the
+    /// post-step weights, which the mask update reads.
+    pub fn after_optimizer_step(&self) -> candle_core::Result<()> {
+        if self.dense_step {
+            self.sync_dense()?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes the dense variables of sparse-storage layers from their stored values.
+    pub fn sync_dense(&self) -> candle_core::Result<()> {
+        self.layers.par_iter().try_for_each(|e| e.scatter())
+    }
+
+    /// After masks changed: lays every sparse-storage layer out for its new mask, moving the
+    /// optimizer state along.
+    pub fn relayout(&mut self) -> dst_core::Result<()> {
+        let olds: Vec<(Var, Vec<Tensor>)> = self
+            .layers
+            .iter()
+            .map(|e| {
+                let old = e.values().expect("engine layers are compressed");
+                let state = self.opt.state(&old);
+                (old, state)
+            })
+            .collect();
+        // Layers re-lay out independently (in parallel); the optimizer takes them in order.
+        let news = self
+            .layers
+            .par_iter()
+            .zip(&olds)
+            .map(|(e, (_, state))| e.compress(state))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for ((old, _), (new, new_state)) in olds.iter().zip(news) {
+            self.opt.replace_var(old, new, new_state)?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer state of the model variable `var`, laid out like `var` (dense) whichever
+    /// engine trains it (for checkpoints).
+    pub fn dense_state(&self, var: &Var) -> candle_core::Result<Vec<Tensor>> {
+        match self.layer_of(var) {
+            Some(e) => e.dense_state(&self.opt.state(&e.values().expect("compressed"))),
+            None => Ok(self.opt.state(var)),
+        }
+    }
+
+    /// How many state tensors the optimizer keeps for the model variable `var`.
+    pub fn state_len(&self, var: &Var) -> usize {
+        match self.layer_of(var) {
+            Some(e) => self.opt.state(&e.values().expect("compressed")).len(),
+            None => self.opt.state(var).len(),
+        }
+    }
+
+    /// Sets the optimizer state of the model variable `var` from a dense layout
+    /// ([`Engine::dense_state`]).
+    pub fn set_dense_state(&mut self, var: &Var, state: Vec<Tensor>) -> dst_core::Result<()> {
+        match self.layer_of(var) {
+            Some(e) => {
+                let values = e.values().expect("compressed");
+                let st = e.gather_state(&state)?;
+                self.opt.set_state(&values, st)
+            }
+            None => self.opt.set_state(var, state),
+        }
+    }
+}
+
+/// The optimizer as the method sees it: masks of sparse-storage layers are not handed on.
+impl MaskAware for Engine {
+    fn set_mask(&mut self, var: &Var, mask: &Tensor) -> dst_core::Result<()> {
+        if self.skip.contains(&var.as_tensor().id()) {
+            Ok(())
+        } else {
+            self.opt.set_mask(var, mask)
+        }
+    }
+    fn state(&self, var: &Var) -> Vec<Tensor> {
+        self.opt.state(var)
+    }
+    fn learning_rate(&self) -> f64 {
+        self.opt.learning_rate()
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.opt.set_learning_rate(lr)
+    }
+    fn step(&mut self, grads: &GradStore) -> dst_core::Result<()> {
+        self.opt.step(grads)
+    }
+    fn set_state(&mut self, var: &Var, state: Vec<Tensor>) -> dst_core::Result<()> {
+        self.opt.set_state(var, state)
+    }
+    fn steps(&self) -> u64 {
+        self.opt.steps()
+    }
+    fn set_steps(&mut self, steps: u64) {
+        self.opt.set_steps(steps)
+    }
+    fn replace_var(&mut self, old: &Var, new: Var, state: Vec<Tensor>) -> dst_core::Result<()> {
+        self.opt.replace_var(old, new, state)
+    }
+    fn manages(&self, var: &Var) -> bool {
+        !self.skip.contains(&var.as_tensor().id()) && self.opt.manages(var)
     }
 }

@@ -22,13 +22,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineLayer;
 
-/// Which architecture (serde: `kind = "mlp"`, `hidden = [300, 100]`, ...).
+/// Which architecture (serde: `kind = "mlp"`, `hidden = [300, 100]`, ...). Every field is
+/// optional (defaults: LeNet-300-100's widths, ResNet-18 width 64, [`ModelConfig::vit_small`]);
+/// unknown keys are rejected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ModelConfig {
     /// A ReLU MLP; input and output sizes come from the data set.
     Mlp {
         /// Hidden widths (LeNet-300-100: `[300, 100]`).
+        #[serde(default = "defaults::hidden")]
         hidden: Vec<usize>,
     },
     /// LeNet-5: conv 5×5 (6) → pool → conv 5×5 (16) → pool → 120 → 84 → classes.
@@ -36,21 +39,72 @@ pub enum ModelConfig {
     /// The CIFAR ResNet-18 (3×3 stem, four stages of two basic blocks, BatchNorm).
     Resnet18 {
         /// Channels of the first stage (64 in the paper).
+        #[serde(default = "defaults::width")]
         width: usize,
     },
     /// A small Vision Transformer (patch embedding, pre-norm blocks, mean pooling).
     Vit {
         /// Patch side in pixels (must divide the image side).
+        #[serde(default = "defaults::patch")]
         patch: usize,
         /// Embedding width.
+        #[serde(default = "defaults::dim")]
         dim: usize,
         /// Transformer blocks.
+        #[serde(default = "defaults::depth")]
         depth: usize,
         /// Attention heads (must divide `dim`).
+        #[serde(default = "defaults::heads")]
         heads: usize,
         /// Hidden width of each block's MLP.
+        #[serde(default = "defaults::mlp_dim")]
         mlp_dim: usize,
     },
+}
+
+/// The field defaults of [`ModelConfig`], taken from its presets.
+mod defaults {
+    use super::ModelConfig;
+
+    pub fn hidden() -> Vec<usize> {
+        match ModelConfig::lenet_300_100() {
+            ModelConfig::Mlp { hidden } => hidden,
+            _ => unreachable!("an MLP preset"),
+        }
+    }
+    pub fn width() -> usize {
+        match ModelConfig::resnet18() {
+            ModelConfig::Resnet18 { width } => width,
+            _ => unreachable!("a ResNet preset"),
+        }
+    }
+    fn vit() -> [usize; 5] {
+        match ModelConfig::vit_small() {
+            ModelConfig::Vit {
+                patch,
+                dim,
+                depth,
+                heads,
+                mlp_dim,
+            } => [patch, dim, depth, heads, mlp_dim],
+            _ => unreachable!("a ViT preset"),
+        }
+    }
+    pub fn patch() -> usize {
+        vit()[0]
+    }
+    pub fn dim() -> usize {
+        vit()[1]
+    }
+    pub fn depth() -> usize {
+        vit()[2]
+    }
+    pub fn heads() -> usize {
+        vit()[3]
+    }
+    pub fn mlp_dim() -> usize {
+        vit()[4]
+    }
 }
 
 impl ModelConfig {

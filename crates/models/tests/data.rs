@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use models::data::{find_dataset, load_mnist_like, read_idx, DataError, Split};
+use models::data::{find_dataset, load_mnist_like, read_idx, DataError, DatasetName, Split};
 
 fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut b = vec![0, 0, 8, dims.len() as u8];
@@ -46,7 +46,7 @@ fn loads_plain_and_gzip() {
     for gzip in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         write_set(dir.path(), gzip, &[9, 0, 4]);
-        let found = find_dataset("tiny", Some(dir.path())).unwrap();
+        let found = find_dataset(DatasetName::Mnist, Some(dir.path())).unwrap();
         let set = load_mnist_like(&found, Split::Train).unwrap();
         assert_eq!((set.len(), set.rows, set.cols), (3, 2, 2));
         assert_eq!(set.labels, vec![9, 0, 4]);
@@ -101,11 +101,11 @@ fn broken_files_name_the_file_and_the_problem() {
 #[test]
 fn not_found_lists_where_it_looked_and_how_to_get_it() {
     let dir = tempfile::tempdir().unwrap();
-    let err = find_dataset("no-such-set", Some(dir.path()))
+    let err = find_dataset(DatasetName::FashionMnist, Some(dir.path()))
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("no-such-set") && err.contains("apt-get install dataset-fashion-mnist"),
+        err.contains("fashion-mnist") && err.contains("apt-get install -y dataset-fashion-mnist"),
         "{err}"
     );
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
@@ -154,7 +154,7 @@ fn cifar10_binary_reader() {
     let dir = tempfile::tempdir().unwrap();
     write_cifar(dir.path(), 3);
     assert_eq!(
-        find_dataset("cifar-10", Some(dir.path())).unwrap(),
+        find_dataset(DatasetName::Cifar10, Some(dir.path())).unwrap(),
         dir.path()
     );
     let train = load_cifar10(dir.path(), Split::Train).unwrap();
@@ -199,7 +199,7 @@ fn broken_cifar_files_name_the_file() {
         "{e}"
     );
     let empty = tempfile::tempdir().unwrap();
-    let e = find_dataset("cifar-10", Some(empty.path()))
+    let e = find_dataset(DatasetName::Cifar10, Some(empty.path()))
         .unwrap_err()
         .to_string();
     assert!(e.contains("cifar-10-binary.tar.gz"), "{e}");

@@ -61,8 +61,9 @@ fn run(c: &TrainConfig) -> (Trainer, models::Summary, Updates) {
 
 fn max_weight_diff(a: &Trainer, b: &Trainer) -> f32 {
     a.variables()
+        .unwrap()
         .iter()
-        .zip(b.variables())
+        .zip(b.variables().unwrap())
         .map(|((_, x), (_, y))| {
             (x - y)
                 .unwrap()
@@ -151,7 +152,12 @@ fn sparse_engine_resumes_exactly() {
     let mut resumed = Trainer::resume(dir.path(), fixture(&c)).unwrap();
     resumed.run(&mut Silent).unwrap();
     assert_eq!(full.masks(), resumed.masks());
-    for ((n, x), (_, y)) in full.variables().iter().zip(resumed.variables()) {
+    for ((n, x), (_, y)) in full
+        .variables()
+        .unwrap()
+        .iter()
+        .zip(resumed.variables().unwrap())
+    {
         assert_eq!(
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

@@ -37,22 +37,40 @@ impl std::fmt::Debug for Mask {
     }
 }
 
-/// Summary numbers of a mask, ready for snapshot tests and reports (floats pre-formatted so
-/// that snapshots are stable).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct MaskStats {
+/// The statistics of one layer's mask: the one per-layer statistics type of the workspace
+/// (training metrics, the sparsifier's summary, `dst inspect`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerStats {
+    /// Weight name (e.g. `fc1.weight`).
+    pub name: String,
     /// `[rows, fan_in]`.
     pub shape: [usize; 2],
     /// Number of active entries.
     pub nnz: usize,
-    /// `nnz / (rows · fan_in)` with 4 decimals.
-    pub density: String,
+    /// Fraction of inactive entries ([`Mask::sparsity`]).
+    pub sparsity: f64,
     /// Smallest fan-in among rows with at least one active entry (0 if there are none).
     pub min_fan_in: usize,
     /// Largest fan-in of any row.
     pub max_fan_in: usize,
     /// Rows with no active entry (ablated neurons).
-    pub empty_rows: usize,
+    pub ablated_rows: usize,
+}
+
+impl LayerStats {
+    /// The statistics of `mask`, the mask of the weight `name`.
+    pub fn of(name: &str, mask: &Mask) -> LayerStats {
+        let counts = mask.row_counts();
+        LayerStats {
+            name: name.to_string(),
+            shape: [mask.rows, mask.fan_in],
+            nnz: counts.iter().sum(),
+            sparsity: mask.sparsity(),
+            min_fan_in: counts.iter().copied().filter(|&c| c > 0).min().unwrap_or(0),
+            max_fan_in: counts.iter().copied().max().unwrap_or(0),
+            ablated_rows: counts.iter().filter(|&&c| c == 0).count(),
+        }
+    }
 }
 
 impl Mask {
@@ -216,17 +234,9 @@ impl Mask {
         1.0 - self.density()
     }
 
-    /// Summary numbers (see [`MaskStats`]).
-    pub fn stats(&self) -> MaskStats {
-        let counts = self.row_counts();
-        MaskStats {
-            shape: [self.rows, self.fan_in],
-            nnz: counts.iter().sum(),
-            density: format!("{:.4}", self.density()),
-            min_fan_in: counts.iter().copied().filter(|&c| c > 0).min().unwrap_or(0),
-            max_fan_in: counts.iter().copied().max().unwrap_or(0),
-            empty_rows: counts.iter().filter(|&&c| c == 0).count(),
-        }
+    /// The statistics of this mask as the weight `name` ([`LayerStats::of`]).
+    pub fn stats(&self, name: &str) -> LayerStats {
+        LayerStats::of(name, self)
     }
 
     /// Text rendering for snapshot tests: one line per row, `#` for active, `.` for inactive.
@@ -371,7 +381,7 @@ mod tests {
 
     #[test]
     fn stats_snapshot() {
-        insta::assert_yaml_snapshot!(sample().stats());
+        insta::assert_yaml_snapshot!(sample().stats("sample.weight"));
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub use idx::{read_idx, IdxArray};
 
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+
 /// Errors reading data sets; each names the file or the places searched.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -166,54 +170,166 @@ fn has_files(dir: &Path) -> bool {
     })
 }
 
-/// Finds the folder holding `name` (e.g. `fashion-mnist`), searching as described in the module
+/// The data sets the trainer reads (serde and command line: `fashion-mnist`, `mnist`,
+/// `cifar-10`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DatasetName {
+    /// Fashion-MNIST (IDX files; Debian package `dataset-fashion-mnist`).
+    #[serde(rename = "fashion-mnist")]
+    FashionMnist,
+    /// MNIST (IDX files).
+    #[serde(rename = "mnist")]
+    Mnist,
+    /// CIFAR-10, binary version.
+    #[serde(rename = "cifar-10")]
+    Cifar10,
+}
+
+impl DatasetName {
+    /// Every data set, in documentation order.
+    pub const ALL: [DatasetName; 3] = [
+        DatasetName::FashionMnist,
+        DatasetName::Mnist,
+        DatasetName::Cifar10,
+    ];
+
+    /// The name used in configs, folders and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetName::FashionMnist => "fashion-mnist",
+            DatasetName::Mnist => "mnist",
+            DatasetName::Cifar10 => "cifar-10",
+        }
+    }
+
+    /// `[channels, rows, cols]` of one image.
+    pub fn image_shape(self) -> [usize; 3] {
+        match self {
+            DatasetName::FashionMnist | DatasetName::Mnist => [1, 28, 28],
+            DatasetName::Cifar10 => [3, 32, 32],
+        }
+    }
+
+    /// Whether `dir` holds this data set's files.
+    fn present_in(self, dir: &Path) -> bool {
+        match self {
+            DatasetName::Cifar10 => cifar::has_files(dir),
+            _ => has_files(dir),
+        }
+    }
+
+    /// Loads one split from the folder `dir` (see [`find_dataset`]).
+    pub fn load(self, dir: &Path, split: Split) -> Result<ImageSet, DataError> {
+        match self {
+            DatasetName::Cifar10 => load_cifar10(dir, split),
+            _ => load_mnist_like(dir, split),
+        }
+    }
+
+    /// How to get the data set, for the not-found message.
+    fn hint(self) -> String {
+        match self {
+            DatasetName::Cifar10 => "Download the binary version (cifar-10-binary.tar.gz) from \
+                 https://www.cs.toronto.edu/~kriz/cifar.html and extract its data_batch_*.bin \
+                 and test_batch.bin into ./data/cifar-10, or pass --data-dir"
+                .to_string(),
+            DatasetName::FashionMnist => "Get it with `apt-get update && apt-get install -y \
+                 dataset-fashion-mnist`, or download the four IDX files of the data set's \
+                 official release into ./data/fashion-mnist, or pass --data-dir"
+                .to_string(),
+            DatasetName::Mnist => "Download the four IDX files of the data set's official \
+                 release into ./data/mnist, or pass --data-dir"
+                .to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for DatasetName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DatasetName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DatasetName::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown data set `{s}` (one of: {})",
+                    DatasetName::ALL.map(|d| d.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// Finds the folder holding the data set `name`, searching as described in the module
 /// documentation.
-pub fn find_dataset(name: &str, explicit: Option<&Path>) -> Result<PathBuf, DataError> {
+pub fn find_dataset(name: DatasetName, explicit: Option<&Path>) -> Result<PathBuf, DataError> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         // An explicit folder is the only place looked at: a wrong path must not silently fall
         // back to another copy.
         candidates.push(p.to_path_buf());
-        candidates.push(p.join(name));
+        candidates.push(p.join(name.as_str()));
     } else if let Some(d) = std::env::var_os("DST_DATA_DIR") {
         let d = PathBuf::from(d);
-        candidates.push(d.join(name));
+        candidates.push(d.join(name.as_str()));
         candidates.push(d);
     }
     if explicit.is_none() {
-        candidates.push(Path::new("data").join(name));
+        candidates.push(Path::new("data").join(name.as_str()));
     }
-    if explicit.is_none() && name == "fashion-mnist" {
+    if explicit.is_none() && name == DatasetName::FashionMnist {
         candidates.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
     }
-    let present = |d: &Path| {
-        if name == "cifar-10" {
-            cifar::has_files(d)
-        } else {
-            has_files(d)
-        }
-    };
-    if let Some(found) = candidates.iter().find(|d| present(d)) {
+    if let Some(found) = candidates.iter().find(|d| name.present_in(d)) {
         return Ok(found.clone());
     }
-    let hint = match name {
-        "cifar-10" => {
-            "Download the binary version (cifar-10-binary.tar.gz) from \
-                       https://www.cs.toronto.edu/~kriz/cifar.html and extract its \
-                       data_batch_*.bin and test_batch.bin into ./data/cifar-10, or pass --data-dir"
-                .to_string()
-        }
-        _ => format!(
-            "Get it with `apt-get install dataset-fashion-mnist` (Fashion-MNIST), or download \
-             the four IDX files of the data set's official release into ./data/{name}, or pass \
-             --data-dir"
-        ),
-    };
     Err(DataError::NotFound {
         name: name.to_string(),
         searched: candidates,
-        hint,
+        hint: name.hint(),
     })
+}
+
+/// The three splits a run uses.
+#[derive(Debug, Clone)]
+pub struct Datasets {
+    /// Training examples (after the validation split and `limit`).
+    pub train: ImageSet,
+    /// Validation examples (empty when `validation_fraction` is 0).
+    pub validation: ImageSet,
+    /// Test examples.
+    pub test: ImageSet,
+}
+
+impl Datasets {
+    /// Finds and loads the data set named by `cfg.data` (see [`find_dataset`]), then applies
+    /// the validation split and `limit`.
+    pub fn load(cfg: &TrainConfig) -> Result<Datasets, DataError> {
+        let d = &cfg.data;
+        let dir = find_dataset(d.name, d.dir.as_deref())?;
+        let train = d.name.load(&dir, Split::Train)?;
+        let test = d.name.load(&dir, Split::Test)?;
+        Ok(Datasets::split(train, test, cfg))
+    }
+
+    /// Applies `cfg.data`'s validation split and `limit` to loaded sets.
+    pub fn split(train: ImageSet, test: ImageSet, cfg: &TrainConfig) -> Datasets {
+        let (train, validation) = train.split_validation(cfg.data.validation_fraction, cfg.seed);
+        let train = match cfg.data.limit {
+            Some(l) => train.limit(l),
+            None => train,
+        };
+        Datasets {
+            train,
+            validation,
+            test,
+        }
+    }
 }
 
 fn open_either(dir: &Path, stem: &str) -> Result<IdxArray, DataError> {

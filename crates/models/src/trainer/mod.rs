@@ -1,0 +1,486 @@
+//! The [`Trainer`]: builds the network, the method and the storage engine from a
+//! [`TrainConfig`], runs the training loop with per-epoch evaluation, reports through a
+//! [`Progress`] callback (the library prints nothing), writes metrics and checkpoints when given
+//! an output folder, and resumes exactly from a checkpoint.
+//!
+//! The trainer orchestrates and owns nothing else: the method is a [`Sparsify`] (the order of
+//! its hooks in a step is documented there and in docs/algorithms.md), the storage engine an
+//! [`Engine`] (which owns the optimizer), checkpoints map state ⇄ tensors
+//! ([`crate::checkpoint`]), metrics own their statistics ([`crate::metrics`]).
+//!
+//! Determinism: initialisation, masks, the validation split and the shuffle of every epoch are
+//! drawn from streams derived from `(seed, ...)`, not from a running generator, so a run resumed
+//! from a checkpoint (even one written mid-epoch) continues exactly as the uninterrupted run.
+
+mod progress;
+
+pub use progress::{Control, Event, Progress, Silent};
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use dst_core::optim::MaskAware;
+use dst_core::{Rng, SparseParam, Sparsify, UpdateReport};
+use sparse_formats::Mask;
+
+use crate::checkpoint::{self, CheckpointState};
+use crate::config::TrainConfig;
+use crate::data::{Datasets, ImageSet};
+use crate::engine::Engine;
+use crate::error::{config_err, Result, TrainError};
+use crate::metrics::{self, correct_count, EpochMetrics, LayerStats, MetricsLog, Summary};
+use crate::nets::{LayerFactory, Network};
+
+/// A training run in progress: network, method, engine (with the optimizer), data, counters.
+pub struct Trainer {
+    cfg: TrainConfig,
+    data: Datasets,
+    dev: Device,
+    varmap: VarMap,
+    net: Network,
+    /// The method's hooks.
+    method: Box<dyn Sparsify>,
+    /// Weights the method leaves dense (reported with all-ones masks).
+    unmanaged: Vec<SparseParam>,
+    engine: Engine,
+    norm: Vec<(f32, f32)>,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    /// Steps done.
+    step: usize,
+    /// Sums over the current epoch so far: loss, correct, examples.
+    epoch_acc: (f64, f64, usize),
+    history: Vec<EpochMetrics>,
+    wall_before: f64,
+    out: Option<PathBuf>,
+    log: Option<MetricsLog>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl Trainer {
+    /// Builds the network, method and engine for `cfg` on `data` (seeded: the same config
+    /// always builds the same starting point).
+    pub fn new(cfg: TrainConfig, data: Datasets) -> Result<Trainer> {
+        cfg.validate().map_err(|(f, r)| config_err(f, r))?;
+        if data.train.is_empty() {
+            return Err(config_err("data", "the training set is empty"));
+        }
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let t = &data.train;
+        let factory =
+            LayerFactory::new(vb, cfg.layer_kind(), cfg.seed).keep_dense(&cfg.method.dense_layers);
+        let (net, built) =
+            Network::build_with(&cfg.model, [t.channels, t.rows, t.cols], t.classes, factory)
+                .map_err(|e| config_err("model", e))?;
+        let steps_per_epoch = t.len().div_ceil(cfg.batch_size);
+        let total_steps = steps_per_epoch * cfg.epochs;
+        let (method, unmanaged) = cfg.build_method(&built, total_steps)?;
+        let engine = Engine::new(
+            built.engine,
+            method.as_ref(),
+            varmap.all_vars(),
+            &cfg.optimizer,
+        )?;
+        let norm = data.train.channel_stats();
+        Ok(Trainer {
+            cfg,
+            data,
+            dev,
+            varmap,
+            net,
+            method,
+            unmanaged,
+            engine,
+            norm,
+            steps_per_epoch,
+            total_steps,
+            step: 0,
+            epoch_acc: (0.0, 0.0, 0),
+            history: Vec::new(),
+            wall_before: 0.0,
+            out: None,
+            log: None,
+            last_checkpoint: None,
+        })
+    }
+
+    /// Writes `config.json`, appends to `metrics.jsonl` and keeps checkpoints in `dir`
+    /// (created if missing).
+    pub fn with_output(mut self, dir: &Path) -> Result<Trainer> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!("cannot create the output folder: {e}"),
+        })?;
+        let json = serde_json::to_vec_pretty(&self.cfg).expect("config serialises");
+        checkpoint::write_atomic(&dir.join("config.json"), &json)?;
+        self.out = Some(dir.to_path_buf());
+        self.log = Some(MetricsLog::in_dir(dir));
+        Ok(self)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Steps in the whole run.
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// The data.
+    pub fn data(&self) -> &Datasets {
+        &self.data
+    }
+
+    /// The method's hooks (downcast-free access to its masks and state).
+    pub fn method(&self) -> &dyn Sparsify {
+        self.method.as_ref()
+    }
+
+    /// The storage engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Every variable by name (weights, biases, BatchNorm statistics...), sorted by name.
+    pub fn variables(&self) -> Result<Vec<(String, Tensor)>> {
+        self.engine.sync_dense()?;
+        Ok(checkpoint::named_vars(&self.varmap)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect())
+    }
+
+    /// The current mask of every weight layer, by weight name, in build order (the weights
+    /// the method leaves dense first, as all-ones masks).
+    pub fn masks(&self) -> Vec<(String, Mask)> {
+        self.unmanaged
+            .iter()
+            .map(|p| (p.name().to_string(), p.mask()))
+            .chain(self.method.masks())
+            .collect()
+    }
+
+    /// Per-layer mask statistics.
+    pub fn layer_stats(&self) -> Vec<LayerStats> {
+        metrics::layer_stats(&self.masks())
+    }
+
+    /// A normalised batch `[b, c, h, w]` and its labels.
+    fn batch(&self, set: &ImageSet, idx: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let d = set.image_len();
+        let hw = set.rows * set.cols;
+        let mut x = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            let img = &set.images[i * d..(i + 1) * d];
+            for (c, &(mean, std)) in self.norm.iter().enumerate() {
+                x.extend(img[c * hw..(c + 1) * hw].iter().map(|p| (p - mean) / std));
+            }
+        }
+        let y: Vec<u32> = idx.iter().map(|&i| set.labels[i] as u32).collect();
+        Ok((
+            Tensor::from_vec(x, (idx.len(), set.channels, set.rows, set.cols), &self.dev)?,
+            Tensor::from_vec(y, idx.len(), &self.dev)?,
+        ))
+    }
+
+    /// Cross-entropy with label smoothing ε: `(1−ε)·NLL + ε·mean_c(−log p_c)`.
+    fn loss(&self, logits: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let nll = candle_nn::loss::nll(&logp, y)?;
+        let eps = self.cfg.label_smoothing;
+        if eps == 0.0 {
+            return Ok(nll);
+        }
+        let smooth = logp.mean(D::Minus1)?.mean_all()?.neg()?;
+        (nll * (1.0 - eps))? + (smooth * eps)?
+    }
+
+    /// Loss (plain cross-entropy) and accuracy on `set`, in eval mode.
+    pub fn evaluate(&self, set: &ImageSet) -> Result<(f32, f32)> {
+        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+        let all: Vec<usize> = (0..set.len()).collect();
+        for chunk in all.chunks(1000) {
+            let (x, y) = self.batch(set, chunk)?;
+            let logits = self.net.forward_t(&x, false)?;
+            let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+            loss_sum += l as f64 * chunk.len() as f64;
+            correct += correct_count(&logits, &y)? as f64;
+        }
+        let n = set.len().max(1) as f64;
+        Ok(((loss_sum / n) as f32, (correct / n) as f32))
+    }
+
+    /// The shuffled order of epoch `epoch` (0-based), from its own derived stream.
+    fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.data.train.len()).collect();
+        let mut rng = Rng::derive(self.cfg.seed, &[0x5ef1, epoch as u64]);
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        order
+    }
+
+    /// Trains to the end of the configured epochs.
+    pub fn run(&mut self, progress: &mut (dyn Progress + Send)) -> Result<Summary> {
+        self.run_until(self.total_steps, progress)
+    }
+
+    /// Trains until `steps` optimizer steps are done in total (possibly mid-epoch), or to the
+    /// end, or until `progress` asks to stop. With `threads` set, runs in a pool of that size.
+    pub fn run_until(
+        &mut self,
+        steps: usize,
+        progress: &mut (dyn Progress + Send),
+    ) -> Result<Summary> {
+        match self.cfg.threads {
+            Some(n) => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| config_err("threads", e))?;
+                pool.install(|| self.run_inner(steps, progress))
+            }
+            None => self.run_inner(steps, progress),
+        }
+    }
+
+    fn run_inner(&mut self, steps: usize, progress: &mut (dyn Progress + Send)) -> Result<Summary> {
+        let target = steps.min(self.total_steps);
+        let start = Instant::now();
+        let wall = |t: &Trainer| t.wall_before + start.elapsed().as_secs_f64();
+        progress.on_event(&Event::Start {
+            total_steps: self.total_steps,
+            steps_per_epoch: self.steps_per_epoch,
+            done: self.step,
+        });
+        let mut stopped = false;
+        while self.step < target && !stopped {
+            let epoch = self.step / self.steps_per_epoch; // 0-based
+            let order = self.order(epoch);
+            let first = self.step % self.steps_per_epoch;
+            for idx in order.chunks(self.cfg.batch_size).skip(first) {
+                let (loss, lr, report) = self.train_step(idx, epoch)?;
+                if !loss.is_finite() {
+                    return Err(TrainError::Diverged {
+                        step: self.step,
+                        epoch: epoch + 1,
+                        loss,
+                        checkpoint: self.last_checkpoint.clone(),
+                    });
+                }
+                let mut control = progress.on_event(&Event::Step {
+                    step: self.step,
+                    epoch: epoch + 1,
+                    loss,
+                    lr,
+                });
+                if let Some(r) = &report {
+                    if let Some(log) = &self.log {
+                        log.append("mask-update", r)?;
+                    }
+                    if progress.on_event(&Event::MaskUpdate(r)) == Control::Stop {
+                        control = Control::Stop;
+                    }
+                }
+                if self.step.is_multiple_of(self.steps_per_epoch) {
+                    let m = self.end_epoch(epoch + 1, lr, wall(self))?;
+                    if progress.on_event(&Event::Epoch(&m)) == Control::Stop {
+                        control = Control::Stop;
+                    }
+                    let every = self.cfg.checkpoint_every;
+                    let last = self.step == self.total_steps;
+                    if self.out.is_some()
+                        && (last || (every > 0 && (epoch + 1).is_multiple_of(every)))
+                    {
+                        self.checkpoint_now(wall(self), progress)?;
+                    }
+                }
+                if control == Control::Stop {
+                    stopped = true;
+                }
+                if self.step >= target || stopped {
+                    break;
+                }
+            }
+        }
+        if stopped && self.out.is_some() && !self.step.is_multiple_of(self.steps_per_epoch) {
+            self.checkpoint_now(wall(self), progress)?;
+        }
+        self.wall_before = wall(self);
+        let (test_loss, test_accuracy) = match self.history.last() {
+            Some(m) if m.step == self.step => (m.test_loss, m.test_accuracy),
+            _ => self.evaluate(&self.data.test)?,
+        };
+        let masks = self.masks();
+        let summary = Summary {
+            test_accuracy,
+            test_loss,
+            sparsity: metrics::global_sparsity(&masks),
+            layers: metrics::layer_stats(&masks),
+            steps: self.step,
+            epochs: self.step / self.steps_per_epoch,
+            stopped,
+            wall_s: self.wall_before,
+            history: self.history.clone(),
+        };
+        if let Some(out) = &self.out {
+            if self.step == self.total_steps {
+                let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
+                checkpoint::write_atomic(&out.join("summary.json"), &json)?;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// One optimizer step on the examples `idx`; returns the loss, the learning rate and the
+    /// mask-update report if this step updated masks.
+    fn train_step(
+        &mut self,
+        idx: &[usize],
+        epoch: usize,
+    ) -> Result<(f32, f64, Option<UpdateReport>)> {
+        let lr = self.cfg.lr_schedule.lr(
+            self.cfg.peak_lr(),
+            self.step,
+            self.steps_per_epoch,
+            self.total_steps,
+        );
+        let step = self.step + 1;
+        self.engine.set_learning_rate(lr);
+        self.method.before_forward(step, epoch, lr)?;
+        self.engine.begin_step(self.method.needs_dense_grad(step));
+        let (x, y) = self.batch(&self.data.train, idx)?;
+        let logits = self.net.forward_t(&x, true)?;
+        let loss = self.loss(&logits, &y)?;
+        let loss_v = loss.to_scalar::<f32>()?;
+        if !loss_v.is_finite() {
+            return Ok((loss_v, lr, None));
+        }
+        let correct = correct_count(&logits, &y)?;
+        let mut grads = loss.backward()?;
+        self.method.after_backward(&mut grads)?;
+        self.engine.end_backward();
+        self.engine.step(&grads)?;
+        self.step = step;
+        self.epoch_acc.0 += loss_v as f64;
+        self.epoch_acc.1 += correct as f64;
+        self.epoch_acc.2 += idx.len();
+        self.engine.after_optimizer_step()?;
+        let report = self.method.after_step(step, &grads, &mut self.engine)?;
+        if report.is_some() {
+            self.engine.relayout()?;
+        }
+        Ok((loss_v, lr, report))
+    }
+
+    fn end_epoch(&mut self, epoch: usize, lr: f64, wall_s: f64) -> Result<EpochMetrics> {
+        let (loss_sum, correct, seen) = std::mem::take(&mut self.epoch_acc);
+        let validation = if self.data.validation.is_empty() {
+            None
+        } else {
+            Some(self.evaluate(&self.data.validation)?)
+        };
+        let (test_loss, test_accuracy) = self.evaluate(&self.data.test)?;
+        let masks = self.masks();
+        let layers = metrics::layer_stats(&masks);
+        let m = EpochMetrics {
+            epoch,
+            step: self.step,
+            train_loss: (loss_sum / self.steps_per_epoch as f64) as f32,
+            train_accuracy: (correct / seen.max(1) as f64) as f32,
+            validation,
+            test_loss,
+            test_accuracy,
+            lr,
+            sparsity: metrics::global_sparsity(&masks),
+            ablated_neurons: layers.iter().map(|l| l.ablated_rows).sum(),
+            itop: self.method.itop(),
+            layers,
+            wall_s,
+        };
+        if let Some(log) = &self.log {
+            log.append("epoch", &m)?;
+        }
+        self.history.push(m.clone());
+        Ok(m)
+    }
+
+    fn checkpoint_now(&mut self, wall_s: f64, progress: &mut (dyn Progress + Send)) -> Result<()> {
+        let dir = self.out.clone().expect("output folder").join("checkpoint");
+        self.save_checkpoint_at(&dir, wall_s)?;
+        self.last_checkpoint = Some(dir.clone());
+        progress.on_event(&Event::Checkpoint(&dir));
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current state into `dir` (see [`crate::checkpoint`]).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.save_checkpoint_at(dir, self.wall_before)
+    }
+
+    fn save_checkpoint_at(&self, dir: &Path, wall_s: f64) -> Result<()> {
+        let tensors = checkpoint::capture(&self.varmap, &self.engine, self.method.as_ref())?;
+        let state = CheckpointState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step,
+            epoch_acc: self.epoch_acc,
+            optimizer_steps: self.engine.steps(),
+            wall_s,
+            tensors: String::new(),
+            config: self.cfg.clone(),
+            history: self.history.clone(),
+        };
+        checkpoint::save(dir, state, &tensors)?;
+        Ok(())
+    }
+
+    /// The configuration stored in the checkpoint folder `dir` (to load its data set before
+    /// [`Trainer::resume`]).
+    pub fn checkpoint_config(dir: &Path) -> Result<TrainConfig> {
+        Ok(checkpoint::load(dir)?.0.config)
+    }
+
+    /// Rebuilds the run saved in the checkpoint folder `dir` on `data` (the same data set the
+    /// run used) so that [`Trainer::run`] continues exactly where it stopped.
+    pub fn resume(dir: &Path, data: Datasets) -> Result<Trainer> {
+        let (state, tensors) = checkpoint::load(dir)?;
+        let mut tr = Trainer::new(state.config.clone(), data)?;
+        checkpoint::restore(
+            &tensors,
+            &dir.join(&state.tensors),
+            &tr.varmap,
+            &mut tr.engine,
+            tr.method.as_mut(),
+        )?;
+        tr.engine.set_steps(state.optimizer_steps);
+        tr.step = state.step;
+        tr.epoch_acc = state.epoch_acc;
+        tr.history = state.history;
+        tr.wall_before = state.wall_s;
+        tr.last_checkpoint = Some(dir.to_path_buf());
+        Ok(tr)
+    }
+
+    /// Continues writing into the run folder `dir` of a resumed run: metrics recorded after the
+    /// checkpoint's step are dropped from `metrics.jsonl`, so the file reads as one run.
+    pub fn with_resumed_output(self, dir: &Path) -> Result<Trainer> {
+        MetricsLog::in_dir(dir).truncate_after(self.step)?;
+        self.with_output(dir)
+    }
+}
