@@ -127,7 +127,23 @@ fn configs() -> Vec<Config> {
             });
         }
     }
+    // Every row names its engine: the default (`auto`) picks by method and sparsity, so a row
+    // without the flag would silently change engine with the default.
+    for cfg in &mut c {
+        if !cfg.flags.iter().any(|f| f == "--engine") {
+            cfg.flags.extend(s(&["--engine", "dense-mask"]));
+        }
+    }
     c
+}
+
+/// The engine a row's flags name.
+fn engine_of(c: &Config) -> &str {
+    c.flags
+        .iter()
+        .position(|f| f == "--engine")
+        .and_then(|i| c.flags.get(i + 1))
+        .map_or("?", String::as_str)
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -207,7 +223,7 @@ pub fn run(root: &Path, o: Options) -> Result<()> {
     });
     let failures = failures.lock().expect("failures").clone();
     let mut md = format!(
-        "| method | test accuracy (mean ± std over {} seeds, %) | sparsity | wall s / run |\n|---|---|---|---|\n",
+        "| method | engine | test accuracy (mean ± std over {} seeds, %) | sparsity | wall s / run |\n|---|---|---|---|---|\n",
         o.seeds
     );
     for c in &all {
@@ -227,8 +243,9 @@ pub fn run(root: &Path, o: Options) -> Result<()> {
         }
         let (m, s) = mean_std(&acc);
         md.push_str(&format!(
-            "| {} | {m:.2} ± {s:.2}{} | {:.4} | {:.0} |\n",
+            "| {} | {} | {m:.2} ± {s:.2}{} | {:.4} | {:.0} |\n",
             c.label,
+            engine_of(c),
             if acc.len() < o.seeds as usize {
                 format!(" ({} seeds)", acc.len())
             } else {
@@ -246,4 +263,25 @@ pub fn run(root: &Path, o: Options) -> Result<()> {
         bail!("{} runs failed: {}", failures.len(), failures.join("; "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row names its engine explicitly, and only the sparse-engine rows run the sparse
+    /// engine (a row relying on `auto` compared the sparse engine with itself once `auto`
+    /// became the default).
+    #[test]
+    fn every_row_names_its_engine() {
+        for c in configs() {
+            let e = engine_of(&c);
+            let expect = if c.name.contains("sparse-engine") {
+                "sparse"
+            } else {
+                "dense-mask"
+            };
+            assert_eq!(e, expect, "{}", c.name);
+        }
+    }
 }

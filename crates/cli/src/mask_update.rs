@@ -1,5 +1,8 @@
-//! `dst mask-update`: exactly one Static/SET/RigL/SRigL mask update on the layers of a state
-//! file, so a mask decision can be inspected or compared with another implementation.
+//! `dst mask-update`: exactly one SET/RigL/SRigL mask update on the layers of a state file, so
+//! a mask decision can be inspected or compared with another implementation. Each layer goes
+//! through `dst_core::update::update_layer`, the same per-layer function the trainer's
+//! sparsifier calls: a dense layer (an all-ones mask, or one the distribution makes dense under
+//! `--sparsity`) is written back unchanged.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use dst_core::distribution::{allocate, LayerSpec};
-use dst_core::update::{apply_update, update_mask, UpdateInput, UpdateParams};
+use dst_core::update::{update_layer, UpdateInput, UpdateParams};
 use dst_core::{Distribution, Method, SriglParams};
 use sparse_formats::Mask;
 
@@ -34,7 +37,8 @@ pub struct MaskUpdateArgs {
     /// Turn SRigL's neuron ablation off.
     #[arg(long)]
     no_ablation: bool,
-    /// Re-budget the layers to this global sparsity (default: keep each layer's current nnz).
+    /// Re-budget the layers to this global sparsity (srigl only: SET and RigL keep each
+    /// layer's active count; default: keep each layer's current nnz).
     #[arg(long)]
     sparsity: Option<f64>,
     /// Distribution used with --sparsity.
@@ -77,6 +81,9 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.drop_fraction) {
         bail!("--drop-fraction: {} is outside [0, 1]", a.drop_fraction);
     }
+    if !(a.gamma_sal.is_finite() && a.gamma_sal >= 0.0) {
+        bail!("--gamma-sal: {} is outside [0, ∞)", a.gamma_sal);
+    }
     let file = a.state.display().to_string();
     let tensors = candle_core::safetensors::load(&a.state, &Device::Cpu)
         .with_context(|| format!("--state {file}"))?;
@@ -101,6 +108,12 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
         UpdateMethod::Rigl => Method::Rigl,
         UpdateMethod::Srigl => Method::Srigl,
     };
+    if a.sparsity.is_some() && method != Method::Srigl {
+        bail!(
+            "--sparsity: only srigl re-budgets layers at an update; set and rigl keep each \
+             layer's active count (drop the flag)"
+        );
+    }
     let mut layers = BTreeMap::new();
     for n in &names {
         let w = &tensors[&format!("{n}.weight")];
@@ -195,21 +208,26 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
                 ablation: !a.no_ablation,
             },
         };
-        let upd = update_mask(method, &input, &params)?;
-        let mut w = l.weight.clone();
-        apply_update(&mut w, &l.mask, &upd.mask);
-        let s = &upd.stats;
-        println!(
-            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>7}",
-            name,
-            s.dropped,
-            s.grown,
-            s.active,
-            s.fan_in.map_or("-".into(), |f| f.to_string()),
-            s.ablated_rows
-        );
-        let m: Vec<f32> = upd
-            .mask
+        let (mask, w) = match update_layer(method, &input, &params)? {
+            Some(u) => {
+                let s = &u.update.stats;
+                println!(
+                    "{:<24} {:>8} {:>8} {:>8} {:>8} {:>7}",
+                    name,
+                    s.dropped,
+                    s.grown,
+                    s.active,
+                    s.fan_in.map_or("-".into(), |f| f.to_string()),
+                    s.ablated_rows
+                );
+                (u.update.mask, u.weights)
+            }
+            None => {
+                println!("{name:<24} dense: left unchanged");
+                (l.mask.clone(), l.weight.clone())
+            }
+        };
+        let m: Vec<f32> = mask
             .as_slice()
             .iter()
             .map(|&b| f32::from(u8::from(b)))

@@ -433,3 +433,41 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dst_core::optim::{AdamWConfig, SgdConfig};
+
+    fn args(optimizer: Option<OptimizerArg>, lr: Option<f64>) -> TrainArgs {
+        TrainArgs {
+            optimizer,
+            lr,
+            ..TrainArgs::default()
+        }
+    }
+
+    /// `--optimizer sgd` on a run that already uses SGD changes nothing (it used to rebuild the
+    /// optimizer from `SgdConfig::default()`, losing the file's momentum, Nesterov and weight
+    /// decay); switching the kind starts from that kind's defaults, and `--lr` still applies.
+    #[test]
+    fn optimizer_flag_only_overrides_what_it_names() {
+        let file = "[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.5\nnesterov = false\n\
+                    weight_decay = 1e-3\n";
+        let mut cfg = TrainConfig::from_toml(file).unwrap();
+        let before = cfg.clone();
+        apply(&args(Some(OptimizerArg::Sgd), None), &mut cfg).unwrap();
+        assert_eq!(cfg, before);
+        let mut d = TrainConfig::default();
+        apply(&args(Some(OptimizerArg::Sgd), None), &mut d).unwrap();
+        assert_eq!(d, TrainConfig::default(), "default weight decay kept");
+        apply(&args(Some(OptimizerArg::Adamw), Some(0.01)), &mut cfg).unwrap();
+        let adam = AdamWConfig {
+            lr: 0.01,
+            ..AdamWConfig::default()
+        };
+        assert_eq!(cfg.optimizer, OptimizerConfig::AdamW(adam));
+        apply(&args(Some(OptimizerArg::Sgd), None), &mut cfg).unwrap();
+        assert_eq!(cfg.optimizer, OptimizerConfig::Sgd(SgdConfig::default()));
+    }
+}

@@ -40,6 +40,8 @@ fn fails(o: &Output, needles: &[&str]) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A short `dst train` run with the user's default engine rule named (`auto`: SRigL at 90% on
+/// this MLP trains in the sparse engine, every other run dense-mask).
 fn train(dir: &Path, extra: &[&str]) -> PathBuf {
     let out = dir.display().to_string();
     let data = data_dir();
@@ -55,6 +57,8 @@ fn train(dir: &Path, extra: &[&str]) -> PathBuf {
         "5",
         "--limit",
         "400",
+        "--engine",
+        "auto",
         "--quiet",
         "--out",
         &out,
@@ -266,6 +270,83 @@ fn mask_update_applies_one_srigl_update() {
         ]),
         &["fc.grad"],
     );
+}
+
+/// Dense layers are left alone by `dst mask-update`, as by the trainer: a layer whose mask is
+/// all ones (no --sparsity), and a layer that ERK makes dense under --sparsity (a 4x4 layer
+/// beside a 64x256 one at 50%). SET and RigL reject --sparsity (they keep each layer's count).
+#[test]
+fn mask_update_leaves_dense_layers_untouched() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = |rows: usize, fan_in: usize, dense: bool| {
+        let n = rows * fan_in;
+        let m: Vec<f32> = (0..n)
+            .map(|i| f32::from(u8::from(dense || i % 4 == 0)))
+            .collect();
+        let w: Vec<f32> = (0..n)
+            .map(|i| (((i * 7919) % 97) as f32 / 97.0 - 0.5) * m[i])
+            .collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5)
+            .collect();
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (rows, fan_in), &Device::Cpu).unwrap();
+        (t(w), t(g), t(m))
+    };
+    let mut t = std::collections::HashMap::new();
+    for (name, rows, fan_in, dense) in [("big", 64, 256, false), ("small", 4, 4, true)] {
+        let (w, g, m) = layer(rows, fan_in, dense);
+        t.insert(format!("{name}.weight"), w);
+        t.insert(format!("{name}.grad"), g);
+        t.insert(format!("{name}.mask"), m);
+    }
+    let input = tmp.path().join("in.safetensors");
+    candle_core::safetensors::save(&t, &input).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let run = |method: &str, extra: &[&str]| {
+        let mut args = vec![
+            "mask-update",
+            "--method",
+            method,
+            "--state",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--drop-fraction",
+            "0.5",
+            "--gamma-sal",
+            "0.9",
+        ];
+        args.extend_from_slice(extra);
+        dst(&args)
+    };
+    let same = |name: &str| {
+        let res = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        for part in ["weight", "mask"] {
+            let k = format!("{name}.{part}");
+            let (a, b) = (
+                res[&k].to_vec2::<f32>().unwrap(),
+                t[&k].to_vec2::<f32>().unwrap(),
+            );
+            assert_eq!(a, b, "{k} changed");
+        }
+        let big = res["big.mask"].to_vec2::<f32>().unwrap();
+        assert_ne!(big, t["big.mask"].to_vec2::<f32>().unwrap(), "big moved");
+    };
+    for method in ["set", "rigl", "srigl"] {
+        let text = ok(&run(method, &[]));
+        assert!(text.contains("small") && text.contains("dense"), "{text}");
+        same("small");
+    }
+    // ERK at 50% over these two layers: the 4x4 layer would need density > 1, so it is dense.
+    ok(&run("srigl", &["--sparsity", "0.5"]));
+    same("small");
+    for method in ["set", "rigl"] {
+        fails(
+            &run(method, &["--sparsity", "0.5"]),
+            &["--sparsity", "srigl"],
+        );
+    }
 }
 
 #[test]

@@ -348,13 +348,14 @@ impl TrainConfig {
     /// `optimizer.momentun: unknown field`).
     pub fn from_toml(text: &str) -> std::result::Result<TrainConfig, String> {
         let de = toml::de::Deserializer::parse(text).map_err(|e| e.message().to_string())?;
-        serde_path_to_error::deserialize(de).map_err(|e| path_error(&e))
+        serde_path_to_error::deserialize(de).map_err(|e| path_error(e.path(), e.inner().message()))
     }
 
     /// Reads a JSON config (see [`TrainConfig::from_toml`]).
     pub fn from_json(text: &str) -> std::result::Result<TrainConfig, String> {
         let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| path_error(&e))
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| path_error(e.path(), &e.inner().to_string()))
     }
 
     /// Checks every field that can be checked without the data; the error names the field and
@@ -564,15 +565,11 @@ fn optimizer_field(field: &str) -> &'static str {
     }
 }
 
-/// `path: message` of a deserialisation error (the path is `.` for the top level).
-fn path_error<E: std::fmt::Display>(e: &serde_path_to_error::Error<E>) -> String {
-    let path = e.path().to_string();
-    let inner = e.inner().to_string();
-    // TOML errors carry a multi-line excerpt of the file after the message; keep the message.
-    let first = inner.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    if path == "." {
-        first.to_string()
-    } else {
-        format!("{path}: {first}")
+/// `path: message` of a deserialisation error (the path is `.` for the top level), on one line.
+fn path_error(path: &serde_path_to_error::Path, message: &str) -> String {
+    let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match path.to_string().as_str() {
+        "." => message,
+        p => format!("{p}: {message}"),
     }
 }

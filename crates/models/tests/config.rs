@@ -90,3 +90,103 @@ fn auto_engine_resolution() {
     c.engine = EngineKind::Auto;
     assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
 }
+
+/// Every table's fields are optional with the documented defaults, and an unknown key at any
+/// level is an error naming its path (`[optimizer]` and `[model]` used to need every field and
+/// ignore unknown keys).
+#[test]
+fn every_table_is_optional_and_unknown_keys_name_their_path() {
+    use dst_core::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
+    let c = TrainConfig::from_toml("[optimizer]\nlr = 0.05\n").unwrap();
+    assert_eq!(
+        c.optimizer,
+        OptimizerConfig::Sgd(SgdConfig {
+            lr: 0.05,
+            ..SgdConfig::default()
+        })
+    );
+    assert_eq!(
+        TrainConfig::default().optimizer,
+        OptimizerConfig::Sgd(SgdConfig::default()),
+        "one default"
+    );
+    let c = TrainConfig::from_toml("[optimizer]\nkind = \"adam-w\"\nbeta2 = 0.99\n").unwrap();
+    assert_eq!(
+        c.optimizer,
+        OptimizerConfig::AdamW(AdamWConfig {
+            beta2: 0.99,
+            ..AdamWConfig::default()
+        })
+    );
+    let c = TrainConfig::from_toml("[model]\nkind = \"resnet18\"\n").unwrap();
+    assert_eq!(c.model, ModelConfig::resnet18());
+    let c = TrainConfig::from_toml("[model]\nkind = \"mlp\"\n").unwrap();
+    assert_eq!(c.model, ModelConfig::lenet_300_100());
+    let c = TrainConfig::from_toml("[method.distribution]\nkind = \"erk\"\n").unwrap();
+    assert_eq!(c.method.distribution, dst_core::Distribution::default());
+    // Round trip through the TOML the CLI writes.
+    let d = TrainConfig::default();
+    assert_eq!(
+        TrainConfig::from_toml(&toml::to_string(&d).unwrap()).unwrap(),
+        d
+    );
+
+    for (text, path, key) in [
+        ("[optimizer]\nmomentun = 0.5\n", "optimizer", "momentun"),
+        (
+            "[optimizer]\nkind = \"adam-w\"\nmomentum = 0.5\n",
+            "optimizer",
+            "momentum",
+        ),
+        ("[model]\nkind = \"mlp\"\nhiden = [10]\n", "model", "hiden"),
+        (
+            "[model]\nkind = \"resnet18\"\nwidht = 8\n",
+            "model",
+            "widht",
+        ),
+        ("[method]\ngama_sal = 0.5\n", "method", "gama_sal"),
+        (
+            "[method.distribution]\nkind = \"erk\"\npower = 2.0\n",
+            "method.distribution",
+            "power",
+        ),
+        ("[data]\nname = \"cifar10\"\n", "data.name", "cifar10"),
+        ("[lr_schedule]\nwarmup = 1\n", "lr_schedule", "warmup"),
+        ("epoch = 3\n", "epoch", "epoch"),
+    ] {
+        let e = TrainConfig::from_toml(text).unwrap_err();
+        assert!(e.contains(path) && e.contains(key), "{text:?}: {e}");
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+    }
+    let e =
+        TrainConfig::from_json(r#"{"optimizer": {"kind": "sgd", "nesterof": true}}"#).unwrap_err();
+    assert!(e.contains("optimizer") && e.contains("nesterof"), "{e}");
+}
+
+/// One validation pass covers every number: NaN, infinities and out-of-range values name the
+/// field and its range.
+#[test]
+fn validation_names_the_field_and_its_range() {
+    use dst_core::optim::{OptimizerConfig, SgdConfig};
+    let bad = |f: &dyn Fn(&mut TrainConfig)| {
+        let mut c = TrainConfig::default();
+        f(&mut c);
+        c.validate().unwrap_err()
+    };
+    let (field, reason) = bad(&|c| c.method.gamma_sal = f64::NAN);
+    assert_eq!(field, "method.gamma_sal", "{reason}");
+    let (field, reason) = bad(&|c| c.lr_schedule.warmup_epochs = -1.0);
+    assert_eq!(field, "lr_schedule.warmup_epochs");
+    assert!(reason.contains("[0, ∞)"), "{reason}");
+    let (field, _) = bad(&|c| c.method.sparsity = f64::INFINITY);
+    assert_eq!(field, "method.sparsity");
+    let (field, reason) = bad(&|c| {
+        c.optimizer = OptimizerConfig::Sgd(SgdConfig {
+            momentum: 5.0,
+            ..SgdConfig::default()
+        })
+    });
+    assert_eq!(field, "optimizer.momentum");
+    assert!(reason.contains("[0, 1)"), "{reason}");
+    assert!(TrainConfig::default().validate().is_ok());
+}

@@ -2,12 +2,18 @@
 //! SRigL at 90% beats chance by a wide margin; dense, RigL and LBC 2:4 run by changing the
 //! method field; a run resumed from a checkpoint (written mid-epoch) ends bit-identical to the
 //! uninterrupted run; thread count does not change results; divergence is a clear error.
+//!
+//! Every config here names its engine: `cfg` is the dense-mask engine (the default, `auto`,
+//! would pick the sparse engine for SRigL at 90% on this MLP); the real-data, resume and
+//! thread-count tests also run on the sparse engine.
 
 use std::path::Path;
 
 use dst_core::optim::{AdamWConfig, OptimizerConfig};
 use models::data::{load_mnist_like, Split};
-use models::{Control, Datasets, Event, LrKind, MethodName, Silent, TrainConfig, Trainer};
+use models::{
+    Control, Datasets, EngineKind, Event, LrKind, MethodName, Silent, TrainConfig, Trainer,
+};
 
 fn fixture(cfg: &TrainConfig) -> Datasets {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
@@ -22,6 +28,7 @@ fn cfg(method: MethodName) -> TrainConfig {
     let mut c = TrainConfig {
         epochs: 4,
         batch_size: 50,
+        engine: EngineKind::DenseMask,
         ..TrainConfig::default()
     };
     c.method.name = method;
@@ -44,9 +51,41 @@ fn run(c: &TrainConfig) -> (Trainer, models::Summary) {
     (t, s)
 }
 
+fn sparse(mut c: TrainConfig) -> TrainConfig {
+    c.engine = EngineKind::Sparse;
+    c
+}
+
+/// The configs of these tests run the engine they name: dense-mask keeps its coverage now that
+/// `auto` (the default) would run SRigL at 90% on this MLP in the sparse engine.
+#[test]
+fn tests_run_the_engine_they_name() {
+    let c = cfg(MethodName::Srigl);
+    assert_eq!(TrainConfig::default().engine, EngineKind::Auto);
+    let auto = TrainConfig {
+        engine: EngineKind::Auto,
+        ..c.clone()
+    };
+    assert_eq!(auto.engine_for_run(), EngineKind::Sparse);
+    let t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    assert_eq!(t.engine().sparse_layers(), 0, "dense-mask");
+    let s = sparse(c);
+    let t = Trainer::new(s.clone(), fixture(&s)).unwrap();
+    // 90% ERK on 784-300-100-10 makes the 100→10 output layer dense: it stays a dense variable.
+    assert_eq!(t.engine().sparse_layers(), 2);
+}
+
 #[test]
 fn srigl_90_on_real_fashion_mnist_beats_chance() {
-    let c = cfg(MethodName::Srigl);
+    srigl_90_beats_chance(cfg(MethodName::Srigl));
+}
+
+#[test]
+fn srigl_90_on_real_fashion_mnist_beats_chance_in_the_sparse_engine() {
+    srigl_90_beats_chance(sparse(cfg(MethodName::Srigl)));
+}
+
+fn srigl_90_beats_chance(c: TrainConfig) {
     let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
     let (mut epochs, mut updates, mut steps) = (0, 0, 0);
     let s = t
@@ -162,6 +201,11 @@ fn resume_is_exact_for_srigl_with_sgd() {
 }
 
 #[test]
+fn resume_is_exact_for_srigl_in_the_sparse_engine() {
+    resume_is_exact(sparse(small(MethodName::Srigl)), 9);
+}
+
+#[test]
 fn resume_is_exact_for_lbc_with_adamw_and_warmup() {
     let mut c = small(MethodName::Lbc);
     c.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
@@ -178,7 +222,15 @@ fn resume_is_exact_for_set_and_srste() {
 
 #[test]
 fn thread_count_does_not_change_the_run() {
-    let mut c = small(MethodName::Srigl);
+    thread_count_does_not_change(small(MethodName::Srigl));
+}
+
+#[test]
+fn thread_count_does_not_change_the_run_in_the_sparse_engine() {
+    thread_count_does_not_change(sparse(small(MethodName::Srigl)));
+}
+
+fn thread_count_does_not_change(mut c: TrainConfig) {
     c.epochs = 2;
     c.threads = Some(1);
     let (a, sa) = run(&c);
