@@ -6,12 +6,14 @@
 //! package (`apt-get install -y dataset-fashion-mnist`).
 //!
 //! Run: `cargo run --release -p examples --example train_fashion_mnist -- [--method srigl]
-//! [--sparsity 0.9] [--n 2 --m 4] [--epochs 20] [--seed 1] [--data-dir DIR] [--out RUN_DIR]`
+//! [--sparsity 0.9] [--n 2 --m 4] [--epochs 20] [--seed 1] [--engine auto|dense-mask|sparse]
+//! [--data-dir DIR] [--out RUN_DIR]` (the default engine, `auto`, trains SRigL at 90% in the
+//! sparse engine).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use models::{Control, Datasets, Event, MethodName, TrainConfig, Trainer};
+use models::{Control, Datasets, EngineKind, Event, MethodName, TrainConfig, Trainer};
 
 fn main() -> Result<()> {
     // LeNet-300-100, SRigL 90% ERK, 20 epochs, batch 128, Nesterov SGD 0.1 with cosine decay.
@@ -34,6 +36,14 @@ fn main() -> Result<()> {
             "--m" => cfg.method.m = value()?.parse().context("--m: not a whole number")?,
             "--epochs" => cfg.epochs = value()?.parse().context("--epochs: not a whole number")?,
             "--seed" => cfg.seed = value()?.parse().context("--seed: not a whole number")?,
+            "--engine" => {
+                cfg.engine = match value()?.as_str() {
+                    "auto" => EngineKind::Auto,
+                    "dense-mask" => EngineKind::DenseMask,
+                    "sparse" => EngineKind::Sparse,
+                    other => bail!("--engine: unknown engine `{other}` (auto, dense-mask, sparse)"),
+                }
+            }
             "--data-dir" => cfg.data.dir = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),
             other => bail!("unknown flag `{other}`"),
@@ -42,7 +52,7 @@ fn main() -> Result<()> {
     let data = Datasets::load(&cfg)?;
     let m = &cfg.method;
     println!(
-        "Fashion-MNIST: {} train / {} test; LeNet-300-100, {}, seed {}",
+        "Fashion-MNIST: {} train / {} test; LeNet-300-100, {}, {:?} engine, seed {}",
         data.train.len(),
         data.test.len(),
         match m.name {
@@ -54,6 +64,7 @@ fn main() -> Result<()> {
                 m.sparsity * 100.0
             ),
         },
+        cfg.engine_for_run(),
         cfg.seed
     );
     let mut trainer = Trainer::new(cfg, data)?;

@@ -6,12 +6,16 @@
 //! - `accuracy`: the Fashion-MNIST results table (see `accuracy.rs`);
 //! - `release`: version / changelog checks, workspace packaging, tag (see `release.rs`);
 //! - `check-report`: a `dst report` page in headless Chromium (see `report_check.rs`);
-//! - `ci`: everything `.ci/run` runs after installing tools (fmt, clippy, layers, tests).
+//! - `examples`: every example once at small sizes (see `examples.rs`);
+//! - `check-code-map`: every source file is named in docs/ARCHITECTURE.md (see `code_map.rs`);
+//! - `ci`: runs `.ci/run`, the one definition of CI.
 //!
 //! xtask never depends on candle, so it builds in seconds.
 
 mod accuracy;
 mod bench;
+mod code_map;
+mod examples;
 mod layers;
 mod release;
 mod report_check;
@@ -43,7 +47,10 @@ Tasks:
   check-report FILE.html [--screenshot PNG]
                  render a `dst report` page in headless Chromium; fail on any console
                  message or a missing screenshot (needs chromium)
-  ci             cargo fmt --check, clippy -D warnings, check-layers, the README test command
+  examples       run every example once at small sizes (the README's try-it commands)
+  check-code-map fail if a source file is not named in docs/ARCHITECTURE.md's code map
+  ci             run .ci/run (fmt, clippy, layers, code map, the README test command,
+                 examples, the CUDA build and PTX test)
 ";
 
 fn main() -> Result<()> {
@@ -55,6 +62,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("ci") => ci(),
+        Some("examples") => examples::run(&workspace_root()),
+        Some("check-code-map") => {
+            code_map::check(&workspace_root())?;
+            println!("code map ok");
+            Ok(())
+        }
         Some("release") => {
             release::release(&workspace_root(), release::Options::parse(&args[1..])?)
         }
@@ -97,16 +110,16 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `.ci/run` is the one definition of CI; this runs it.
 fn ci() -> Result<()> {
-    cargo(&["fmt", "--all", "--check"])?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    layers::check(&workspace_root())?;
-    cargo(&["test", "--workspace", "--release"])
+    let script = workspace_root().join(".ci/run");
+    let status = Command::new("bash")
+        .arg(&script)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
 }

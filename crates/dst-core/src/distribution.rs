@@ -1,5 +1,5 @@
 //! Layer-wise sparsity distributions: uniform, Erdős–Rényi (ER) and ER-Kernel (ERK), with exact
-//! integer budgets (srigl-rigl.md §1.3, §2.2).
+//! integer budgets (docs/algorithms.md §2).
 //!
 //! Conventions (the SRigL reference `condensed-sparsity`, which our users compare with):
 //! - layers the user keeps dense **count** in the global budget, so the global density over all
@@ -263,7 +263,7 @@ mod tests {
             .collect()
     }
 
-    /// The table of srigl-rigl.md §1.3 (784-1000-1000-1000-10, ERK).
+    /// The ERK table of the RigL/SRigL references (784-1000-1000-1000-10; docs/algorithms.md §2).
     #[test]
     fn erk_matches_the_reference_table() {
         let layers = mlp(&[784, 1000, 1000, 1000, 10]);

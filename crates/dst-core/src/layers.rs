@@ -3,7 +3,7 @@
 //!
 //! The weight is stored **already masked** (zeros at inactive positions) and used directly in
 //! the forward pass, so the gradient candle returns for it is the dense gradient RigL needs
-//! (candle-notes.md §2, option B); the mask-aware optimizer keeps inactive entries at zero.
+//! (docs/algorithms.md §4.1); the mask-aware optimizer keeps inactive entries at zero.
 
 use std::sync::{Arc, RwLock};
 
@@ -349,7 +349,7 @@ impl Module for SparseConv2d {
 }
 
 /// Folds the constant outputs of ablated neurons into the next linear layer, so they can be
-/// dropped at inference (srigl-rigl.md pitfall 19: an ablated neuron outputs `act(bias)`, not 0).
+/// dropped at inference (docs/algorithms.md §6.4: an ablated neuron outputs `act(bias)`, not 0).
 ///
 /// `layer` is the trained layer whose rows `layer.rows()` feed the next layer's inputs;
 /// `activation` is applied to each ablated row's bias; `next_weights` is the next layer's dense

@@ -5,7 +5,7 @@
 //! its gradient masked before the update, and after every step both the weight and its
 //! optimizer state (momentum buffer; Adam's first and second moments) are multiplied by the
 //! mask, so inactive weights and their state stay exactly zero and a weight grown at a mask
-//! update starts from zero state (srigl-rigl.md §1.6 step 6, pitfall 8 — the SRigL reference
+//! update starts from zero state (docs/algorithms.md §4.2 — the SRigL reference
 //! resets only SGD momentum, not Adam's moments).
 
 use candle_core::backprop::GradStore;

@@ -1,4 +1,4 @@
-//! When masks change and how much: the update schedule (srigl-rigl.md §1.5, §1.7).
+//! When masks change and how much: the update schedule (docs/algorithms.md §3, §4).
 //!
 //! Conventions we follow (the PyTorch ports `rigl-torch` / `condensed-sparsity`, i.e. the SRigL
 //! reference):

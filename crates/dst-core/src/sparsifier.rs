@@ -37,7 +37,7 @@ pub struct SparsifierConfig {
     /// Layers kept dense (by weight name, e.g. `fc1.weight`).
     pub dense_layers: Vec<String>,
     /// Layers never ablated (SRigL). `None` protects the last layer (the output layer), which
-    /// the reference intends but never does (srigl-rigl.md §2.4 step 8).
+    /// the reference intends but never does (docs/algorithms.md §6).
     pub protected_layers: Option<Vec<String>>,
     /// SRigL settings.
     pub srigl: SriglParams,

@@ -1,17 +1,17 @@
 //! Mask updates: Static, SET, RigL and SRigL, each a pure, deterministic function of
 //! (weights, dense gradient, mask, step, seed, settings) → new mask + statistics
-//! (srigl-rigl.md §1.6 and §2.4).
+//! (docs/algorithms.md §5 and §6).
 //!
 //! Deliberate differences from the reference code, all fixes of documented bugs:
 //! - **Kept weights are ranked among active entries only** (RigL, SET, and SRigL's surviving
 //!   rows), so an inactive zero can never be "kept" — the reference's top-k over `|W|` can pick
-//!   inactive zeros and silently turn them into random growth (pitfalls 6 and 24).
+//!   inactive zeros and silently turn them into random growth (docs/algorithms.md §5, §6).
 //! - **SRigL trims rows to `k` by magnitude**; the reference sorts a boolean row, keeping
-//!   arbitrary weights (pitfalls 15 and 25).
+//!   arbitrary weights (docs/algorithms.md §6).
 //! - **Ties are broken by index** (smaller index wins), or by seeded noise on the drop scores
 //!   when `tie_noise > 0` (Google's 1e-5); `torch.topk`'s tie order is unspecified.
 //! - **The output layer can be protected from ablation** (`protected`); the reference's
-//!   protection never triggers unless the layer is named (pitfall 16).
+//!   protection never triggers unless the layer is named (docs/algorithms.md §6).
 //! - SRigL's guard `n_keep = min(n_keep, nnz(W))` is kept as in the reference.
 //!
 //! Grown weights start at 0 and their optimizer state at 0 ([`apply_update`] and the
@@ -353,7 +353,7 @@ fn unstructured(method: Method, input: &UpdateInput<'_>, p: &UpdateParams) -> Re
     })
 }
 
-/// SRigL (srigl-rigl.md §2.4 and the pseudocode of §2.9, with the fixes listed in the module
+/// SRigL (docs/algorithms.md §6, with the fixes listed in the module
 /// documentation).
 fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
     check_input(input, true)?;
@@ -543,7 +543,7 @@ pub fn initial_mask(
 ///
 /// Deliberate difference: the SRigL reference's `grad_flow_init` draws with std `2 / k` (a
 /// variance/std mix-up that shrinks activations layer after layer in a plain MLP,
-/// srigl-rigl.md pitfall 17).
+/// docs/algorithms.md §6.2).
 pub fn sparse_init(mask: &Mask, rng: &mut Rng) -> Vec<f32> {
     let fan_in = mask.fan_in();
     let mut w = vec![0.0f32; mask.len()];

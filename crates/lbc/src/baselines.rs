@@ -1,5 +1,5 @@
 //! The baselines sharing LBC's groups and export: SR-STE and one-shot magnitude N:M
-//! (lbc-nm.md §2.1, §2.2).
+//! (docs/algorithms.md §8).
 
 use sparse_formats::{Mask, NmPattern};
 
@@ -51,7 +51,7 @@ pub fn magnitude_mask(
 /// gradient of the masked weight (passed to every position: the straight-through estimator) and
 /// the second term pulls the currently pruned weights towards zero. Reference default
 /// `λ_W = 2e-4`. Apply it to the unscaled gradient (under loss scaling the reference's
-/// in-backward term silently vanishes, pitfall 10).
+/// in-backward term silently vanishes).
 pub fn srste_grad(
     weights: &[f32],
     grad_masked: &[f32],

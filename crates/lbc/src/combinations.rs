@@ -1,4 +1,4 @@
-//! The N-of-M combinations LBC scores (lbc-nm.md §1.3).
+//! The N-of-M combinations LBC scores (docs/algorithms.md §7.1).
 
 /// `C(n, k)`, saturating at `u64::MAX`.
 pub fn binomial(n: usize, k: usize) -> u64 {

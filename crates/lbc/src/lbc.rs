@@ -1,17 +1,18 @@
 //! LBC, "learning best combination" (Zhang, Lin et al., NeurIPS 2022): one learnable score per
 //! (group, N-of-M combination), the mask as the union of the surviving combinations, scores
 //! trained through a straight-through estimator, combinations removed gradually by lowest
-//! signed score (lbc-nm.md §1.3–§1.7, the recipe of §1.12).
+//! signed score (docs/algorithms.md §7).
 //!
 //! Two exact formulations share one interface, [`LbcState`]:
 //! - [`DirectScores`]: the reference's table of `G · C(M,N)` scores (plus their momentum);
 //! - [`AccumulatedScores`]: per-weight accumulators and one alive bit per combination — exact
-//!   under SGD with momentum and L2 decay (§1.6), and the only feasible one for 4:16 or 8:16,
+//!   under SGD with momentum and L2 decay (docs/algorithms.md §7.4), and the only feasible one for 4:16 or 8:16,
 //!   whose tables run to gigabytes.
 //!
-//! Deliberate differences from the reference: an explicit alive flag instead of "score exactly
-//! 0 means removed" (whose interaction with momentum can revive removed combinations, pitfall
-//! 7); ties in removal broken by combination index; scores frozen once one combination is left.
+//! Deliberate differences from the reference (docs/algorithms.md §7.5): an explicit alive flag
+//! instead of "score exactly 0 means removed" (whose interaction with momentum can revive removed
+//! combinations); ties in removal broken by combination index; scores frozen once one
+//! combination is left.
 
 use sparse_formats::{Mask, NmPattern};
 
@@ -39,7 +40,7 @@ pub trait LbcState {
     fn mask(&self) -> Mask;
     /// One SGD step of the scores from `weights` and the gradient of the **masked** weight
     /// `g_W̃` (both `[rows, fan_in]`): `∂L/∂α[g,k] = Σ_{j∈k} W_j · g_W̃,j` for alive
-    /// combinations (the straight-through estimator of §1.5).
+    /// combinations (the straight-through estimator of docs/algorithms.md §7.3).
     fn step(&mut self, weights: &[f32], grad_masked: &[f32], sgd: ScoreSgd)
         -> Result<(), LbcError>;
     /// Keeps, in every group, the `k` alive combinations with the largest signed score (ties:
@@ -280,7 +281,7 @@ impl LbcState for DirectScores {
     }
 }
 
-/// The memory-light exact formulation of §1.6: under SGD with momentum μ and L2 decay λ, every
+/// The memory-light exact formulation of docs/algorithms.md §7.4: under SGD with momentum μ and L2 decay λ, every
 /// alive score equals `c(t) + Σ_{j∈k} a_j(t)`, where `a_j` is a per-weight accumulator driven by
 /// `h_j = W_j · g_W̃,j` with the same recursion and `c(t)` one scalar shared by all groups
 /// (they all start at `1/C(M−1,N−1)`). Memory: two floats per weight plus one bit per

@@ -1,4 +1,4 @@
-//! LBC's gradual removal schedule (lbc-nm.md §1.7).
+//! LBC's gradual removal schedule (docs/algorithms.md §7.5).
 
 /// How many combinations each group keeps, epoch by epoch:
 /// `K(e) = 1 + ⌈(C − 1) · (1 − (e − t_i) / (t_f − t_i))^p⌉` for `t_i ≤ e < t_f`, 1 from `t_f`.
@@ -54,7 +54,7 @@ impl RemovalSchedule {
 mod tests {
     use super::*;
 
-    /// (epoch at which K changes, new K), epochs 0..=60, as listed in lbc-nm.md §1.7.
+    /// (epoch at which K changes, new K), epochs 0..=60, as listed in docs/algorithms.md §7.5.
     fn changes(c: usize, s: RemovalSchedule) -> Vec<(usize, usize)> {
         let mut out = vec![(0, s.kept(c, 0))];
         for e in 1..=s.t_f {

@@ -5,7 +5,7 @@
 //! straight-through form, `W̃ = W − ((1 − B) ⊙ W).detach()`, so candle's gradient for `W` is the
 //! dense `∂L/∂W̃` at every position. [`NmSparsifier::after_backward`] then rewrites it:
 //! - LBC: scores step on `W ⊙ ∂L/∂W̃` (straight-through for the scores), weight gradient
-//!   `B ⊙ ∂L/∂W̃` (no straight-through for weights, lbc-nm.md §1.5);
+//!   `B ⊙ ∂L/∂W̃` (no straight-through for weights, docs/algorithms.md §7.3);
 //! - SR-STE: `∂L/∂W̃ + λ_W (1 − E) ⊙ W` to every weight, mask recomputed before every forward;
 //! - one-shot magnitude: the mask chosen once from `|W|` and kept, gradient `B ⊙ ∂L/∂W̃`.
 //!
@@ -33,7 +33,7 @@ use crate::LbcError;
 
 /// A linear or conv layer whose weight is trained under an N:M mask. For a conv weight
 /// `[out, in, kh, kw]` the groups are M consecutive input channels at one kernel position (the
-/// hardware axis, lbc-nm.md §1.2), i.e. `group_stride = kh·kw` on the `[out, in·kh·kw]` view.
+/// hardware axis, docs/algorithms.md §1.3), i.e. `group_stride = kh·kw` on the `[out, in·kh·kw]` view.
 #[derive(Clone)]
 pub struct NmLayer {
     name: String,

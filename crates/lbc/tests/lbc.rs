@@ -124,7 +124,7 @@ fn score_gradient_by_hand() {
     assert_eq!(s.mask().render(), ".##.\n");
 }
 
-/// §1.6: the accumulated formulation is exact under SGD + momentum + L2 — same masks at every
+/// docs/algorithms.md §7.4: the accumulated formulation is exact under SGD + momentum + L2 — same masks at every
 /// epoch, same scores up to float rounding — on patterns small enough for the direct table.
 #[test]
 fn accumulated_formulation_equals_the_direct_one() {

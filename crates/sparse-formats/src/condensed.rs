@@ -18,9 +18,9 @@ use crate::mask::Mask;
 /// Differences from the SRigL reference `CondensedLinearFineGrained`, on purpose:
 /// - active rows and indices come from the **mask**, not from `W.sum(1) != 0` / `W != 0`, so a
 ///   row whose weights cancel or a grown weight that is still exactly 0 is kept
-///   (srigl-rigl.md §3.1 and pitfall 18);
+///   (docs/algorithms.md §1.2);
 /// - the bias keeps an entry for **every** row, ablated ones included: an ablated neuron still
-///   outputs its bias (pitfall 19), and the dense round trip stays exact.
+///   outputs its bias (docs/algorithms.md §6.4), and the dense round trip stays exact.
 ///
 /// ```
 /// use sparse_formats::{Condensed, Mask};

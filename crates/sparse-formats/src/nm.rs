@@ -9,7 +9,7 @@ use crate::mask::Mask;
 /// consecutive entries along the **first** of these axes. With `group_stride = 1` a group is `m`
 /// consecutive columns (linear layers). For a conv weight `[out, in, kh, kw]` viewed as
 /// `[out, in·kh·kw]`, `group_stride = kh·kw` makes a group `m` consecutive input channels at one
-/// kernel position, the hardware-compatible axis used by LBC and ASP (lbc-nm.md §1.2).
+/// kernel position, the hardware-compatible axis used by LBC and ASP (docs/algorithms.md §1.3).
 ///
 /// Groups are numbered `g = block · group_stride + s`, and member `p` (`0 ≤ p < m`) of group `g`
 /// is column `(block · m + p) · group_stride + s`.
@@ -325,7 +325,7 @@ impl NmSparse {
     }
 }
 
-/// The NVIDIA 2:4 sparse-tensor-core operand (lbc-nm.md §4.1), in logical row-major order.
+/// The NVIDIA 2:4 sparse-tensor-core operand (docs/algorithms.md §1.4), in logical row-major order.
 ///
 /// - `values [rows, fan_in / 2]`: the 2 kept elements of each group of 4, in original order;
 /// - `metadata [rows, fan_in / 16]` (`u16`): per group a 4-bit code `i0 | i1 << 2` of the kept
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn nvidia_codes_match_the_reference_table() {
-        // lbc-nm.md §4.1: {0,1}→0b0100, {0,2}→0b1000, {1,2}→0b1001, {0,3}→0b1100,
+        // docs/algorithms.md §1.4: {0,1}→0b0100, {0,2}→0b1000, {1,2}→0b1001, {0,3}→0b1100,
         // {1,3}→0b1101, {2,3}→0b1110; group 0 in the lowest bits.
         let pairs = [
             (0u8, 1u8),

@@ -1,6 +1,6 @@
 //! CPU kernels: linear forward, input gradient and value gradient on any [`SparseWeight`].
 //!
-//! Loop design (shared/reference/srigl-rigl.md §3.2 explains why the SRigL reference's
+//! Loop design (docs/algorithms.md §9 explains why the SRigL reference's
 //! gather-multiply-reduce is slow at large batches):
 //! - **batch 1** (online inference): one pass over each stored row, values and indices streamed
 //!   once, the input gathered from cache, 8 independent partial sums per row;

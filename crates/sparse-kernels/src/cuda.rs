@@ -3,7 +3,7 @@
 //! The kernels are CUDA C ([`KERNEL_SOURCE`], `src/cuda/kernels.cu`) compiled at run time with
 //! NVRTC and loaded through cudarc with dynamic loading: the crate builds with `--features cuda`
 //! on a machine without any CUDA library, and the same binary runs on a GPU machine that has the
-//! driver and NVRTC (candle-notes.md §3.5). Nothing here touches candle's own `cuda` feature.
+//! driver and NVRTC (docs/algorithms.md §10). Nothing here touches candle's own `cuda` feature.
 //!
 //! Every layout reaches the GPU in one form, [`Ell`]: stored rows of exactly `k` entries with
 //! their column indices, plus the column-major transpose the input-gradient kernel reads. The

@@ -1,0 +1,106 @@
+//! `cargo xtask examples`: runs every example of `examples/Cargo.toml` once, at small sizes, so
+//! that the README's "try it" commands cannot rot. An example without an entry in [`ARGS`]
+//! fails the task: a new example must say how CI runs it.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// The committed Fashion-MNIST slice (1,000 train / 500 test images).
+const FIXTURE: &str = "crates/models/tests/fixtures/fashion-mnist-tiny";
+
+/// Per example, the arguments of its CI run (`{fixture}` is replaced by [`FIXTURE`]).
+const ARGS: &[(&str, &[&str])] = &[
+    ("formats", &[]),
+    ("kernels", &[]),
+    ("srigl_custom_loop", &[]),
+    ("lbc_nm", &[]),
+    (
+        "train_fashion_mnist",
+        &["--data-dir", "{fixture}", "--epochs", "1"],
+    ),
+    (
+        "nm_mask_study",
+        &["--data-dir", "{fixture}", "--epochs", "2", "--lbc-t-f", "1"],
+    ),
+];
+
+/// The `name = "..."` of every `[[example]]` table of `examples/Cargo.toml`.
+pub fn declared(root: &Path) -> Result<Vec<String>> {
+    let path = root.join("examples/Cargo.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let mut names = Vec::new();
+    let mut in_example = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_example = line == "[[example]]";
+        } else if in_example {
+            if let Some(v) = line.strip_prefix("name") {
+                let v = v
+                    .trim_start()
+                    .trim_start_matches('=')
+                    .trim()
+                    .trim_matches('"');
+                names.push(v.to_string());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Runs every declared example with its [`ARGS`].
+pub fn run(root: &Path) -> Result<()> {
+    let names = declared(root)?;
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !ARGS.iter().any(|(a, _)| a == n))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "examples without a CI run in xtask/src/examples.rs: {}",
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for name in &names {
+        let (_, args) = ARGS.iter().find(|(a, _)| a == name).expect("checked");
+        let mut cmd = vec![
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "examples",
+            "--example",
+            name,
+        ];
+        if !args.is_empty() {
+            cmd.push("--");
+            cmd.extend(
+                args.iter()
+                    .map(|a| if *a == "{fixture}" { FIXTURE } else { a }),
+            );
+        }
+        crate::cargo(&cmd)?;
+    }
+    println!("{} examples ran", names.len());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_example_has_a_ci_run_and_every_run_an_example() {
+        let names = declared(&crate::workspace_root()).unwrap();
+        assert!(names.len() >= 6, "{names:?}");
+        for n in &names {
+            assert!(ARGS.iter().any(|(a, _)| a == n), "no CI run for {n}");
+        }
+        for (a, _) in ARGS {
+            assert!(names.iter().any(|n| n == a), "{a} is not an example");
+        }
+    }
+}
