@@ -67,7 +67,7 @@ impl UpdateSchedule {
                 reason: "must be at least 1".into(),
             });
         }
-        if !(0.0..=1.0).contains(&self.alpha) {
+        if !(self.alpha.is_finite() && (0.0..=1.0).contains(&self.alpha)) {
             return Err(DstError::Config {
                 field: "alpha",
                 reason: format!("drop fraction {} is outside [0, 1]", self.alpha),

@@ -67,6 +67,36 @@ impl SparsifierConfig {
     }
 }
 
+impl SparsifierConfig {
+    /// Checks every setting (finite, in range) before anything is built; the error names the
+    /// setting (`sparsity`, `delta_t`, `alpha`, `gamma_sal`, `tie_noise`,
+    /// `distribution.power_scale`) and its valid range. The one validation of these settings:
+    /// [`Sparsifier::new`] and the trainer's config call it.
+    pub fn validate(&self) -> Result<()> {
+        let check = |field: &'static str, v: f64, ok: bool, range: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(DstError::Config {
+                    field,
+                    reason: format!("{v} is outside {range}"),
+                })
+            }
+        };
+        let s = self.sparsity;
+        check("sparsity", s, (0.0..1.0).contains(&s), "[0, 1)")?;
+        self.schedule.validate()?;
+        let g = self.srigl.gamma_sal;
+        check("gamma_sal", g, g >= 0.0, "[0, ∞)")?;
+        let t = f64::from(self.tie_noise);
+        check("tie_noise", t, t >= 0.0, "[0, ∞)")?;
+        if let Distribution::Erk { power_scale: p } = self.distribution {
+            check("distribution.power_scale", p, p >= 0.0, "[0, ∞)")?;
+        }
+        Ok(())
+    }
+}
+
 /// What one layer did at one update.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerReport {
@@ -106,7 +136,7 @@ pub struct Sparsifier {
 impl Sparsifier {
     /// Allocates the budgets, draws the initial masks (seeded) and applies them to the weights.
     pub fn new(params: Vec<SparseParam>, cfg: SparsifierConfig) -> Result<Self> {
-        cfg.schedule.validate()?;
+        cfg.validate()?;
         let names: Vec<&str> = params.iter().map(|p| p.name()).collect();
         let lists = [
             ("dense_layers", Some(&cfg.dense_layers)),

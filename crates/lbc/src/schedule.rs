@@ -36,6 +36,21 @@ impl RemovalSchedule {
         ((T_F_FRACTION * epochs as f64) as usize).max(1)
     }
 
+    /// Checks the exponent (finite, > 0) and `t_i ≤ t_f`; the error names the setting
+    /// (`lbc_power`, `lbc_t_i`) and its valid range.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.power.is_finite() && self.power > 0.0) {
+            return Err(("lbc_power", format!("{} is outside (0, ∞)", self.power)));
+        }
+        if self.t_i > self.t_f {
+            return Err((
+                "lbc_t_i",
+                format!("{} is after t_f = {} (0 ≤ t_i ≤ t_f)", self.t_i, self.t_f),
+            ));
+        }
+        Ok(())
+    }
+
     /// Combinations kept per group at `epoch` (0-based), out of `c`.
     pub fn kept(&self, c: usize, epoch: usize) -> usize {
         if epoch < self.t_i {

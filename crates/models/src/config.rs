@@ -368,40 +368,35 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return Err(("batch_size", "must be at least 1".into()));
         }
-        check_range(
-            "method.sparsity",
-            m.sparsity,
-            |v| (0.0..1.0).contains(&v),
-            "[0, 1)",
-        )?;
         if m.name.is_nm() && (m.n == 0 || m.n > m.m) {
             return Err((
                 "method.n",
                 format!("N:M needs 0 < N ≤ M, got {}:{}", m.n, m.m),
             ));
         }
-        if m.delta_t == 0 {
-            return Err(("method.delta_t", "must be at least 1".into()));
-        }
-        let unit = |v: f64| (0.0..=1.0).contains(&v);
-        check_range("method.alpha", m.alpha, unit, "[0, 1]")?;
-        check_range("method.t_end_fraction", m.t_end_fraction, unit, "[0, 1]")?;
-        check_range("method.gamma_sal", m.gamma_sal, |v| v >= 0.0, "[0, ∞)")?;
-        check_range("method.lbc_power", m.lbc_power, |v| v > 0.0, "(0, ∞)")?;
+        check_range(
+            "method.t_end_fraction",
+            m.t_end_fraction,
+            |v| (0.0..=1.0).contains(&v),
+            "[0, 1]",
+        )?;
+        // The dst-core and lbc settings are checked by their own crates' validation (the
+        // sparsifier settings of every method, so that a typo fails whichever method runs).
+        let mut sc = SparsifierConfig::new(dst_core::Method::Static, m.sparsity, 1);
+        self.copy_dst_settings(&mut sc, 1);
+        sc.validate().map_err(|e| match e {
+            dst_core::DstError::Config { field, reason } => (method_field(field), reason),
+            other => ("method", other.to_string()),
+        })?;
+        self.removal_schedule()
+            .validate()
+            .map_err(|(f, r)| (method_field(f), r))?;
         check_range(
             "method.srste_lambda",
             m.srste_lambda.into(),
             |v| v >= 0.0,
             "[0, ∞)",
         )?;
-        if let Distribution::Erk { power_scale } = m.distribution {
-            check_range(
-                "method.distribution.power_scale",
-                power_scale,
-                |v| v >= 0.0,
-                "[0, ∞)",
-            )?;
-        }
         check_range(
             "data.validation_fraction",
             self.data.validation_fraction,
@@ -483,6 +478,13 @@ impl TrainConfig {
     pub fn sparsifier_config(&self, total_steps: usize) -> Option<SparsifierConfig> {
         let m = &self.method;
         let mut sc = SparsifierConfig::new(m.name.dst()?, m.sparsity, total_steps);
+        self.copy_dst_settings(&mut sc, total_steps);
+        Some(sc)
+    }
+
+    /// The one place the method's dst settings become dst-core's.
+    fn copy_dst_settings(&self, sc: &mut SparsifierConfig, total_steps: usize) {
+        let m = &self.method;
         sc.distribution = m.distribution;
         sc.schedule.delta_t = m.delta_t;
         sc.schedule.alpha = m.alpha;
@@ -492,7 +494,18 @@ impl TrainConfig {
         sc.protected_layers = m.protected_layers.clone();
         sc.srigl.gamma_sal = m.gamma_sal;
         sc.srigl.ablation = m.ablation;
-        Some(sc)
+    }
+
+    /// LBC's removal schedule of this run.
+    pub fn removal_schedule(&self) -> RemovalSchedule {
+        let m = &self.method;
+        RemovalSchedule {
+            t_i: m.lbc_t_i,
+            t_f: m
+                .lbc_t_f
+                .unwrap_or_else(|| RemovalSchedule::default_t_f(self.epochs)),
+            power: m.lbc_power,
+        }
     }
 
     /// The method of this run over the layers `built`, as the trainer drives it, and the
@@ -527,13 +540,7 @@ impl TrainConfig {
         }
         let method = match m.name {
             MethodName::Lbc => NmMethod::Lbc {
-                schedule: RemovalSchedule {
-                    t_i: m.lbc_t_i,
-                    t_f: m
-                        .lbc_t_f
-                        .unwrap_or_else(|| RemovalSchedule::default_t_f(self.epochs)),
-                    power: m.lbc_power,
-                },
+                schedule: self.removal_schedule(),
                 score_sgd: ScoreSgd {
                     lr: self.peak_lr() as f32,
                     momentum: 0.9,
@@ -549,6 +556,20 @@ impl TrainConfig {
         let nm = NmSparsifier::new(built.nm.clone(), NmPattern::new(m.n, m.m), method)
             .map_err(|e| config_err("method.m", e))?;
         Ok((Box::new(nm), built.sparse.clone()))
+    }
+}
+
+/// The config path of a method setting named by dst-core or lbc.
+fn method_field(field: &str) -> &'static str {
+    match field {
+        "sparsity" => "method.sparsity",
+        "delta_t" => "method.delta_t",
+        "alpha" => "method.alpha",
+        "gamma_sal" => "method.gamma_sal",
+        "distribution.power_scale" => "method.distribution.power_scale",
+        "lbc_power" => "method.lbc_power",
+        "lbc_t_i" => "method.lbc_t_i",
+        _ => "method",
     }
 }
 

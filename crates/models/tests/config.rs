@@ -180,6 +180,18 @@ fn validation_names_the_field_and_its_range() {
     assert!(reason.contains("[0, ∞)"), "{reason}");
     let (field, _) = bad(&|c| c.method.sparsity = f64::INFINITY);
     assert_eq!(field, "method.sparsity");
+    let (field, _) = bad(&|c| c.method.delta_t = 0);
+    assert_eq!(field, "method.delta_t");
+    let (field, _) = bad(&|c| c.method.alpha = f64::NAN);
+    assert_eq!(field, "method.alpha");
+    let (field, _) = bad(&|c| c.method.lbc_power = f64::INFINITY);
+    assert_eq!(field, "method.lbc_power");
+    let (field, _) = bad(&|c| {
+        c.method.distribution = dst_core::Distribution::Erk {
+            power_scale: f64::NAN,
+        }
+    });
+    assert_eq!(field, "method.distribution.power_scale");
     let (field, reason) = bad(&|c| {
         c.optimizer = OptimizerConfig::Sgd(SgdConfig {
             momentum: 5.0,
