@@ -9,19 +9,10 @@
 //! exactly, later ones within 15% in moved weights as the trajectories drift apart, and the final masks
 //! overlap > 80% (87% measured); final train loss within 0.05, test accuracy within 3 points.
 
-use std::path::Path;
+mod common;
+use common::fixture;
 
-use models::data::{load_mnist_like, Split};
-use models::{Control, Datasets, EngineKind, Event, MethodName, Silent, TrainConfig, Trainer};
-
-fn fixture(cfg: &TrainConfig) -> Datasets {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
-    Datasets::split(
-        load_mnist_like(&dir, Split::Train).unwrap(),
-        load_mnist_like(&dir, Split::Test).unwrap(),
-        cfg,
-    )
-}
+use models::{Control, EngineKind, Event, MethodName, Silent, TrainConfig, Trainer};
 
 fn cfg(method: MethodName, engine: EngineKind) -> TrainConfig {
     let mut c = TrainConfig {

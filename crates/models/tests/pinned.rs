@@ -4,20 +4,11 @@
 //! accuracy, test loss and test accuracy (5 decimals), the global sparsity, ITOP, and a hash of
 //! the final masks. A change here is a change of behaviour: say why in the commit.
 
-use std::path::Path;
+mod common;
+use common::fixture;
 
 use dst_core::optim::{AdamWConfig, OptimizerConfig};
-use models::data::{load_mnist_like, Split};
-use models::{Datasets, EngineKind, MethodName, Silent, TrainConfig, Trainer};
-
-fn fixture(cfg: &TrainConfig) -> Datasets {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
-    Datasets::split(
-        load_mnist_like(&dir, Split::Train).unwrap(),
-        load_mnist_like(&dir, Split::Test).unwrap(),
-        cfg,
-    )
-}
+use models::{EngineKind, MethodName, Silent, TrainConfig, Trainer};
 
 fn small(method: MethodName, engine: EngineKind) -> TrainConfig {
     let mut c = TrainConfig {

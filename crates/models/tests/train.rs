@@ -7,22 +7,13 @@
 //! would pick the sparse engine for SRigL at 90% on this MLP); the real-data, resume and
 //! thread-count tests also run on the sparse engine.
 
-use std::path::Path;
+mod common;
+use common::fixture;
 
 use dst_core::optim::{AdamWConfig, OptimizerConfig};
-use models::data::{load_mnist_like, Split};
 use models::{
     Control, Datasets, EngineKind, Event, LrKind, MethodName, Silent, TrainConfig, Trainer,
 };
-
-fn fixture(cfg: &TrainConfig) -> Datasets {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-tiny");
-    Datasets::split(
-        load_mnist_like(&dir, Split::Train).unwrap(),
-        load_mnist_like(&dir, Split::Test).unwrap(),
-        cfg,
-    )
-}
 
 fn cfg(method: MethodName) -> TrainConfig {
     let mut c = TrainConfig {
