@@ -4,6 +4,13 @@
 //!
 //! Each suite is a `harness = false` bench target that prints JSON records; this task only
 //! orchestrates (xtask never depends on candle).
+//!
+//! `--peers` runs the peer suite instead (`xtask/peers/peers.py`): PyTorch dense, PyTorch
+//! masked-dense and SparseProp training on the train suite's MLPs, beside our train suite, at 1
+//! and 2 threads, in one run; writes `DIR/peers.json` and `DIR/peers.md` with the ratios ours ÷
+//! theirs. It creates (once) a Python environment under `target/peers/venv` from PyPI (torch,
+//! numpy, scipy, pybind11, then sparseprop, which compiles its C++ kernels): a download of
+//! about 4 GB, so it is not part of CI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,30 +22,37 @@ use serde_json::{json, Value};
 pub struct Options {
     quick: bool,
     gpu: bool,
+    peers: bool,
     out: PathBuf,
 }
 
 impl Options {
     /// Parses the arguments after `bench`.
     pub fn parse(args: &[String], root: &Path) -> Result<Options> {
-        let (mut quick, mut gpu) = (false, false);
+        let (mut quick, mut gpu, mut peers) = (false, false, false);
         let mut out = root.join("target").join("bench");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--quick" => quick = true,
                 "--gpu" => gpu = true,
+                "--peers" => peers = true,
                 "--out" => {
                     out = PathBuf::from(it.next().context("--out needs a folder")?);
                 }
                 other => {
                     bail!(
-                    "cargo xtask bench: unknown flag `{other}` (flags: --quick, --gpu, --out DIR)"
+                    "cargo xtask bench: unknown flag `{other}` (flags: --quick, --gpu, --peers, --out DIR)"
                 )
                 }
             }
         }
-        Ok(Options { quick, gpu, out })
+        Ok(Options {
+            quick,
+            gpu,
+            peers,
+            out,
+        })
     }
 }
 
@@ -76,6 +90,9 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         .with_context(|| format!("resolving {}", opts.out.display()))?;
     if opts.gpu {
         return run_gpu(root, &out);
+    }
+    if opts.peers {
+        return run_peers(root, &out, opts.quick);
     }
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut thread_counts = vec![1];
@@ -183,6 +200,183 @@ fn run_gpu(root: &Path, out: &Path) -> Result<()> {
         eprintln!("wrote {}", json_path.display());
     }
     Ok(())
+}
+
+/// The Python of the peer environment, created (once) with torch and sparseprop from PyPI.
+fn peer_python(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target/peers/venv");
+    let python = venv.join("bin/python");
+    let ready = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import torch, sparseprop"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if python.exists() && ready(&python) {
+        return Ok(python);
+    }
+    let run = |cmd: &Path, args: &[&str]| -> Result<()> {
+        eprintln!("$ {} {}", cmd.display(), args.join(" "));
+        let status = Command::new(cmd)
+            .args(args)
+            .status()
+            .with_context(|| format!("running {}", cmd.display()))?;
+        if !status.success() {
+            bail!("{} {} failed ({status})", cmd.display(), args.join(" "));
+        }
+        Ok(())
+    };
+    if !python.exists() {
+        let v = venv.to_string_lossy().to_string();
+        run(Path::new("python3"), &["-m", "venv", &v])?;
+    }
+    let pip = ["-m", "pip", "install", "--disable-pip-version-check"];
+    let mut a = pip.to_vec();
+    a.extend(["torch", "numpy", "scipy", "pybind11"]);
+    run(&python, &a)?;
+    let mut a = pip.to_vec();
+    a.extend(["--no-build-isolation", "sparseprop"]);
+    run(&python, &a)?;
+    Ok(python)
+}
+
+/// The peer suite (see the module documentation).
+fn run_peers(root: &Path, out: &Path, quick: bool) -> Result<()> {
+    let python = peer_python(root)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let script = root.join("xtask/peers/peers.py");
+    let mut records: Vec<Value> = Vec::new();
+    for threads in [1usize, 2] {
+        let t = threads.to_string();
+        let part = out.join(format!("peers-{threads}t.json"));
+        let part_s = part.to_string_lossy().to_string();
+        let mut args = vec![
+            script.to_string_lossy().to_string(),
+            "--threads".into(),
+            t.clone(),
+        ];
+        args.extend(["--json".into(), part_s.clone()]);
+        if quick {
+            args.push("--quick".into());
+        }
+        eprintln!(
+            "$ OMP_NUM_THREADS={t} {} {}",
+            python.display(),
+            args.join(" ")
+        );
+        let status = Command::new(&python)
+            .args(&args)
+            .env("OMP_NUM_THREADS", &t)
+            .env("MKL_NUM_THREADS", &t)
+            .status()
+            .context("running the peer suite")?;
+        if !status.success() {
+            bail!("the peer suite failed ({status})");
+        }
+        records.extend(read_records(&part)?);
+        let ours = out.join(format!("train-{threads}t.json"));
+        let ours_s = ours.to_string_lossy().to_string();
+        let mut args = vec!["bench", "-p", "models", "--bench", "train", "--"];
+        if quick {
+            args.push("--quick");
+        }
+        args.extend(["--json", &ours_s]);
+        eprintln!("$ RAYON_NUM_THREADS={t} cargo {}", args.join(" "));
+        let status = Command::new(&cargo)
+            .args(&args)
+            .env("RAYON_NUM_THREADS", &t)
+            .current_dir(root)
+            .status()
+            .context("running cargo bench")?;
+        if !status.success() {
+            bail!("the train benchmark failed ({status})");
+        }
+        records.extend(read_records(&ours)?);
+    }
+    let machine = json!({
+        "cpu": cpu_model(),
+        "logical_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "os": std::env::consts::OS,
+        "date_utc": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], root),
+        "git_commit": command_output("git", &["rev-parse", "--short", "HEAD"], root),
+        "quick": quick,
+    });
+    let doc = json!({ "machine": machine, "records": records });
+    let json_path = out.join("peers.json");
+    write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    let md = render_peers(&doc);
+    let md_path = out.join("peers.md");
+    write_atomic(&md_path, md.as_bytes())?;
+    println!("{md}");
+    eprintln!("wrote {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
+
+fn read_records(path: &Path) -> Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let recs =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    std::fs::remove_file(path).ok();
+    Ok(recs)
+}
+
+/// The table of `peers.md`: steps/s of every path and the ratios ours ÷ theirs.
+pub fn render_peers(doc: &Value) -> String {
+    let m = &doc["machine"];
+    let recs = doc["records"].as_array().cloned().unwrap_or_default();
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let mut s = format!(
+        "Machine: {} ({} logical CPUs), {}, commit {}{}. Training steps per second, batch 128, SGD with Nesterov momentum; ours: candle dense, dense-mask SRigL and sparse-engine SRigL (mask updates every 100 steps included); theirs: PyTorch {} dense and masked-dense (the SRigL reference's masking), SparseProp static sparse. Ratios: ours ÷ theirs (> 1: we are faster).
+
+",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["logical_cpus"],
+        m["date_utc"].as_str().unwrap_or("?"),
+        m["git_commit"].as_str().unwrap_or("?"),
+        if m["quick"] == true { ", `--quick`" } else { "" },
+        recs.iter()
+            .find_map(|r| r["torch"].as_str())
+            .unwrap_or("?"),
+    );
+    s.push_str(
+        "| model | sparsity | threads | candle dense | torch dense | dense ÷ torch | dense-mask SRigL | torch masked | dense-mask ÷ torch masked | sparse SRigL | SparseProp | sparse ÷ SparseProp | sparse ÷ torch dense |
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|
+",
+    );
+    for p in recs.iter().filter(|r| r["suite"] == "peers") {
+        let Some(o) = recs.iter().find(|r| {
+            r["suite"] == "train"
+                && r["model"] == p["model"]
+                && r["threads"] == p["threads"]
+                && (f(r, "sparsity") - f(p, "sparsity")).abs() < 1e-9
+        }) else {
+            continue;
+        };
+        let sps = |r: &Value, k: &str| 1.0 / f(r, k);
+        let (od, om, os) = (
+            sps(o, "dense_s_per_step"),
+            sps(o, "dense_mask_s_per_step"),
+            sps(o, "sparse_s_per_step"),
+        );
+        let (td, tm, sp) = (
+            sps(p, "torch_dense_s_per_step"),
+            sps(p, "torch_masked_s_per_step"),
+            sps(p, "sparseprop_s_per_step"),
+        );
+        s.push_str(&format!(
+            "| {} | {:.0}% | {} | {od:.2} | {td:.2} | {:.2}× | {om:.2} | {tm:.2} | {:.2}× | {os:.2} | {sp:.2} | {:.2}× | {:.2}× |
+",
+            p["model"].as_str().unwrap_or("?"),
+            f(p, "sparsity") * 100.0,
+            p["threads"],
+            od / td,
+            om / tm,
+            os / sp,
+            os / td,
+        ));
+    }
+    s
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -440,8 +634,34 @@ mod tests {
         assert!(o.quick);
         assert_eq!(o.out, PathBuf::from("x"));
         assert!(Options::parse(&["--gpu".into()], root).unwrap().gpu);
+        assert!(Options::parse(&["--peers".into()], root).unwrap().peers);
         assert!(Options::parse(&["--fast".into()], root).is_err());
         assert!(Options::parse(&["--out".into()], root).is_err());
+    }
+
+    #[test]
+    fn peers_table_pairs_our_rows_with_theirs() {
+        let doc = json!({
+            "machine": {"cpu": "Test CPU", "logical_cpus": 2, "date_utc": "d", "git_commit": "abc", "quick": false},
+            "records": [
+                {"suite": "peers", "model": "m", "sparsity": 0.9, "threads": 1, "torch": "2.x",
+                 "torch_dense_s_per_step": 0.2, "torch_masked_s_per_step": 0.25,
+                 "sparseprop_s_per_step": 0.05},
+                {"suite": "train", "model": "m", "sparsity": 0.9, "threads": 1,
+                 "dense_s_per_step": 0.5, "dense_mask_s_per_step": 0.5, "sparse_s_per_step": 0.1},
+                {"suite": "train", "model": "m", "sparsity": 0.9, "threads": 2,
+                 "dense_s_per_step": 0.3, "dense_mask_s_per_step": 0.3, "sparse_s_per_step": 0.06}
+            ]
+        });
+        let md = render_peers(&doc);
+        assert!(md.contains("PyTorch 2.x"), "{md}");
+        // ours dense 2 steps/s vs torch 5: 0.40×; sparse 10 vs SparseProp 20: 0.50×; vs torch
+        // dense 2.00×. The 2-thread row has no peer record and is left out.
+        assert!(
+            md.contains("| m | 90% | 1 | 2.00 | 5.00 | 0.40× | 2.00 | 4.00 | 0.50× | 10.00 | 20.00 | 0.50× | 2.00× |"),
+            "{md}"
+        );
+        assert_eq!(md.matches("| m |").count(), 1, "{md}");
     }
 
     #[test]

@@ -174,6 +174,7 @@ fn main() {
             );
             records.push(serde_json::json!({
                 "suite": "train", "model": name, "sparsity": s, "batch": 128,
+                "threads": rayon::current_num_threads(),
                 "delta_t": delta_t, "steps": steps,
                 "dense_s_per_step": dense, "dense_mask_s_per_step": masked,
                 "sparse_s_per_step": sparse.s_per_step,

@@ -2,7 +2,7 @@
 //! shapes, interleaved in the same run. Normally run through `cargo xtask bench`, which runs it
 //! once with one thread and once with all threads and writes the tables.
 //!
-//! `cargo bench -p sparse-kernels --bench kernels -- [--quick] [--json FILE]`
+//! `cargo bench -p sparse-kernels --bench kernels -- [--quick] [--json FILE] [--op OP]`
 //! (thread count: `RAYON_NUM_THREADS`, as for candle).
 
 use std::hint::black_box;
@@ -220,6 +220,11 @@ fn main() {
         .iter()
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1).cloned());
+    // `--op forward|input_grad|value_grad`: time one product only (for kernel work).
+    let only_op = args
+        .iter()
+        .position(|a| a == "--op")
+        .and_then(|i| args.get(i + 1).cloned());
     let threads = candle_threads();
     let isa = Isa::detect();
     let exec = Exec::default();
@@ -285,6 +290,9 @@ fn main() {
                     .unwrap();
                 let io_fwd = 4 * (batch * fan_in + batch * rows);
                 for op in ["forward", "input_grad", "value_grad"] {
+                    if only_op.as_deref().is_some_and(|o| o != op) {
+                        continue;
+                    }
                     let (mut sparse, mut dense): (Job, Job) = match op {
                         "forward" => (
                             Box::new(|| {
