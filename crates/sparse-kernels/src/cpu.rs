@@ -481,6 +481,28 @@ impl RowsVisitor for ValueGrad<'_> {
                 let xt = to_tiles::<$tb>(x, batch, fan_in);
                 let gyt = to_tiles::<$tb>(grad_y, batch, rows);
                 let tiles = batch.div_ceil($tb);
+                #[cfg(target_arch = "x86_64")]
+                if $tb >= 16 && isa == Isa::Avx512 {
+                    run_parallel(jobs, threads, |(g, out)| {
+                        // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU supports it
+                        // (`Exec`); the tiles have the layout the kernel documents.
+                        unsafe {
+                            crate::vgrad512::vgrad_tiled_avx512::<
+                                R,
+                                {
+                                    if $tb < 16 {
+                                        16
+                                    } else {
+                                        $tb
+                                    }
+                                },
+                            >(
+                                r, &xt, &gyt, tiles, fan_in, rows, g.start, g.len(), out
+                            )
+                        }
+                    });
+                    return;
+                }
                 run_parallel(jobs, threads, |(g, out)| {
                     vgrad_tiled::<R, $tb>(
                         isa,

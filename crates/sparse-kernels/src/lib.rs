@@ -41,6 +41,7 @@ mod packed;
 pub mod reference;
 mod rows;
 mod simd;
+mod vgrad512;
 
 pub use cpu::{forward, forward_into, input_grad, value_grad};
 pub use isa::Isa;
