@@ -15,6 +15,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use models::{Control, Datasets, EngineKind, Event, MethodName, TrainConfig, Trainer};
 
+/// The allocator a training binary should use (see `crates/cli/src/main.rs`: glibc's malloc
+/// unmaps and re-faults every large tensor, a third of a step on wide layers).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     // LeNet-300-100, SRigL 90% ERK, 20 epochs, batch 128, Nesterov SGD 0.1 with cosine decay.
     let mut cfg = TrainConfig::default();

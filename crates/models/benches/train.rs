@@ -5,9 +5,16 @@
 //! and the overhead is that cost over ΔT = 100 steps plus one update.
 //!
 //! `cargo bench -p models --bench train -- [--quick] [--json FILE] [--model SUBSTRING]
-//! [--sparsity S]` (the last two run a subset, e.g. `--model 3072 --sparsity 0.9`)
+//! [--sparsity S] [--profile dense|dense-mask|sparse]` (`--model`/`--sparsity` run a subset,
+//! e.g. `--model 3072 --sparsity 0.9`; `--profile` runs only that path of the first selected
+//! case, for a profiler: `perf record -g target/release/deps/train-* --profile sparse ...`)
 
 use std::time::Instant;
+
+/// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`), so the suite times what a
+/// user runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use models::data::ImageSet;
 use models::{
@@ -111,6 +118,7 @@ fn main() {
     };
     let only_model = flag("--model");
     let only_sparsity: Option<f64> = flag("--sparsity").map(|s| s.parse().expect("--sparsity"));
+    let profile = flag("--profile");
     let (delta_t, steps) = if quick { (20, 40) } else { (100, 200) };
     let nets: &[(&str, Vec<usize>, usize, usize)] = &[
         ("784-1000-1000-1000-10", vec![1000, 1000, 1000], 1, 28),
@@ -148,6 +156,24 @@ fn main() {
         );
         let mut dense_cfg = base.clone();
         dense_cfg.method.name = MethodName::Dense;
+        if let Some(path) = &profile {
+            let mut cfg = dense_cfg.clone();
+            if path != "dense" {
+                cfg.method.name = MethodName::Srigl;
+                cfg.method.sparsity = only_sparsity.unwrap_or(0.9);
+                cfg.method.delta_t = delta_t;
+                cfg.engine = match path.as_str() {
+                    "dense-mask" => EngineKind::DenseMask,
+                    "sparse" => EngineKind::Sparse,
+                    other => {
+                        panic!("--profile: unknown path `{other}` (dense, dense-mask, sparse)")
+                    }
+                };
+            }
+            let t = time_steps(&cfg, &data, 3, steps);
+            println!("{name} {path}: {:.4} s/step", t.s_per_step);
+            return;
+        }
         let dense = time_steps(&dense_cfg, &data, 3, steps).s_per_step;
         for &s in sparsities {
             if only_sparsity.is_some_and(|o| (o - s).abs() > 1e-9) {

@@ -5,6 +5,11 @@
 //! `cargo bench -p sparse-kernels --bench kernels -- [--quick] [--json FILE] [--op OP]`
 //! (thread count: `RAYON_NUM_THREADS`, as for candle).
 
+/// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`): outputs and tiles are
+/// allocated per call, and glibc would page-fault large ones anew every time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::time::Instant;
 
