@@ -79,6 +79,18 @@ fn command_output(cmd: &str, args: &[&str], dir: &Path) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// The machine and commit a run's numbers come from.
+fn machine(root: &Path, quick: bool) -> Value {
+    json!({
+        "cpu": cpu_model(),
+        "logical_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "os": std::env::consts::OS,
+        "date_utc": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], root),
+        "git_commit": command_output("git", &["rev-parse", "--short", "HEAD"], root),
+        "quick": quick,
+    })
+}
+
 /// Runs the whole benchmark and writes the files.
 pub fn run(root: &Path, opts: Options) -> Result<()> {
     std::fs::create_dir_all(&opts.out)
@@ -149,14 +161,7 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", part.display()))?;
     records.append(&mut train);
     std::fs::remove_file(&part).ok();
-    let machine = json!({
-        "cpu": cpu_model(),
-        "logical_cpus": all,
-        "os": std::env::consts::OS,
-        "date_utc": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], root),
-        "git_commit": command_output("git", &["rev-parse", "--short", "HEAD"], root),
-        "quick": opts.quick,
-    });
+    let machine = machine(root, opts.quick);
     let doc = json!({ "machine": machine, "records": records });
     let json_path = out.join("bench.json");
     write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
@@ -293,14 +298,7 @@ fn run_peers(root: &Path, out: &Path, quick: bool) -> Result<()> {
         }
         records.extend(read_records(&ours)?);
     }
-    let machine = json!({
-        "cpu": cpu_model(),
-        "logical_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "os": std::env::consts::OS,
-        "date_utc": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], root),
-        "git_commit": command_output("git", &["rev-parse", "--short", "HEAD"], root),
-        "quick": quick,
-    });
+    let machine = machine(root, quick);
     let doc = json!({ "machine": machine, "records": records });
     let json_path = out.join("peers.json");
     write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
