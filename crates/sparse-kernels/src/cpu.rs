@@ -306,10 +306,19 @@ impl RowsVisitor for Forward<'_> {
             }
             with_tile!(batch, go!());
         }
-        for a in 0..n {
-            let row = r.out_row(a);
+        // A transpose of `acc [n, batch]` into the columns of `y [batch, rows]`, in blocks of
+        // 16 stored rows so that the writes of one batch entry stay within a few cache lines
+        // (row by row, every write touched a new line of `y`). Each `y` element still gets
+        // exactly one addition.
+        const BLOCK: usize = 16;
+        for a0 in (0..n).step_by(BLOCK) {
+            let a1 = (a0 + BLOCK).min(n);
+            let out: [usize; BLOCK] = std::array::from_fn(|i| r.out_row((a0 + i).min(a1 - 1)));
             for b in 0..batch {
-                y[b * rows + row] += acc[a * batch + b];
+                let yb = &mut y[b * rows..(b + 1) * rows];
+                for (i, a) in (a0..a1).enumerate() {
+                    yb[out[i]] += acc[a * batch + b];
+                }
             }
         }
     }
