@@ -139,34 +139,61 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
         std::fs::remove_file(&part).ok();
     }
     // The train suite (models/benches/train.rs): all threads, one run.
-    let part = out.join("train.json");
+    records.extend(train_suite(
+        root,
+        &out.join("train.json"),
+        opts.quick,
+        None,
+    )?);
+    write_doc(
+        &out.join("bench.json"),
+        machine(root, opts.quick),
+        records,
+        render_markdown,
+    )
+}
+
+/// Runs the train suite (`models/benches/train.rs`) with `threads` rayon threads (all when
+/// `None`), its JSON going through `part`; returns its records.
+fn train_suite(
+    root: &Path,
+    part: &Path,
+    quick: bool,
+    threads: Option<usize>,
+) -> Result<Vec<Value>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let part_s = part.to_string_lossy().to_string();
     let mut args = vec!["bench", "-p", "models", "--bench", "train", "--"];
-    if opts.quick {
+    if quick {
         args.push("--quick");
     }
     args.extend(["--json", &part_s]);
-    eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
-        .args(&args)
-        .current_dir(root)
-        .status()
-        .context("running cargo bench")?;
+    let mut cmd = Command::new(&cargo);
+    cmd.args(&args).current_dir(root);
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+        eprintln!("$ RAYON_NUM_THREADS={t} cargo {}", args.join(" "));
+    } else {
+        eprintln!("$ cargo {}", args.join(" "));
+    }
+    let status = cmd.status().context("running cargo bench")?;
     if !status.success() {
         bail!("the train benchmark failed ({status})");
     }
-    let text =
-        std::fs::read_to_string(&part).with_context(|| format!("reading {}", part.display()))?;
-    let mut train: Vec<Value> =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", part.display()))?;
-    records.append(&mut train);
-    std::fs::remove_file(&part).ok();
-    let machine = machine(root, opts.quick);
+    read_records(part)
+}
+
+/// Writes `{machine, records}` to `json_path` and its rendering to the `.md` beside it.
+fn write_doc(
+    json_path: &Path,
+    machine: Value,
+    records: Vec<Value>,
+    render: fn(&Value) -> String,
+) -> Result<()> {
     let doc = json!({ "machine": machine, "records": records });
-    let json_path = out.join("bench.json");
-    write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
-    let md = render_markdown(&doc);
-    let md_path = out.join("bench.md");
+    write_atomic(json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    let md = render(&doc);
+    let md_path = json_path.with_extension("md");
     write_atomic(&md_path, md.as_bytes())?;
     println!("{md}");
     eprintln!("wrote {} and {}", json_path.display(), md_path.display());
@@ -248,7 +275,6 @@ fn peer_python(root: &Path) -> Result<PathBuf> {
 /// The peer suite (see the module documentation).
 fn run_peers(root: &Path, out: &Path, quick: bool) -> Result<()> {
     let python = peer_python(root)?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let script = root.join("xtask/peers/peers.py");
     let mut records: Vec<Value> = Vec::new();
     for threads in [1usize, 2] {
@@ -280,34 +306,14 @@ fn run_peers(root: &Path, out: &Path, quick: bool) -> Result<()> {
         }
         records.extend(read_records(&part)?);
         let ours = out.join(format!("train-{threads}t.json"));
-        let ours_s = ours.to_string_lossy().to_string();
-        let mut args = vec!["bench", "-p", "models", "--bench", "train", "--"];
-        if quick {
-            args.push("--quick");
-        }
-        args.extend(["--json", &ours_s]);
-        eprintln!("$ RAYON_NUM_THREADS={t} cargo {}", args.join(" "));
-        let status = Command::new(&cargo)
-            .args(&args)
-            .env("RAYON_NUM_THREADS", &t)
-            .current_dir(root)
-            .status()
-            .context("running cargo bench")?;
-        if !status.success() {
-            bail!("the train benchmark failed ({status})");
-        }
-        records.extend(read_records(&ours)?);
+        records.extend(train_suite(root, &ours, quick, Some(threads))?);
     }
-    let machine = machine(root, quick);
-    let doc = json!({ "machine": machine, "records": records });
-    let json_path = out.join("peers.json");
-    write_atomic(&json_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
-    let md = render_peers(&doc);
-    let md_path = out.join("peers.md");
-    write_atomic(&md_path, md.as_bytes())?;
-    println!("{md}");
-    eprintln!("wrote {} and {}", json_path.display(), md_path.display());
-    Ok(())
+    write_doc(
+        &out.join("peers.json"),
+        machine(root, quick),
+        records,
+        render_peers,
+    )
 }
 
 fn read_records(path: &Path) -> Result<Vec<Value>> {
