@@ -41,6 +41,7 @@ fn main() -> Result<()> {
         SgdConfig {
             lr: 0.05,
             nesterov: false,
+            weight_decay: 5e-4, // as before the default became 1e-4
             ..SgdConfig::default()
         },
     )?;

@@ -38,6 +38,7 @@ fn main() -> Result<()> {
         vm.all_vars(),
         SgdConfig {
             lr: 0.05,
+            weight_decay: 5e-4, // as before the default became 1e-4
             ..SgdConfig::default()
         },
     )?;

@@ -154,7 +154,15 @@ fn same_seed_same_masks() {
         let mut cfg = SparsifierConfig::new(Method::Rigl, 0.8, 40);
         cfg.schedule.delta_t = 5;
         let mut sp = Sparsifier::new(vec![l1.weight().clone(), l2.weight().clone()], cfg).unwrap();
-        let mut opt = MaskedSgd::new(vm.all_vars(), SgdConfig::default()).unwrap();
+        let mut opt = MaskedSgd::new(
+            vm.all_vars(),
+            // Weight decay as written before the default became 1e-4.
+            SgdConfig {
+                weight_decay: 5e-4,
+                ..SgdConfig::default()
+            },
+        )
+        .unwrap();
         sp.register(&mut opt).unwrap();
         let mut rng = Rng::new(1);
         for step in 1..=30 {
@@ -203,7 +211,15 @@ fn srigl_on_a_conv_layer() {
     cfg.schedule.delta_t = 5;
     cfg.distribution = dst_core::Distribution::Uniform;
     let mut sp = Sparsifier::new(vec![conv.weight().clone(), head.weight().clone()], cfg).unwrap();
-    let mut opt = MaskedSgd::new(vm.all_vars(), SgdConfig::default()).unwrap();
+    let mut opt = MaskedSgd::new(
+        vm.all_vars(),
+        // Weight decay as written before the default became 1e-4.
+        SgdConfig {
+            weight_decay: 5e-4,
+            ..SgdConfig::default()
+        },
+    )
+    .unwrap();
     sp.register(&mut opt).unwrap();
     let mut rng = Rng::new(4);
     let mut reports = 0;

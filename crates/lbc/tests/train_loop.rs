@@ -182,7 +182,15 @@ fn lbc_on_a_conv_layer_groups_input_channels() {
         max_scores: 1 << 20,
     };
     let mut sp = NmSparsifier::new(vec![conv.clone()], NmPattern::new(2, 4), method).unwrap();
-    let mut opt = MaskedSgd::new(vm.all_vars(), SgdConfig::default()).unwrap();
+    let mut opt = MaskedSgd::new(
+        vm.all_vars(),
+        // Weight decay as written before the default became 1e-4.
+        SgdConfig {
+            weight_decay: 5e-4,
+            ..SgdConfig::default()
+        },
+    )
+    .unwrap();
     let mut rng = Rng::new(5);
     for epoch in 0..4 {
         for _ in 0..3 {
