@@ -333,18 +333,23 @@ impl SparseConv2d {
 
 impl Module for SparseConv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let c = &self.cfg;
-        let y = x.conv2d(
+        sparse_kernels::conv::conv2d(
+            x,
             self.weight.var.as_tensor(),
-            c.padding,
-            c.stride,
-            c.dilation,
-            c.groups,
-        )?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, b.dims()[0], 1, 1))?),
-            None => Ok(y),
-        }
+            self.bias.as_ref().map(Var::as_tensor),
+            conv_spec(&self.cfg),
+        )
+    }
+}
+
+/// candle's conv settings as those of the GEMM convolution (`sparse_kernels::conv::conv2d`)
+/// that the conv layers of this crate and of lbc run.
+pub fn conv_spec(c: &Conv2dConfig) -> sparse_kernels::conv::ConvSpec {
+    sparse_kernels::conv::ConvSpec {
+        padding: c.padding,
+        stride: c.stride,
+        dilation: c.dilation,
+        groups: c.groups,
     }
 }
 

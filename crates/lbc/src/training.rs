@@ -175,11 +175,8 @@ impl Module for NmLayer {
         let w_eff = (w - (w * (1.0 - &m)?)?.detach())?;
         match (&self.conv, &self.bias) {
             (Some(c), b) => {
-                let y = x.conv2d(&w_eff, c.padding, c.stride, c.dilation, c.groups)?;
-                match b {
-                    Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, b.dims()[0], 1, 1))?),
-                    None => Ok(y),
-                }
+                let spec = dst_core::layers::conv_spec(c);
+                sparse_kernels::conv::conv2d(x, &w_eff, b.as_ref().map(|b| b.as_tensor()), spec)
             }
             (None, Some(b)) => x
                 .broadcast_matmul(&w_eff.t()?)?

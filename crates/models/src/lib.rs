@@ -11,7 +11,8 @@
 //!   mask updates) behind one [`Engine`] type that owns the optimizer;
 //! - [`checkpoint`]: the checkpoint files and the state ⇄ tensors mapping;
 //! - [`metrics`]: per-layer statistics, epoch records, `metrics.jsonl`;
-//! - [`error`]: the error type, [`TrainError`].
+//! - [`error`]: the error type, [`TrainError`];
+//! - [`alloc`]: the allocator setting of a training process ([`alloc::keep_freed_memory`]).
 //!
 //! ```no_run
 //! use models::{Datasets, Silent, TrainConfig, Trainer};
@@ -26,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

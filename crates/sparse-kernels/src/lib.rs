@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod conv;
 pub mod cpu;
 pub mod cuda;
 mod gather;

@@ -1,0 +1,876 @@
+//! Dense 2-D convolution as GEMMs, with its own backward pass: [`conv2d`].
+//!
+//! candle's CPU `conv2d` forward is already im2col + GEMM, but its backward computes the input
+//! gradient with a direct `conv_transpose2d` loop and the kernel gradient as another
+//! convolution, and it computes the input gradient even for a network's first layer
+//! (`../shared` notes, and docs/benchmarks.md "Convolutions"). Here all three products are
+//! GEMMs on the `gemm` crate candle itself uses:
+//!
+//! - forward: `y_s [out, L] = W [out, K] · cols(x_s) [K, L]`;
+//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s`, scattered back by col2im;
+//! - weight gradient: `∂W = Σ_s ∂y_s · cols(x_s)ᵀ`;
+//! - with a bias, its gradient `Σ_s Σ_l ∂y_s`;
+//!
+//! with `K = in·kh·kw`, `L = oh·ow`, over chunks of samples so that each GEMM has at least
+//! [`CHUNK_COLUMNS`] columns and the im2col buffer stays small (one chunk per worker; `cols` is
+//! recomputed in the backward pass instead of kept). The input gradient is skipped when `x`
+//! needs none (a first layer). Chunks depend only on the shapes, and the weight gradient sums
+//! the chunks' partial products in chunk order, so results are bit-identical for any thread
+//! count.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use sparse_kernels::conv::{conv2d, ConvSpec};
+//! let x = Tensor::arange(0f32, 16.0, &Device::Cpu)?.reshape((1, 1, 4, 4))?;
+//! let w = Var::new(&[[[[1f32, 0.0], [0.0, -1.0]]]], &Device::Cpu)?;
+//! let y = conv2d(&x, w.as_tensor(), None, ConvSpec::default())?;
+//! assert_eq!(y.dims(), [1, 1, 3, 3]);
+//! assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![-5.0; 9]);
+//! let g = y.sum_all()?.backward()?;
+//! // ∂/∂W[i,j] = sum of the 3×3 window of x starting at (i, j).
+//! assert_eq!(g.get(&w).unwrap().flatten_all()?.to_vec1::<f32>()?, vec![45.0, 54.0, 81.0, 90.0]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+use crate::Exec;
+
+/// Each GEMM of a chunk covers at least this many output positions (`samples · L`), so the
+/// products stay efficient when the feature maps are small (a 4×4 map has L = 16).
+pub const CHUNK_COLUMNS: usize = 256;
+
+/// Padding, stride and dilation of a convolution (square, as `candle_nn::Conv2dConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Dilation.
+    pub dilation: usize,
+    /// Groups; only `1` runs on the GEMM path, others use candle's `conv2d`.
+    pub groups: usize,
+}
+
+impl Default for ConvSpec {
+    fn default() -> Self {
+        ConvSpec {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
+/// `y = conv2d(x, w) + bias` for `x [batch, in, h, w]`, `w [out, in, kh, kw]` and an optional
+/// `bias [out]`, with autograd for all three.
+///
+/// f32 CPU tensors with `groups == 1` run the GEMM op of this module; anything else (another
+/// dtype or device, grouped convolutions) is handed to candle's `Tensor::conv2d` plus a
+/// broadcast bias, so this is a drop-in replacement.
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
+    conv2d_with(x, w, bias, spec, Exec::default())
+}
+
+/// [`conv2d`] with an explicit thread count.
+pub fn conv2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    spec: ConvSpec,
+    exec: Exec,
+) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let fast = spec.groups == 1
+        && f32_cpu(x)
+        && f32_cpu(w)
+        && bias.is_none_or(|b| f32_cpu(b) && b.rank() == 1)
+        && x.rank() == 4
+        && w.rank() == 4;
+    if !fast {
+        let y = x.conv2d(w, spec.padding, spec.stride, spec.dilation, spec.groups)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let g = Geometry::new(x.dims(), w.dims(), spec)?;
+    let op = ConvForward { g, exec };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        None => x.apply_op2(&w, op),
+        Some(b) => {
+            if b.elem_count() != g.out {
+                candle_core::bail!(
+                    "conv2d: the bias has {} values, the kernel has {} output channels",
+                    b.elem_count(),
+                    g.out
+                );
+            }
+            x.apply_op3(&w, &b.contiguous()?, ConvForwardBias(op))
+        }
+    }
+}
+
+/// The shapes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    out: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    spec: ConvSpec,
+}
+
+impl Geometry {
+    fn new(x: &[usize], w: &[usize], spec: ConvSpec) -> Result<Self> {
+        let (batch, c, h, wd) = (x[0], x[1], x[2], x[3]);
+        let (out, wc, kh, kw) = (w[0], w[1], w[2], w[3]);
+        if wc != c {
+            candle_core::bail!("conv2d: x has {c} channels, the kernel expects {wc}");
+        }
+        if spec.stride == 0 || spec.dilation == 0 {
+            candle_core::bail!("conv2d: stride and dilation must be ≥ 1, got {spec:?}");
+        }
+        let span = |k: usize| spec.dilation * (k.max(1) - 1) + 1;
+        let (ph, pw) = (h + 2 * spec.padding, wd + 2 * spec.padding);
+        if kh == 0 || kw == 0 || ph < span(kh) || pw < span(kw) {
+            candle_core::bail!(
+                "conv2d: a {kh}×{kw} kernel (dilation {}) does not fit the padded {ph}×{pw} input",
+                spec.dilation
+            );
+        }
+        Ok(Geometry {
+            batch,
+            c,
+            h,
+            w: wd,
+            out,
+            kh,
+            kw,
+            oh: (ph - span(kh)) / spec.stride + 1,
+            ow: (pw - span(kw)) / spec.stride + 1,
+            spec,
+        })
+    }
+
+    /// `in · kh · kw`.
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// `oh · ow`.
+    fn l(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Samples per chunk: enough for [`CHUNK_COLUMNS`] columns, from the shapes alone.
+    fn chunk(&self) -> usize {
+        CHUNK_COLUMNS
+            .div_ceil(self.l().max(1))
+            .clamp(1, self.batch.max(1))
+    }
+
+    /// The sample ranges of the chunks.
+    fn chunks(&self) -> Vec<std::ops::Range<usize>> {
+        let n = self.chunk();
+        (0..self.batch)
+            .step_by(n)
+            .map(|s| s..(s + n).min(self.batch))
+            .collect()
+    }
+
+    /// For kernel offset `k` (in rows or columns) and output position `o`, the input
+    /// position, or `None` in the padding.
+    #[inline]
+    fn src(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        let p = (o * self.spec.stride + k * self.spec.dilation).checked_sub(self.spec.padding)?;
+        (p < size).then_some(p)
+    }
+
+    /// The output columns `[lo, hi)` whose input column for kernel column `kj` is inside the
+    /// image (the rest read padding).
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        let (s, d, p) = (self.spec.stride, self.spec.dilation, self.spec.padding);
+        let off = kj * d;
+        // ox·s + off ≥ p  and  ox·s + off − p < w
+        let lo = if off >= p { 0 } else { (p - off).div_ceil(s) };
+        let hi = if self.w + p > off {
+            ((self.w + p - off).div_ceil(s)).min(self.ow)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`).
+    fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
+        let (l, n) = (self.l(), samples.len());
+        let width = n * l;
+        let plane = self.h * self.w;
+        for ci in 0..self.c {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    let r = (ci * self.kh + ki) * self.kw + kj;
+                    let row = &mut cols[r * width..(r + 1) * width];
+                    let (lo, hi) = self.valid_cols(kj);
+                    for (si, s) in samples.clone().enumerate() {
+                        let img = &x[(s * self.c + ci) * plane..][..plane];
+                        for oy in 0..self.oh {
+                            let dst = &mut row[si * l + oy * self.ow..][..self.ow];
+                            let Some(iy) = self.src(oy, ki, self.h) else {
+                                dst.fill(0.0);
+                                continue;
+                            };
+                            let src = &img[iy * self.w..][..self.w];
+                            dst[..lo].fill(0.0);
+                            dst[hi..].fill(0.0);
+                            if lo == hi {
+                                continue;
+                            }
+                            let ix0 =
+                                lo * self.spec.stride + kj * self.spec.dilation - self.spec.padding;
+                            if self.spec.stride == 1 {
+                                dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                            } else {
+                                for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                                    *d = src[ix0 + j * self.spec.stride];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// col2im: adds `cols [K, n·L]` into `gx` (the chunk's samples, `[n, c, h, w]`).
+    fn col2im(&self, cols: &[f32], n: usize, gx: &mut [f32]) {
+        let l = self.l();
+        let width = n * l;
+        let plane = self.h * self.w;
+        for ci in 0..self.c {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    let r = (ci * self.kh + ki) * self.kw + kj;
+                    let row = &cols[r * width..(r + 1) * width];
+                    let (lo, hi) = self.valid_cols(kj);
+                    for si in 0..n {
+                        let img = &mut gx[(si * self.c + ci) * plane..][..plane];
+                        for oy in 0..self.oh {
+                            let Some(iy) = self.src(oy, ki, self.h) else {
+                                continue;
+                            };
+                            if lo == hi {
+                                continue;
+                            }
+                            let src = &row[si * l + oy * self.ow..][..self.ow];
+                            let dst = &mut img[iy * self.w..][..self.w];
+                            let ix0 =
+                                lo * self.spec.stride + kj * self.spec.dilation - self.spec.padding;
+                            for (j, v) in src[lo..hi].iter().enumerate() {
+                                dst[ix0 + j * self.spec.stride] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`, each operand given by (column stride, row
+/// stride), on one thread.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[f32],
+    (rhs_cs, rhs_rs): (usize, usize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |cs: usize, rs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(1, dst_rs, m, n) < dst.len(), "gemm: dst too short");
+    if k > 0 {
+        assert!(
+            last(lhs_cs, lhs_rs, m, k) < lhs.len(),
+            "gemm: lhs too short"
+        );
+        assert!(
+            last(rhs_cs, rhs_rs, k, n) < rhs.len(),
+            "gemm: rhs too short"
+        );
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every element the strides address inside its slice;
+    // `dst` is borrowed mutably and does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Copies the chunk's `[n, out, L]` block of a batch-major tensor to `[out, n·L]`.
+fn to_channel_major(src: &[f32], out: usize, l: usize, n: usize, dst: &mut [f32]) {
+    for si in 0..n {
+        for o in 0..out {
+            dst[o * n * l + si * l..][..l].copy_from_slice(&src[(si * out + o) * l..][..l]);
+        }
+    }
+}
+
+/// Runs `job(chunk index, sample range)` over the chunks, in parallel when there are enough,
+/// handing each the number of threads its GEMMs may use.
+fn for_chunks<T: Send>(
+    g: &Geometry,
+    exec: Exec,
+    parts: Vec<T>,
+    job: impl Fn(T, std::ops::Range<usize>, usize) + Sync + Send,
+) {
+    let chunks = g.chunks();
+    let work = g.batch * g.out * g.k() * g.l();
+    let threads = exec.threads_for(work);
+    let inner = (threads / chunks.len().max(1)).max(1);
+    let items: Vec<_> = parts.into_iter().zip(chunks).collect();
+    if threads > 1 && items.len() > 1 {
+        items.into_par_iter().for_each(|(p, r)| job(p, r, inner));
+    } else {
+        items.into_iter().for_each(|(p, r)| job(p, r, inner));
+    }
+}
+
+/// Splits `buf` (batch-major, `per_sample` floats a sample) at the chunks' boundaries.
+fn split_chunks<'b>(g: &Geometry, mut buf: &'b mut [f32], per_sample: usize) -> Vec<&'b mut [f32]> {
+    let mut out = Vec::new();
+    for r in g.chunks() {
+        let (head, tail) = buf.split_at_mut(r.len() * per_sample);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("conv2d: `{what}` must be contiguous"),
+    }
+}
+
+fn forward(g: &Geometry, x: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
+    let (k, l, out) = (g.k(), g.l(), g.out);
+    let mut y = vec![0f32; g.batch * out * l];
+    let parts = split_chunks(g, &mut y, out * l);
+    for_chunks(g, exec, parts, |ys, r, threads| {
+        let n = r.len();
+        let mut cols = vec![0f32; k * n * l];
+        g.im2col(x, r, &mut cols);
+        if n == 1 {
+            gemm((out, l, k), ys, l, false, w, (1, k), &cols, (1, l), threads);
+        } else {
+            let mut yc = vec![0f32; out * n * l];
+            gemm(
+                (out, n * l, k),
+                &mut yc,
+                n * l,
+                false,
+                w,
+                (1, k),
+                &cols,
+                (1, n * l),
+                threads,
+            );
+            for si in 0..n {
+                for o in 0..out {
+                    ys[(si * out + o) * l..][..l].copy_from_slice(&yc[o * n * l + si * l..][..l]);
+                }
+            }
+        }
+    });
+    y
+}
+
+fn input_grad(g: &Geometry, gy: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
+    let (k, l, out) = (g.k(), g.l(), g.out);
+    let mut gx = vec![0f32; g.batch * g.c * g.h * g.w];
+    let parts = split_chunks(g, &mut gx, g.c * g.h * g.w);
+    for_chunks(g, exec, parts, |gxs, r, threads| {
+        let n = r.len();
+        let gyc: std::borrow::Cow<[f32]> = if n == 1 {
+            gy[r.start * out * l..][..out * l].into()
+        } else {
+            let mut t = vec![0f32; out * n * l];
+            to_channel_major(&gy[r.start * out * l..], out, l, n, &mut t);
+            t.into()
+        };
+        let mut cols = vec![0f32; k * n * l];
+        // cols [K, nL] = Wᵀ [K, out] · gy [out, nL]
+        gemm(
+            (k, n * l, out),
+            &mut cols,
+            n * l,
+            false,
+            w,
+            (k, 1),
+            &gyc,
+            (1, n * l),
+            threads,
+        );
+        g.col2im(&cols, n, gxs);
+    });
+    gx
+}
+
+fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Vec<f32> {
+    let (k, l, out) = (g.k(), g.l(), g.out);
+    let chunks = g.chunks().len();
+    if chunks == 0 {
+        return vec![0f32; out * k];
+    }
+    let mut partials = vec![0f32; chunks * out * k];
+    let parts: Vec<&mut [f32]> = partials.chunks_mut(out * k).collect();
+    for_chunks(g, exec, parts, |gw, r, threads| {
+        let n = r.len();
+        let gyc: std::borrow::Cow<[f32]> = if n == 1 {
+            gy[r.start * out * l..][..out * l].into()
+        } else {
+            let mut t = vec![0f32; out * n * l];
+            to_channel_major(&gy[r.start * out * l..], out, l, n, &mut t);
+            t.into()
+        };
+        let mut cols = vec![0f32; k * n * l];
+        g.im2col(x, r, &mut cols);
+        // gw [out, K] = gy [out, nL] · colsᵀ [nL, K]
+        gemm(
+            (out, k, n * l),
+            gw,
+            k,
+            false,
+            &gyc,
+            (1, n * l),
+            &cols,
+            (n * l, 1),
+            threads,
+        );
+    });
+    // Sum the chunks in order (the same order for every thread count).
+    let (first, rest) = partials.split_at_mut(out * k);
+    for p in rest.chunks(out * k) {
+        for (a, b) in first.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    partials.truncate(out * k);
+    partials
+}
+
+/// `(x, w) → y`.
+struct ConvForward {
+    g: Geometry,
+    exec: Exec,
+}
+
+impl CustomOp2 for ConvForward {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let y = forward(g, slice(xs, xl, "x")?, slice(ws, wl, "w")?, self.exec);
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((g.batch, g.out, g.oh, g.ow)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                w,
+                &ConvInputGrad {
+                    g: self.g,
+                    exec: self.exec,
+                },
+            )?)
+        } else {
+            None
+        };
+        let gw = x.apply_op2_no_bwd(
+            &grad,
+            &ConvWeightGrad {
+                g: self.g,
+                exec: self.exec,
+            },
+        )?;
+        Ok((gx, Some(gw)))
+    }
+}
+
+/// `(x, w, bias) → y`: [`ConvForward`] plus the bias, whose gradient is `∂y` summed over
+/// samples and positions.
+struct ConvForwardBias(ConvForward);
+
+impl CustomOp3 for ConvForwardBias {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, shape) = self.0.cpu_fwd(xs, xl, ws, wl)?;
+        let CpuStorage::F32(mut y) = y else {
+            unreachable!("the forward op returns f32")
+        };
+        let b = slice(bs, bl, "bias")?;
+        let l = self.0.g.l();
+        for (i, row) in y.chunks_mut(l).enumerate() {
+            let v = b[i % b.len()];
+            row.iter_mut().for_each(|e| *e += v);
+        }
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.0.bwd(x, w, res, grad)?;
+        let gb = grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
+        Ok((gx, gw, Some(gb)))
+    }
+}
+
+/// `∂y [batch, out, oh, ow] → Σ over batch and positions [out]`, in one fixed order.
+struct ChannelSum;
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[_, out, oh, ow] = l.dims() else {
+            candle_core::bail!("conv2d bias gradient: expected a rank-4 gradient");
+        };
+        let gy = slice(s, l, "grad")?;
+        let mut gb = vec![0f32; out];
+        for (i, row) in gy.chunks(oh * ow).enumerate() {
+            gb[i % out] += row.iter().sum::<f32>();
+        }
+        Ok((CpuStorage::F32(gb), Shape::from(out)))
+    }
+}
+
+/// `(∂y, w) → ∂x`.
+struct ConvInputGrad {
+    g: Geometry,
+    exec: Exec,
+}
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let gx = input_grad(g, slice(gs, gl, "grad")?, slice(ws, wl, "w")?, self.exec);
+        Ok((CpuStorage::F32(gx), Shape::from((g.batch, g.c, g.h, g.w))))
+    }
+}
+
+/// `(x, ∂y) → ∂w`.
+struct ConvWeightGrad {
+    g: Geometry,
+    exec: Exec,
+}
+
+impl CustomOp2 for ConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let gw = weight_grad(g, slice(xs, xl, "x")?, slice(gs, gl, "grad")?, self.exec);
+        Ok((CpuStorage::F32(gw), Shape::from((g.out, g.c, g.kh, g.kw))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Direct loops: the reference for every product.
+    fn reference(x: &[f32], w: &[f32], gy: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (sp, st, di) = (
+            g.spec.padding as isize,
+            g.spec.stride as isize,
+            g.spec.dilation as isize,
+        );
+        let mut y = vec![0f64; g.batch * g.out * g.l()];
+        let mut gx = vec![0f64; x.len()];
+        let mut gw = vec![0f64; w.len()];
+        for s in 0..g.batch {
+            for o in 0..g.out {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let yi = ((s * g.out + o) * g.oh + oy) * g.ow + ox;
+                        for ci in 0..g.c {
+                            for ki in 0..g.kh {
+                                for kj in 0..g.kw {
+                                    let iy = oy as isize * st + ki as isize * di - sp;
+                                    let ix = ox as isize * st + kj as isize * di - sp;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((s * g.c + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                    let wi = ((o * g.c + ci) * g.kh + ki) * g.kw + kj;
+                                    y[yi] += x[xi] as f64 * w[wi] as f64;
+                                    gx[xi] += gy[yi] as f64 * w[wi] as f64;
+                                    gw[wi] += gy[yi] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+        (f(y), f(gx), f(gw))
+    }
+
+    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                (*seed % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs reference {q}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_three_products_match_direct_loops_on_random_shapes() {
+        let mut seed = 0x5EED_u64;
+        // (batch, c, h, w, out, k, padding, stride, dilation)
+        let shapes = [
+            (2, 3, 7, 5, 4, 3, 1, 1, 1),
+            (3, 2, 8, 8, 5, 3, 0, 2, 1),
+            (1, 1, 6, 9, 2, 2, 2, 3, 1),
+            (4, 3, 9, 9, 3, 3, 2, 1, 2),
+            (5, 2, 4, 4, 6, 1, 0, 1, 1),
+            (33, 2, 3, 3, 2, 3, 1, 1, 1), // L = 9: many samples per chunk
+            (2, 4, 5, 5, 3, 5, 2, 2, 1),
+        ];
+        for &(b, c, h, wd, out, k, padding, stride, dilation) in &shapes {
+            let spec = ConvSpec {
+                padding,
+                stride,
+                dilation,
+                groups: 1,
+            };
+            let g = Geometry::new(&[b, c, h, wd], &[out, c, k, k], spec).unwrap();
+            let x = random(b * c * h * wd, &mut seed);
+            let w = random(out * c * k * k, &mut seed);
+            let gy = random(b * out * g.l(), &mut seed);
+            let (ry, rgx, rgw) = reference(&x, &w, &gy, &g);
+            for threads in [1, 2, 3] {
+                let exec = Exec::default().with_threads(threads);
+                let what = format!("{:?} threads {threads}", (b, c, h, wd, out, k, spec));
+                close(&forward(&g, &x, &w, exec), &ry, &format!("y {what}"));
+                close(&input_grad(&g, &gy, &w, exec), &rgx, &format!("gx {what}"));
+                close(&weight_grad(&g, &x, &gy, exec), &rgw, &format!("gw {what}"));
+            }
+        }
+    }
+
+    #[test]
+    fn bit_identical_for_any_thread_count() {
+        let mut seed = 7u64;
+        let spec = ConvSpec {
+            padding: 1,
+            ..ConvSpec::default()
+        };
+        // 40 samples of 6×6: five chunks run in parallel; 1 sample of 40×40 (one chunk): the
+        // threads go to the GEMMs.
+        for (b, side, c, out) in [(40, 6, 3, 8), (1, 40, 16, 64)] {
+            let g = Geometry::new(&[b, c, side, side], &[out, c, 3, 3], spec).unwrap();
+            let x = random(b * c * side * side, &mut seed);
+            let w = random(out * c * 9, &mut seed);
+            let gy = random(b * out * g.l(), &mut seed);
+            let run = |t: usize| {
+                let e = Exec::default().with_threads(t);
+                (
+                    forward(&g, &x, &w, e),
+                    input_grad(&g, &gy, &w, e),
+                    weight_grad(&g, &x, &gy, e),
+                )
+            };
+            let one = run(1);
+            for t in [2, 4] {
+                assert!(run(t) == one, "batch {b}: {t} threads differ from 1");
+            }
+        }
+    }
+
+    #[test]
+    fn autograd_matches_candles_conv2d_and_skips_a_constant_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut seed = 11u64;
+        let spec = ConvSpec {
+            padding: 1,
+            stride: 2,
+            ..ConvSpec::default()
+        };
+        let xv = Var::from_vec(random(2 * 3 * 9 * 9, &mut seed), (2, 3, 9, 9), &dev)?;
+        let wv = Var::from_vec(random(4 * 3 * 3 * 3, &mut seed), (4, 3, 3, 3), &dev)?;
+        let bv = Var::from_vec(random(4, &mut seed), 4, &dev)?;
+        let ours = conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), spec)?;
+        let theirs = xv
+            .as_tensor()
+            .conv2d(wv.as_tensor(), 1, 2, 1, 1)?
+            .broadcast_add(&bv.as_tensor().reshape((1, 4, 1, 1))?)?;
+        close(
+            &ours.flatten_all()?.to_vec1()?,
+            &theirs.flatten_all()?.to_vec1()?,
+            "y",
+        );
+        let weights = Tensor::from_vec(random(ours.elem_count(), &mut seed), ours.shape(), &dev)?;
+        let go = (ours * &weights)?.sum_all()?.backward()?;
+        let gt = (theirs * &weights)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &xv), ("w", &wv), ("bias", &bv)] {
+            close(
+                &go.get(v).unwrap().flatten_all()?.to_vec1()?,
+                &gt.get(v).unwrap().flatten_all()?.to_vec1()?,
+                name,
+            );
+        }
+        // A plain input tensor (a first layer's data) gets no gradient computed.
+        let x = xv.as_tensor().detach();
+        let g = conv2d(&x, wv.as_tensor(), None, spec)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(&x).is_none());
+        assert!(g.get(&wv).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn grouped_convolutions_fall_back_to_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((1, 4, 5, 5), DType::F32, &dev)?;
+        let w = Tensor::ones((2, 2, 3, 3), DType::F32, &dev)?;
+        let spec = ConvSpec {
+            groups: 2,
+            ..ConvSpec::default()
+        };
+        let b = Tensor::new(&[1f32, 2.0], &dev)?;
+        let y = conv2d(&x, &w, Some(&b), spec)?;
+        assert_eq!(y.dims(), [1, 2, 3, 3]);
+        let want: Vec<f32> = [19.0; 9].into_iter().chain([20.0; 9]).collect();
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want);
+        Ok(())
+    }
+
+    #[test]
+    fn a_kernel_larger_than_the_padded_input_is_an_error() {
+        let spec = ConvSpec::default();
+        let e = Geometry::new(&[1, 1, 2, 2], &[1, 1, 3, 3], spec).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        let e = Geometry::new(&[1, 2, 4, 4], &[1, 1, 3, 3], spec).unwrap_err();
+        assert!(e.to_string().contains("channels"), "{e}");
+    }
+}
