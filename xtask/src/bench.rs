@@ -379,6 +379,51 @@ pub fn render_peers(doc: &Value) -> String {
             os / td,
         ));
     }
+    s.push_str(&render_peer_convs(&recs));
+    s
+}
+
+/// The conv-net part of `peers.md`: our dense and dense-mask steps/s beside PyTorch's, with the
+/// issue's ≥ 0.7× target checked per row.
+fn render_peer_convs(recs: &[Value]) -> String {
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let mut s = String::new();
+    for p in recs.iter().filter(|r| r["suite"] == "peers-conv") {
+        let Some(o) = recs.iter().find(|r| {
+            r["suite"] == "train-conv" && r["model"] == p["model"] && r["threads"] == p["threads"]
+        }) else {
+            continue;
+        };
+        if s.is_empty() {
+            s.push_str(
+                "\nConv nets (batch 128; dense-mask SRigL and PyTorch masked-dense at 90% on every conv weight; target: ours ≥ 0.7× PyTorch):\n\n\
+                 | model | threads | candle dense | torch dense | dense ÷ torch | dense-mask SRigL | torch masked | dense-mask ÷ torch masked |\n\
+                 |---|---|---|---|---|---|---|---|\n",
+            );
+        }
+        let (od, om) = (
+            1.0 / f(o, "dense_s_per_step"),
+            1.0 / f(o, "dense_mask_s_per_step"),
+        );
+        let (td, tm) = (
+            1.0 / f(p, "torch_dense_s_per_step"),
+            1.0 / f(p, "torch_masked_s_per_step"),
+        );
+        let mark = |r: f64| {
+            if r >= 0.7 {
+                format!("{r:.2}×")
+            } else {
+                format!("**{r:.2}×**")
+            }
+        };
+        s.push_str(&format!(
+            "| {} | {} | {od:.3} | {td:.3} | {} | {om:.3} | {tm:.3} | {} |\n",
+            p["model"].as_str().unwrap_or("?"),
+            p["threads"],
+            mark(od / td),
+            mark(om / tm),
+        ));
+    }
     s
 }
 
@@ -587,6 +632,23 @@ pub fn render_markdown(doc: &Value) -> String {
             if worst <= 0.05 { "yes" } else { "**no**" }
         ));
     }
+    let convs: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "train-conv").collect();
+    if !convs.is_empty() {
+        s.push_str(
+            "### Conv nets: training steps per second (batch 128, all threads)\n\n\
+             | model | dense | dense-mask SRigL 90% |\n|---|---|---|\n",
+        );
+        for r in convs {
+            let f = |k: &str| 1.0 / r[k].as_f64().unwrap_or(f64::NAN);
+            s.push_str(&format!(
+                "| {} | {:.3} | {:.3} |\n",
+                r["model"].as_str().unwrap_or("?"),
+                f("dense_s_per_step"),
+                f("dense_mask_s_per_step"),
+            ));
+        }
+        s.push('\n');
+    }
     let mut threads: Vec<u64> = recs.iter().filter_map(|r| r["threads"].as_u64()).collect();
     threads.sort_unstable();
     threads.dedup();
@@ -666,6 +728,29 @@ mod tests {
             "{md}"
         );
         assert_eq!(md.matches("| m |").count(), 1, "{md}");
+        assert!(!md.contains("Conv nets"), "{md}");
+    }
+
+    #[test]
+    fn peers_table_has_conv_rows_with_the_target_marked() {
+        let doc = json!({
+            "machine": {"cpu": "Test CPU", "logical_cpus": 2, "date_utc": "d", "git_commit": "abc", "quick": false},
+            "records": [
+                {"suite": "peers-conv", "model": "lenet5", "threads": 1, "torch": "2.x",
+                 "torch_dense_s_per_step": 0.01, "torch_masked_s_per_step": 0.02},
+                {"suite": "train-conv", "model": "lenet5", "threads": 1,
+                 "dense_s_per_step": 0.02, "dense_mask_s_per_step": 0.025},
+                {"suite": "train-conv", "model": "lenet5", "threads": 2,
+                 "dense_s_per_step": 0.01, "dense_mask_s_per_step": 0.01}
+            ]
+        });
+        let md = render_peers(&doc);
+        // dense 50 vs 100 steps/s: 0.50× (below 0.7×, marked); masked 40 vs 50: 0.80×.
+        assert!(
+            md.contains("| lenet5 | 1 | 50.000 | 100.000 | **0.50×** | 40.000 | 50.000 | 0.80× |"),
+            "{md}"
+        );
+        assert_eq!(md.matches("| lenet5 |").count(), 1, "{md}");
     }
 
     #[test]
@@ -680,6 +765,8 @@ mod tests {
             "machine": {"cpu": "Test CPU", "logical_cpus": 2, "os": "linux", "date_utc": "d", "git_commit": "abc", "quick": true},
             "records": [rec("condensed", 0.9, 1, 20_000.0, 140_000.0), rec("csr", 0.9, 1, 40_000.0, 140_000.0),
                         rec("condensed", 0.9, 256, 4e6, 12e6),
+                        json!({"suite": "train-conv", "model": "lenet5", "threads": 2,
+                               "dense_s_per_step": 0.02, "dense_mask_s_per_step": 0.04}),
                         json!({"suite": "ceiling", "threads": 1, "random_reads_per_ns": 3.0,
                                "dense_stream_floats_per_ns": 15.0, "batch1_speedup_bound_times_density": 0.2})]
         });
@@ -701,6 +788,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("CSR/condensed time 2.00 | no |"), "{md}");
+        assert!(md.contains("| lenet5 | 50.000 | 25.000 |"), "{md}");
         assert!(
             md.contains("| condensed | 90% | 3072→768 | 1 | 20.0 | 140.0 | 7.00 | 1.0 |"),
             "{md}"
