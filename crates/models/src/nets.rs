@@ -10,8 +10,8 @@
 //!
 //! ResNet-18 and the ViT are GPU-sized; on CPU they are built small in tests (`width`, `dim`).
 
-use candle_core::{Module, ModuleT, Tensor, Var, D};
-use candle_nn::{BatchNorm, Conv2dConfig, VarBuilder};
+use candle_core::{Module, Tensor, Var, D};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use dst_core::layers::{
     sparse_conv2d, sparse_conv2d_no_bias, sparse_linear, sparse_linear_no_bias, SparseConv2d,
     SparseLinear, SparseParam,
@@ -319,7 +319,7 @@ impl<'a> LayerFactory<'a> {
     }
 
     fn batch_norm(&self, path: &str, c: usize) -> candle_core::Result<BatchNorm> {
-        candle_nn::batch_norm(c, 1e-5, self.vb.pp(path))
+        BatchNorm::new(c, self.vb.pp(path))
     }
 
     fn layer_norm(&self, path: &str, d: usize) -> candle_core::Result<LayerNorm> {
@@ -361,6 +361,61 @@ impl Module for LayerNorm {
         xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+/// BatchNorm over the channels of `[batch, channels, …]`, with the variables, defaults and
+/// running-statistics rule of `candle_nn::batch_norm(c, 1e-5, vb)` (momentum 0.1; running
+/// variance unbiased), so checkpoints are interchangeable; the training forward is
+/// `sparse_kernels::norm::batch_norm_train`, one op with its own backward instead of
+/// candle-nn's chain of ten generic ones.
+struct BatchNorm {
+    running_mean: Var,
+    running_var: Var,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl BatchNorm {
+    const EPS: f64 = 1e-5;
+    const MOMENTUM: f64 = 0.1;
+
+    fn new(c: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        use candle_nn::Init::Const;
+        let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Const(0.0))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Const(1.0))?)?;
+        Ok(BatchNorm {
+            running_mean,
+            running_var,
+            weight: vb.get_with_hints(c, "weight", Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Const(0.0))?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let m = Self::MOMENTUM;
+        if train {
+            let (y, st) =
+                sparse_kernels::norm::batch_norm_train(x, &self.weight, &self.bias, Self::EPS)?;
+            let dev = x.device();
+            let mean = Tensor::new(st.mean.as_slice(), dev)?;
+            let var = Tensor::new(st.var.as_slice(), dev)?;
+            let n = st.count as f64;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - m))?
+                + (var * (m * n / (n - 1.0).max(1.0)))?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            Ok(y)
+        } else {
+            let mut shape = vec![1; x.rank()];
+            shape[1] = self.weight.elem_count();
+            let inv = (self.running_var.as_detached_tensor() + Self::EPS)?.sqrt()?;
+            let scale = self.weight.broadcast_div(&inv)?;
+            let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            x.broadcast_mul(&scale.reshape(shape.as_slice())?)?
+                .broadcast_add(&shift.reshape(shape.as_slice())?)
+        }
     }
 }
 

@@ -178,6 +178,83 @@ fn measure(
     (median(&mut s), median(&mut d))
 }
 
+/// `sparse_kernels::conv::conv2d` against candle's `conv2d` (plus a broadcast bias) on the
+/// conv shapes of the train suite's nets, batch 32: forward alone and forward + backward (the
+/// gradient of the input, the kernel and the bias).
+fn convs(
+    quick: bool,
+    rng: &mut Rng,
+    threads: usize,
+    (reps, warm_ms, sample_ms): (usize, f64, f64),
+) -> Vec<serde_json::Value> {
+    use candle_core::Var;
+    use sparse_kernels::conv::{conv2d, ConvSpec};
+    let dev = Device::Cpu;
+    // (in, out, side, kernel, padding, stride): LeNet-5's conv2, ResNet-18's stage convs.
+    let all: &[(usize, usize, usize, usize, usize, usize)] = &[
+        (6, 16, 14, 5, 0, 1),
+        (64, 64, 32, 3, 1, 1),
+        (128, 128, 16, 3, 1, 1),
+        (256, 256, 8, 3, 1, 1),
+        (128, 256, 16, 3, 1, 2),
+    ];
+    let shapes = if quick { &all[1..2] } else { all };
+    let batch = 32;
+    let mut out = Vec::new();
+    for &(cin, cout, side, k, padding, stride) in shapes {
+        let x = Var::from_vec(
+            rng.vec(batch * cin * side * side),
+            (batch, cin, side, side),
+            &dev,
+        )
+        .unwrap();
+        let w = Var::from_vec(rng.vec(cout * cin * k * k), (cout, cin, k, k), &dev).unwrap();
+        let b = Var::from_vec(rng.vec(cout), cout, &dev).unwrap();
+        let spec = ConvSpec {
+            padding,
+            stride,
+            ..ConvSpec::default()
+        };
+        let ours = || conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), spec).unwrap();
+        let candle = || {
+            x.as_tensor()
+                .conv2d(w.as_tensor(), padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+                .unwrap()
+        };
+        let oh = (side + 2 * padding - k) / stride + 1;
+        let flop = 2.0 * (batch * cout * cin * k * k * oh * oh) as f64;
+        for (op, passes) in [("forward", 1.0), ("forward+backward", 3.0)] {
+            let backward = passes > 1.0;
+            let run = |y: Tensor| {
+                if backward {
+                    black_box(y.sum_all().unwrap().backward().unwrap());
+                } else {
+                    black_box(y);
+                }
+            };
+            let (o, c) = measure(reps, warm_ms, sample_ms, &mut || run(ours()), &mut || {
+                run(candle())
+            });
+            let shape = format!("{cin}→{cout} {side}×{side} {k}×{k} s{stride}");
+            eprintln!(
+                "   conv {op:<16} {shape:<24} b={batch}  ours {:>9.2} ms  candle {:>9.2} ms  x{:.2}  {:.1} GFLOP/s",
+                o / 1e6,
+                c / 1e6,
+                c / o,
+                passes * flop / o
+            );
+            out.push(serde_json::json!({
+                "suite": "conv", "op": op, "shape": shape, "batch": batch, "threads": threads,
+                "median_ns": o.round(), "candle_median_ns": c.round(),
+                "speedup_vs_candle": c / o, "gflop_per_s": passes * flop / o,
+            }));
+        }
+    }
+    out
+}
+
 /// The two rates that bound a batch-1 sparse forward on this machine, measured here so that
 /// `docs/benchmarks.md` can show them next to the kernels: random reads of an L1-resident input
 /// (what every stored weight costs) and streaming reads of a dense weight that does not fit in
@@ -405,6 +482,9 @@ fn main() {
                 }
             }
         }
+    }
+    if only_op.is_none() || only_op.as_deref() == Some("conv") {
+        records.extend(convs(quick, &mut rng, threads, (reps, warm_ms, sample_ms)));
     }
     records.extend(ceilings(&mut rng, threads, isa));
     if let Some(path) = json_out {

@@ -37,6 +37,7 @@ pub mod cpu;
 pub mod cuda;
 mod gather;
 mod isa;
+pub mod norm;
 pub mod ops;
 mod packed;
 pub mod reference;

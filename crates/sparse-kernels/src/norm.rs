@@ -1,0 +1,380 @@
+//! Training-mode batch normalisation of `[batch, channels, …]` tensors as one op with its own
+//! backward pass: [`batch_norm_train`].
+//!
+//! candle-nn's `BatchNorm::forward_train` is built from about ten generic tensor ops (a
+//! transposed copy, two means, subtract, square, divide, scale, shift, and a transposed
+//! result), each a pass over the activation plus its own backward pass and gradient
+//! accumulation: most of a CIFAR ResNet-18 step outside its convolutions (docs/benchmarks.md,
+//! "Convolutions"). Here the forward is two reading passes (mean, then variance, summed per
+//! channel in `f64`) and one writing pass; the backward is one reading pass (the two sums per
+//! channel) and one writing pass, returning the gradients of the input, the scale and the
+//! shift together. Each channel's sums run in one fixed order, so results are bit-identical
+//! for any thread count.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use sparse_kernels::norm::batch_norm_train;
+//! let x = Var::new(&[[[[1f32, 3.0]], [[0.0, 4.0]]]], &Device::Cpu)?; // [1, 2, 1, 2]
+//! let gamma = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+//! let beta = Var::new(&[0f32, 1.0], &Device::Cpu)?;
+//! let (y, stats) = batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 0.0)?;
+//! assert_eq!(stats.mean, vec![2.0, 2.0]);
+//! assert_eq!(stats.var, vec![1.0, 4.0]); // biased, as the normalisation uses
+//! assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![-1.0, 1.0, -1.0, 3.0]);
+//! let g = y.sum_all()?.backward()?;
+//! assert_eq!(g.get(&beta).unwrap().to_vec1::<f32>()?, vec![2.0, 2.0]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The batch statistics of one call, per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Mean over the batch and positions.
+    pub mean: Vec<f32>,
+    /// Biased variance (divided by the count, as the normalisation uses; the running variance
+    /// of `candle_nn::BatchNorm` takes the unbiased one, `var · n / (n − 1)`).
+    pub var: Vec<f32>,
+    /// Values per channel (`batch · positions`).
+    pub count: usize,
+}
+
+/// `y = (x − mean) / √(var + eps) · gamma + beta` with the batch's per-channel statistics, for
+/// `x [batch, channels, …]` (f32, CPU) and `gamma`, `beta` `[channels]`; autograd for all
+/// three. Returns the statistics too, for the caller's running averages.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
+    if x.rank() < 2 {
+        candle_core::bail!(
+            "batch_norm: x must be [batch, channels, …], got {:?}",
+            x.dims()
+        );
+    }
+    let c = x.dims()[1];
+    for (name, t) in [("x", x), ("gamma", gamma), ("beta", beta)] {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
+            candle_core::bail!("batch_norm: `{name}` must be an f32 CPU tensor");
+        }
+    }
+    if gamma.elem_count() != c || beta.elem_count() != c {
+        candle_core::bail!(
+            "batch_norm: gamma and beta must have {c} values (one per channel), got {} and {}",
+            gamma.elem_count(),
+            beta.elem_count()
+        );
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        candle_core::bail!("batch_norm: eps must be finite and ≥ 0, got {eps}");
+    }
+    let saved = Arc::new(OnceLock::new());
+    let op = Forward {
+        channels: c,
+        eps,
+        stats: saved.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = saved
+        .get()
+        .map(|s| s.stats.clone())
+        .ok_or_else(|| candle_core::Error::Msg("batch_norm: no statistics computed".into()))?;
+    Ok((y, stats))
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("batch_norm: `{what}` must be contiguous"),
+    }
+}
+
+/// Per-channel sums over `[batch, channels, plane]` data: `f(channel, value index in plane
+/// block)` accumulated in `f64`, one channel per task, samples in order.
+fn per_channel<const K: usize>(
+    channels: usize,
+    plane: usize,
+    batch: usize,
+    f: impl Fn(usize, usize) -> [f64; K] + Sync,
+) -> Vec<[f64; K]> {
+    let one = |ch: usize| {
+        let mut acc = [0f64; K];
+        for s in 0..batch {
+            let base = (s * channels + ch) * plane;
+            for i in base..base + plane {
+                let v = f(ch, i);
+                for k in 0..K {
+                    acc[k] += v[k];
+                }
+            }
+        }
+        acc
+    };
+    if crate::candle_threads() > 1 && batch * plane * channels >= crate::MIN_WORK_PER_THREAD {
+        (0..channels).into_par_iter().map(one).collect()
+    } else {
+        (0..channels).map(one).collect()
+    }
+}
+
+/// Writes `out[i] = f(channel of i, i)` plane by plane.
+fn per_plane(
+    channels: usize,
+    plane: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    let job = |(p, dst): (usize, &mut [f32])| {
+        let ch = p % channels;
+        let base = p * plane;
+        for (j, d) in dst.iter_mut().enumerate() {
+            *d = f(ch, base + j);
+        }
+    };
+    if crate::candle_threads() > 1 && out.len() >= crate::MIN_WORK_PER_THREAD {
+        out.par_chunks_mut(plane.max(1)).enumerate().for_each(job);
+    } else {
+        out.chunks_mut(plane.max(1)).enumerate().for_each(job);
+    }
+}
+
+struct Saved {
+    stats: BatchStats,
+    /// `1 / √(var + eps)` per channel.
+    inv_std: Vec<f32>,
+}
+
+struct Forward {
+    channels: usize,
+    eps: f64,
+    /// Filled by the forward pass; read by the caller and by the backward pass.
+    stats: Arc<OnceLock<Saved>>,
+}
+
+impl CustomOp3 for Forward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, "x")?;
+        let gamma = slice(gs, gl, "gamma")?;
+        let beta = slice(bs, bl, "beta")?;
+        let dims = xl.dims();
+        let (batch, c) = (dims[0], self.channels);
+        let plane: usize = dims[2..].iter().product();
+        let n = (batch * plane) as f64;
+        let sums = per_channel(c, plane, batch, |_, i| [x[i] as f64]);
+        let mean: Vec<f64> = sums.iter().map(|s| s[0] / n.max(1.0)).collect();
+        let sq = per_channel(c, plane, batch, |ch, i| {
+            let d = x[i] as f64 - mean[ch];
+            [d * d]
+        });
+        let var: Vec<f64> = sq.iter().map(|s| s[0] / n.max(1.0)).collect();
+        let inv_std: Vec<f32> = var
+            .iter()
+            .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
+            .collect();
+        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let scale: Vec<f32> = (0..c).map(|ch| inv_std[ch] * gamma[ch]).collect();
+        let mut y = vec![0f32; x.len()];
+        per_plane(c, plane, &mut y, |ch, i| {
+            (x[i] - mean32[ch]) * scale[ch] + beta[ch]
+        });
+        let saved = Saved {
+            stats: BatchStats {
+                mean: mean32,
+                var: var.iter().map(|&v| v as f32).collect(),
+                count: batch * plane,
+            },
+            inv_std,
+        };
+        if self.stats.set(saved).is_err() {
+            candle_core::bail!("batch_norm: the op ran twice");
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .stats
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("batch_norm: backward before forward".into()))?;
+        let c = self.channels;
+        let all = x.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            gamma,
+            &Backward {
+                channels: c,
+                mean: &saved.stats.mean,
+                inv_std: &saved.inv_std,
+            },
+        )?;
+        let n = x.elem_count();
+        let gx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let gg = all.narrow(0, n, c)?;
+        let gb = all.narrow(0, n + c, c)?;
+        Ok((Some(gx), Some(gg), Some(gb)))
+    }
+}
+
+/// `(x, ∂y, gamma) → [∂x (flattened), ∂gamma, ∂beta]` in one buffer.
+struct Backward<'a> {
+    channels: usize,
+    mean: &'a [f32],
+    inv_std: &'a [f32],
+}
+
+impl CustomOp3 for Backward<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, "x")?;
+        let gy = slice(gs, gl, "grad")?;
+        let gamma = slice(ws, wl, "gamma")?;
+        let dims = xl.dims();
+        let (batch, c) = (dims[0], self.channels);
+        let plane: usize = dims[2..].iter().product();
+        let n = (batch * plane).max(1) as f32;
+        let (mean, inv_std) = (self.mean, self.inv_std);
+        // Σ ∂y and Σ ∂y · x̂ per channel, x̂ = (x − mean) · inv_std.
+        let sums = per_channel(c, plane, batch, |ch, i| {
+            let g = gy[i] as f64;
+            [g, g * ((x[i] - mean[ch]) * inv_std[ch]) as f64]
+        });
+        let sgy: Vec<f32> = sums.iter().map(|s| s[0] as f32).collect();
+        let sgx: Vec<f32> = sums.iter().map(|s| s[1] as f32).collect();
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (gx, rest) = out.split_at_mut(x.len());
+        // ∂x = gamma · inv_std · (∂y − Σ∂y / n − x̂ · Σ(∂y·x̂) / n)
+        let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
+        let mg: Vec<f32> = sgy.iter().map(|s| s / n).collect();
+        let mx: Vec<f32> = sgx.iter().map(|s| s / n).collect();
+        per_plane(c, plane, gx, |ch, i| {
+            let xh = (x[i] - mean[ch]) * inv_std[ch];
+            k[ch] * (gy[i] - mg[ch] - xh * mx[ch])
+        });
+        rest[..c].copy_from_slice(&sgx);
+        rest[c..].copy_from_slice(&sgy);
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                (*seed % 2001) as f32 / 500.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, what: &str) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - q).abs() <= 2e-4 * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_candle_nn_batch_norm_values_gradients_and_running_stats() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut seed = 3u64;
+        for dims in [vec![4, 3, 5, 6], vec![2, 5, 7], vec![9, 4]] {
+            let c = dims[1];
+            let n: usize = dims.iter().product();
+            let x = Var::from_vec(random(n, &mut seed), dims.as_slice(), &dev)?;
+            let g = Var::from_vec(random(c, &mut seed), c, &dev)?;
+            let b = Var::from_vec(random(c, &mut seed), c, &dev)?;
+            let (ours, stats) =
+                batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?;
+            let bn = candle_nn::BatchNorm::new(
+                c,
+                Tensor::zeros(c, DType::F32, &dev)?,
+                Tensor::ones(c, DType::F32, &dev)?,
+                g.as_tensor().clone(),
+                b.as_tensor().clone(),
+                1e-5,
+            )?;
+            let theirs = bn.forward_train(x.as_tensor())?;
+            close(&ours, &theirs, &format!("y {dims:?}"));
+            // candle's running mean after one step from 0 at momentum 0.1 is 0.1 · mean.
+            let rm = (Tensor::new(stats.mean.as_slice(), &dev)? * 0.1)?;
+            close(&rm, bn.running_mean(), "running mean");
+            let nn = stats.count as f64;
+            let rv = ((Tensor::new(stats.var.as_slice(), &dev)? * (0.1 * nn / (nn - 1.0)))? + 0.9)?;
+            close(&rv, bn.running_var(), "running var");
+            let w = Tensor::from_vec(random(n, &mut seed), dims.as_slice(), &dev)?;
+            let go = (ours * &w)?.sum_all()?.backward()?;
+            let gt = (theirs * &w)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
+                close(
+                    go.get(v).unwrap(),
+                    gt.get(v).unwrap(),
+                    &format!("∂{name} {dims:?}"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_mismatched_parameters_and_bad_eps() {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((2, 3, 4), DType::F32, &dev).unwrap();
+        let p2 = Tensor::ones(2, DType::F32, &dev).unwrap();
+        let p3 = Tensor::ones(3, DType::F32, &dev).unwrap();
+        let e = batch_norm_train(&x, &p2, &p3, 1e-5).unwrap_err();
+        assert!(e.to_string().contains("3 values"), "{e}");
+        let e = batch_norm_train(&x, &p3, &p3, f64::NAN).unwrap_err();
+        assert!(e.to_string().contains("eps"), "{e}");
+    }
+}
