@@ -26,12 +26,15 @@ use models::{
 /// The conv nets: dense training and dense-mask SRigL 90% steps per second (the sparse engine
 /// runs linear layers only, so a conv net's sparse training is dense-mask).
 fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
+    // (name, model, channels, side, warm-up steps, timed steps); the first steps of a run
+    // fault in its memory, hence several warm-up steps where they are cheap.
     let nets = [
         (
             "lenet5",
             ModelConfig::Lenet5,
             1,
             28,
+            5,
             if quick { 10 } else { 30 },
         ),
         (
@@ -39,12 +42,13 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
             ModelConfig::resnet18(),
             3,
             32,
+            1,
             if quick { 2 } else { 4 },
         ),
     ];
     let mut records = Vec::new();
     println!("\n| conv net | dense steps/s | dense-mask SRigL 90% steps/s |\n|---|---|---|");
-    for (name, model, c, side, steps) in nets {
+    for (name, model, c, side, warm, steps) in nets {
         if only_model.is_some_and(|m| !name.contains(m)) {
             continue;
         }
@@ -62,12 +66,12 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
         );
         let mut dense_cfg = base.clone();
         dense_cfg.method.name = MethodName::Dense;
-        let dense = time_steps(&dense_cfg, &data, 1, steps).s_per_step;
+        let dense = time_steps(&dense_cfg, &data, warm, steps).s_per_step;
         let mut cfg = base.clone();
         cfg.method.name = MethodName::Srigl;
         cfg.method.sparsity = 0.9;
         cfg.engine = EngineKind::DenseMask;
-        let masked = time_steps(&cfg, &data, 1, steps).s_per_step;
+        let masked = time_steps(&cfg, &data, warm, steps).s_per_step;
         println!("| {name} | {:.2} | {:.2} |", 1.0 / dense, 1.0 / masked);
         records.push(serde_json::json!({
             "suite": "train-conv", "model": name, "batch": 128, "sparsity": 0.9,

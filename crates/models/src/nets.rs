@@ -725,8 +725,9 @@ impl Network {
         match &self.body {
             Body::Mlp(layers) => relu_chain(layers, x.flatten_from(1)?),
             Body::Lenet5 { conv1, conv2, fcs } => {
-                let h = conv1.forward(x)?.relu()?.max_pool2d(2)?;
-                let h = conv2.forward(&h)?.relu()?.max_pool2d(2)?;
+                let pool = sparse_kernels::pool::max_pool2d;
+                let h = pool(&conv1.forward(x)?.relu()?, 2)?;
+                let h = pool(&conv2.forward(&h)?.relu()?, 2)?;
                 relu_chain(fcs, h.flatten_from(1)?)
             }
             Body::Resnet { stem, blocks, fc } => {

@@ -40,6 +40,7 @@ mod isa;
 pub mod norm;
 pub mod ops;
 mod packed;
+pub mod pool;
 pub mod reference;
 mod rows;
 mod simd;

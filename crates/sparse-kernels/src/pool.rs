@@ -1,0 +1,213 @@
+//! 2-D max pooling with its own backward pass: [`max_pool2d`].
+//!
+//! candle's `max_pool2d` backward is a chain of generic ops (upsample the result, compare with
+//! the input, convert the mask, average-pool it, divide, upsample the gradient, multiply), each
+//! a pass over the input plus gradient accumulation: a quarter of a LeNet-5 training step
+//! under `perf`. Here the forward remembers the position of each window's maximum and the
+//! backward adds each output gradient to that one input, as PyTorch does (on ties the first
+//! position in row-major order takes it).
+//!
+//! candle 0.11's own backward is also wrong: it multiplies the gradient by the *fraction* of
+//! the window that holds the maximum instead of dividing by the number of maxima, so without
+//! ties every input gradient is `k²` times too small (a quarter for 2×2 windows; a network's
+//! layers below two poolings learned at 1/16 of their rate). The test below checks the
+//! gradient against a direct loop.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use sparse_kernels::pool::max_pool2d;
+//! let x = Var::new(&[[[[1f32, 5.0], [3.0, 2.0]]]], &Device::Cpu)?; // [1, 1, 2, 2]
+//! let y = max_pool2d(x.as_tensor(), 2)?;
+//! assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![5.0]);
+//! let g = y.sum_all()?.backward()?;
+//! assert_eq!(g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?, vec![0.0, 1.0, 0.0, 0.0]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Max pooling of `x [batch, channels, h, w]` over `k × k` windows with stride `k` (no
+/// padding; trailing rows and columns that do not fill a window are dropped, as in candle),
+/// with autograd. f32 CPU tensors run this op; others use candle's `max_pool2d`.
+pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
+        return x.max_pool2d(k);
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if k == 0 || k > h || k > w {
+        candle_core::bail!("max_pool2d: a {k}×{k} window does not fit a {h}×{w} input");
+    }
+    x.contiguous()?.apply_op1(MaxPool {
+        k,
+        argmax: Arc::new(OnceLock::new()),
+    })
+}
+
+struct MaxPool {
+    k: usize,
+    /// For every output, the flat index of its maximum in the input; set by the forward.
+    argmax: Arc<OnceLock<Vec<u32>>>,
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("max_pool2d: the input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let &[b, c, h, w] = l.dims() else {
+            candle_core::bail!("max_pool2d: expected a rank-4 input");
+        };
+        if x.len() > u32::MAX as usize {
+            candle_core::bail!("max_pool2d: inputs above 2³² values are not supported");
+        }
+        let k = self.k;
+        let (oh, ow) = (h / k, w / k);
+        let mut y = vec![0f32; b * c * oh * ow];
+        let mut arg = vec![0u32; y.len()];
+        let job = |(p, (ys, args)): (usize, (&mut [f32], &mut [u32]))| {
+            let base = p * h * w;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut best = base + oy * k * w + ox * k;
+                    for dy in 0..k {
+                        let row = base + (oy * k + dy) * w + ox * k;
+                        for i in row..row + k {
+                            // `>` keeps the first maximum; a NaN wins so that it propagates.
+                            if x[i] > x[best] || (x[i].is_nan() && !x[best].is_nan()) {
+                                best = i;
+                            }
+                        }
+                    }
+                    ys[oy * ow + ox] = x[best];
+                    args[oy * ow + ox] = best as u32;
+                }
+            }
+        };
+        let plane = (oh * ow).max(1);
+        if crate::candle_threads() > 1 && x.len() >= crate::MIN_WORK_PER_THREAD {
+            y.par_chunks_mut(plane)
+                .zip(arg.par_chunks_mut(plane))
+                .enumerate()
+                .for_each(job);
+        } else {
+            y.chunks_mut(plane)
+                .zip(arg.chunks_mut(plane))
+                .enumerate()
+                .for_each(job);
+        }
+        if self.argmax.set(arg).is_err() {
+            candle_core::bail!("max_pool2d: the op ran twice");
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let argmax = self
+            .argmax
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("max_pool2d: backward before forward".into()))?;
+        let gx = grad
+            .contiguous()?
+            .apply_op2_no_bwd(x, &Scatter { argmax })?;
+        Ok(Some(gx))
+    }
+}
+
+/// `(∂y, x) → ∂x`: each output gradient added at its window's maximum (`x` gives the shape).
+struct Scatter<'a> {
+    argmax: &'a [u32],
+}
+
+impl CustomOp2 for Scatter<'_> {
+    fn name(&self) -> &'static str {
+        "max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        _xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gy = slice(gs, gl)?;
+        let mut gx = vec![0f32; xl.shape().elem_count()];
+        // Windows do not overlap (stride = window), so every input gets at most one term.
+        for (g, &i) in gy.iter().zip(self.argmax) {
+            gx[i as usize] += g;
+        }
+        Ok((CpuStorage::F32(gx), xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_matches_candle_and_the_gradient_goes_to_each_maximum_unscaled() -> Result<()> {
+        let dev = Device::Cpu;
+        for ((b, c, h, w), k) in [((2, 3, 6, 8), 2), ((1, 2, 7, 5), 2), ((3, 1, 9, 9), 3)] {
+            let n = b * c * h * w;
+            // A permutation of 0..n: no ties.
+            let vals: Vec<f32> = (0..n).map(|i| ((i * 7919) % n) as f32).collect();
+            let x = Var::from_vec(vals.clone(), (b, c, h, w), &dev)?;
+            let ours = max_pool2d(x.as_tensor(), k)?;
+            let theirs = x.as_tensor().max_pool2d(k)?;
+            assert_eq!(
+                ours.flatten_all()?.to_vec1::<f32>()?,
+                theirs.flatten_all()?.to_vec1::<f32>()?,
+                "{:?}",
+                (b, c, h, w)
+            );
+            // ∂(Σ y·u)/∂x = u at each window's maximum, 0 elsewhere (a direct loop).
+            let u: Vec<f32> = (0..ours.elem_count()).map(|i| i as f32 + 1.0).collect();
+            let mut want = vec![0f32; n];
+            let (oh, ow) = (h / k, w / k);
+            for p in 0..b * c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let at = |dy: usize, dx: usize| p * h * w + (oy * k + dy) * w + ox * k + dx;
+                        let best = (0..k * k)
+                            .map(|j| at(j / k, j % k))
+                            .max_by(|&i, &j| vals[i].total_cmp(&vals[j]))
+                            .unwrap();
+                        want[best] = u[(p * oh + oy) * ow + ox];
+                    }
+                }
+            }
+            let ut = Tensor::from_vec(u, ours.shape(), &dev)?;
+            let g = (ours * ut)?.sum_all()?.backward()?;
+            assert_eq!(g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?, want);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ties_go_to_the_first_maximum_and_bad_windows_are_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::new(&[[[[2f32, 2.0], [2.0, 1.0]]]], &dev)?;
+        let g = max_pool2d(x.as_tensor(), 2)?.sum_all()?.backward()?;
+        assert_eq!(
+            g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
+            vec![1.0, 0.0, 0.0, 0.0]
+        );
+        let e = max_pool2d(x.as_tensor(), 3).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        Ok(())
+    }
+}
