@@ -248,12 +248,11 @@ impl SparseLinear {
 
 impl Module for SparseLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.var.as_tensor();
-        let y = x.broadcast_matmul(&w.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor()),
-            None => Ok(y),
-        }
+        sparse_kernels::dense::linear(
+            x,
+            self.weight.var.as_tensor(),
+            self.bias.as_ref().map(Var::as_tensor),
+        )
     }
 }
 

@@ -178,10 +178,9 @@ impl Module for NmLayer {
                 let spec = dst_core::layers::conv_spec(c);
                 sparse_kernels::conv::conv2d(x, &w_eff, b.as_ref().map(|b| b.as_tensor()), spec)
             }
-            (None, Some(b)) => x
-                .broadcast_matmul(&w_eff.t()?)?
-                .broadcast_add(b.as_tensor()),
-            (None, None) => x.broadcast_matmul(&w_eff.t()?),
+            (None, b) => {
+                sparse_kernels::dense::linear(x, &w_eff, b.as_ref().map(|b| b.as_tensor()))
+            }
         }
     }
 }

@@ -203,13 +203,7 @@ impl Module for EngineLayer {
                 &s.structure,
                 bias,
             ),
-            (None, _) => {
-                let y = x.broadcast_matmul(&self.param.var().as_tensor().t()?)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+            (None, _) => sparse_kernels::dense::linear(x, self.param.var().as_tensor(), bias),
         }
     }
 }

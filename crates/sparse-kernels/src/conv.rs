@@ -37,6 +37,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::dense::gemm;
 use crate::Exec;
 
 /// Each GEMM of a chunk covers at least this many output positions (`samples · L`), so the
@@ -286,67 +287,6 @@ impl Geometry {
                 }
             }
         }
-    }
-}
-
-/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`, each operand given by (column stride, row
-/// stride), on one thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_cs, lhs_rs): (usize, usize),
-    rhs: &[f32],
-    (rhs_cs, rhs_rs): (usize, usize),
-    threads: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |cs: usize, rs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(last(1, dst_rs, m, n) < dst.len(), "gemm: dst too short");
-    if k > 0 {
-        assert!(
-            last(lhs_cs, lhs_rs, m, k) < lhs.len(),
-            "gemm: lhs too short"
-        );
-        assert!(
-            last(rhs_cs, rhs_rs, k, n) < rhs.len(),
-            "gemm: rhs too short"
-        );
-    }
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every element the strides address inside its slice;
-    // `dst` is borrowed mutably and does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
     }
 }
 

@@ -35,6 +35,7 @@
 pub mod conv;
 pub mod cpu;
 pub mod cuda;
+pub mod dense;
 mod gather;
 mod isa;
 pub mod norm;

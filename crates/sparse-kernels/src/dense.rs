@@ -1,0 +1,472 @@
+//! The dense linear layer `y = x · Wᵀ + b` as one op with its own backward: [`linear`].
+//!
+//! With candle's generic ops (`x.matmul(&w.t())` plus a broadcast bias) the weight gradient is
+//! computed as `xᵀ · ∂y` — `[in, out]`, then transposed back through the `t()` — and added
+//! into the gradient store with a stride: on a 3072×3072 layer that strided add over 37.7 MB
+//! was most of a dense step's time outside the GEMMs (docs/benchmarks.md). Here the backward
+//! computes `∂W = ∂yᵀ · x` directly in `W`'s `[out, in]` layout, `∂x = ∂y · W` only when `x`
+//! needs a gradient, and `∂b` as column sums in one fixed order. All products run on the
+//! `gemm` crate candle itself uses, which splits work over the output only, so results do not
+//! depend on the thread count.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use sparse_kernels::dense::linear;
+//! let w = Var::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &Device::Cpu)?; // [out 3, in 2]
+//! let b = Var::new(&[0f32, 1.0, 2.0], &Device::Cpu)?;
+//! let x = Tensor::new(&[[1f32, 1.0]], &Device::Cpu)?;
+//! let y = linear(&x, w.as_tensor(), Some(b.as_tensor()))?;
+//! assert_eq!(y.to_vec2::<f32>()?, vec![vec![3.0, 8.0, 13.0]]);
+//! let g = y.sum_all()?.backward()?;
+//! assert_eq!(g.get(&w).unwrap().to_vec2::<f32>()?, vec![vec![1.0, 1.0]; 3]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::Exec;
+
+/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`; `dst` row-major with row stride `dst_rs`, each
+/// input given by its (column stride, row stride); `threads > 1` lets the `gemm` crate split
+/// the output over that many rayon threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[f32],
+    (rhs_cs, rhs_rs): (usize, usize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |cs: usize, rs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(1, dst_rs, m, n) < dst.len(), "gemm: dst too short");
+    if k > 0 {
+        assert!(
+            last(lhs_cs, lhs_rs, m, k) < lhs.len(),
+            "gemm: lhs too short"
+        );
+        assert!(
+            last(rhs_cs, rhs_rs, k, n) < rhs.len(),
+            "gemm: rhs too short"
+        );
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every element the strides address inside its slice;
+    // `dst` is borrowed mutably and does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `y = x · Wᵀ + bias` for `x [..., in]`, `w [out, in]`, `bias [out]`, with autograd for all
+/// three. f32 CPU tensors run the op of this module; others fall back to candle's
+/// `broadcast_matmul` and `broadcast_add`.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, bias, Exec::default())
+}
+
+/// [`linear`] with an explicit thread count.
+pub fn linear_with(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, exec: Exec) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let fast = f32_cpu(x)
+        && f32_cpu(w)
+        && w.rank() == 2
+        && x.rank() >= 1
+        && bias.is_none_or(|b| f32_cpu(b) && b.rank() == 1);
+    if !fast {
+        let y = x.broadcast_matmul(&w.t()?)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let (out, fan_in) = w.dims2()?;
+    let dims = x.dims();
+    let (&xin, lead) = dims.split_last().expect("rank ≥ 1");
+    if xin != fan_in {
+        candle_core::bail!(
+            "linear: x has {xin} features, the weight [{out}, {fan_in}] expects {fan_in}"
+        );
+    }
+    if let Some(b) = bias {
+        if b.elem_count() != out {
+            candle_core::bail!(
+                "linear: the bias has {} values, expected {out}",
+                b.elem_count()
+            );
+        }
+    }
+    let batch: usize = lead.iter().product();
+    let x2 = x.reshape((batch, fan_in))?.contiguous()?;
+    let w = w.contiguous()?;
+    let op = Linear { exec };
+    let y = match bias {
+        None => x2.apply_op2(&w, op)?,
+        Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBias(op))?,
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out);
+    y.reshape(out_dims)
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("linear: `{what}` must be contiguous"),
+    }
+}
+
+/// GEMM threads for `work` multiply-adds.
+fn threads(exec: Exec, work: usize) -> usize {
+    exec.threads_for(work)
+}
+
+/// `(x [batch, in], w [out, in]) → y [batch, out]`.
+struct Linear {
+    exec: Exec,
+}
+
+impl Linear {
+    fn forward(&self, x: &[f32], w: &[f32], batch: usize, out: usize, fan_in: usize) -> Vec<f32> {
+        let mut y = vec![0f32; batch * out];
+        let t = threads(self.exec, batch * out * fan_in);
+        gemm(
+            (batch, out, fan_in),
+            &mut y,
+            out,
+            false,
+            x,
+            (1, fan_in),
+            w,
+            (fan_in, 1),
+            t,
+        );
+        y
+    }
+
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &InputGrad { exec: self.exec })?)
+        } else {
+            None
+        };
+        let gw = grad.apply_op2_no_bwd(x, &WeightGrad { exec: self.exec })?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "dense-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, fan_in) = xl.shape().dims2()?;
+        let (out, _) = wl.shape().dims2()?;
+        let y = self.forward(slice(xs, xl, "x")?, slice(ws, wl, "w")?, batch, out, fan_in);
+        Ok((CpuStorage::F32(y), Shape::from((batch, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.grads(x, w, grad)?;
+        Ok((gx, Some(gw)))
+    }
+}
+
+/// [`Linear`] plus the bias, whose gradient is the column sums of `∂y`.
+struct LinearBias(Linear);
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "dense-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, fan_in) = xl.shape().dims2()?;
+        let (out, _) = wl.shape().dims2()?;
+        let b = slice(bs, bl, "bias")?;
+        let mut y = vec![0f32; batch * out];
+        for row in y.chunks_mut(out.max(1)) {
+            row.copy_from_slice(b);
+        }
+        let t = threads(self.0.exec, batch * out * fan_in);
+        let (x, w) = (slice(xs, xl, "x")?, slice(ws, wl, "w")?);
+        gemm(
+            (batch, out, fan_in),
+            &mut y,
+            out,
+            true,
+            x,
+            (1, fan_in),
+            w,
+            (fan_in, 1),
+            t,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((batch, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.0.grads(x, w, grad)?;
+        let gb = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((gx, Some(gw), Some(gb)))
+    }
+}
+
+/// `(∂y [batch, out], w [out, in]) → ∂x = ∂y · W [batch, in]`.
+struct InputGrad {
+    exec: Exec,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "dense-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, out) = gl.shape().dims2()?;
+        let (_, fan_in) = wl.shape().dims2()?;
+        let mut gx = vec![0f32; batch * fan_in];
+        let t = threads(self.exec, batch * out * fan_in);
+        let (gy, w) = (slice(gs, gl, "grad")?, slice(ws, wl, "w")?);
+        gemm(
+            (batch, fan_in, out),
+            &mut gx,
+            fan_in,
+            false,
+            gy,
+            (1, out),
+            w,
+            (1, fan_in),
+            t,
+        );
+        Ok((CpuStorage::F32(gx), Shape::from((batch, fan_in))))
+    }
+}
+
+/// `(∂y [batch, out], x [batch, in]) → ∂W = ∂yᵀ · x [out, in]`.
+struct WeightGrad {
+    exec: Exec,
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "dense-linear-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, out) = gl.shape().dims2()?;
+        let (_, fan_in) = xl.shape().dims2()?;
+        let mut gw = vec![0f32; out * fan_in];
+        let t = threads(self.exec, batch * out * fan_in);
+        let (gy, x) = (slice(gs, gl, "grad")?, slice(xs, xl, "x")?);
+        gemm(
+            (out, fan_in, batch),
+            &mut gw,
+            fan_in,
+            false,
+            gy,
+            (out, 1),
+            x,
+            (1, fan_in),
+            t,
+        );
+        Ok((CpuStorage::F32(gw), Shape::from((out, fan_in))))
+    }
+}
+
+/// `∂y [batch, out] → Σ over the batch [out]`, rows in order.
+struct ColumnSum;
+
+impl candle_core::CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "dense-linear-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, out) = l.shape().dims2()?;
+        let gy = slice(s, l, "grad")?;
+        let mut gb = vec![0f32; out];
+        for row in gy.chunks(out.max(1)) {
+            for (a, b) in gb.iter_mut().zip(row) {
+                *a += b;
+            }
+        }
+        Ok((CpuStorage::F32(gb), Shape::from(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                (*seed % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, what: &str) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs {q}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_and_gradients_match_candles_matmul_on_random_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut seed = 5u64;
+        for (lead, fan_in, out) in [
+            (vec![7], 5, 3),
+            (vec![2, 3], 17, 9),
+            (vec![1], 64, 1),
+            (vec![33], 1, 40),
+        ] {
+            let mut xd = lead.clone();
+            xd.push(fan_in);
+            let n: usize = xd.iter().product();
+            let x = Var::from_vec(random(n, &mut seed), xd.as_slice(), &dev)?;
+            let w = Var::from_vec(random(out * fan_in, &mut seed), (out, fan_in), &dev)?;
+            let b = Var::from_vec(random(out, &mut seed), out, &dev)?;
+            for with_bias in [false, true] {
+                let bias = with_bias.then(|| b.as_tensor());
+                let ours = linear(x.as_tensor(), w.as_tensor(), bias)?;
+                let mut theirs = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
+                if with_bias {
+                    theirs = theirs.broadcast_add(b.as_tensor())?;
+                }
+                let what = format!("{xd:?}→{out} bias {with_bias}");
+                close(&ours, &theirs, &format!("y {what}"));
+                let u = Tensor::from_vec(random(ours.elem_count(), &mut seed), ours.shape(), &dev)?;
+                let go = (ours * &u)?.sum_all()?.backward()?;
+                let gt = (theirs * &u)?.sum_all()?.backward()?;
+                close(
+                    go.get(&x).unwrap(),
+                    gt.get(&x).unwrap(),
+                    &format!("∂x {what}"),
+                );
+                close(
+                    go.get(&w).unwrap(),
+                    gt.get(&w).unwrap(),
+                    &format!("∂w {what}"),
+                );
+                assert_eq!(go.get(&b).is_some(), with_bias);
+                if with_bias {
+                    close(
+                        go.get(&b).unwrap(),
+                        gt.get(&b).unwrap(),
+                        &format!("∂b {what}"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bit_identical_for_any_thread_count_and_no_input_gradient_for_data() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut seed = 9u64;
+        let x = Tensor::from_vec(random(128 * 300, &mut seed), (128, 300), &dev)?;
+        let w = Var::from_vec(random(200 * 300, &mut seed), (200, 300), &dev)?;
+        let run = |t: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            let e = Exec::default().with_threads(t);
+            let y = linear_with(&x, w.as_tensor(), None, e)?;
+            let g = y.sqr()?.sum_all()?.backward()?;
+            assert!(g.get(&x).is_none(), "data needs no gradient");
+            Ok((
+                y.flatten_all()?.to_vec1()?,
+                g.get(&w).unwrap().flatten_all()?.to_vec1()?,
+            ))
+        };
+        let one = run(1)?;
+        for t in [2, 3] {
+            assert!(run(t)? == one, "{t} threads differ from 1");
+        }
+        Ok(())
+    }
+}
