@@ -200,13 +200,18 @@ impl CustomOp2 for Forward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(
-            values,
-            &InputGrad {
-                structure: self.structure.clone(),
-                exec: self.exec,
-            },
-        )?;
+        // No input gradient for data (a first layer): nothing would read it.
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                values,
+                &InputGrad {
+                    structure: self.structure.clone(),
+                    exec: self.exec,
+                },
+            )?)
+        } else {
+            None
+        };
         let gv = x
             .apply_op2_no_bwd(
                 &grad,
@@ -216,7 +221,7 @@ impl CustomOp2 for Forward {
                 },
             )?
             .reshape(values.shape())?;
-        Ok((Some(gx), Some(gv)))
+        Ok((gx, Some(gv)))
     }
 }
 

@@ -183,6 +183,33 @@ fn dense_grad_variant_adds_the_dense_weight_gradient() {
     assert!(err.contains("expected [3, 5]"), "{err}");
 }
 
+/// Data (a first layer's input) gets no input gradient computed; a tracked input does.
+#[test]
+fn no_input_gradient_for_data() {
+    let dev = Device::Cpu;
+    let mut rng = Rng(5);
+    let (c, _) = common::condensed(&mut rng, 4, 6, 3, 0, false);
+    let s: SparseStructure = c.into();
+    let values = Var::new(s.weight().values(), &dev).unwrap();
+    let data = Tensor::from_vec(rng.vec(2 * 6), (2, 6), &dev).unwrap();
+    let g = sparse_linear(&data, values.as_tensor(), &s, None)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&data).is_none());
+    assert!(g.get(&values).is_some());
+    let x = Var::from_tensor(&data).unwrap();
+    let g = sparse_linear(x.as_tensor(), values.as_tensor(), &s, None)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&x).is_some());
+}
+
 #[test]
 fn shape_errors_are_reported() {
     let mut rng = Rng(3);
