@@ -649,7 +649,32 @@ pub fn render_markdown(doc: &Value) -> String {
         }
         s.push('\n');
     }
-    let mut threads: Vec<u64> = recs.iter().filter_map(|r| r["threads"].as_u64()).collect();
+    let layers: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "conv").collect();
+    if !layers.is_empty() {
+        s.push_str(
+            "### Conv layers: `sparse_kernels::conv::conv2d` vs candle's `conv2d` (+ bias), batch 32\n\n\
+             | threads | pass | shape | ours ms | candle ms | ×candle | GFLOP/s |\n|---|---|---|---|---|---|---|\n",
+        );
+        for r in layers {
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
+                r["threads"],
+                r["op"].as_str().unwrap_or("?"),
+                r["shape"].as_str().unwrap_or("?"),
+                f("median_ns") / 1e6,
+                f("candle_median_ns") / 1e6,
+                f("speedup_vs_candle"),
+                f("gflop_per_s"),
+            ));
+        }
+        s.push('\n');
+    }
+    let mut threads: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["suite"] == "kernels")
+        .filter_map(|r| r["threads"].as_u64())
+        .collect();
     threads.sort_unstable();
     threads.dedup();
     for t in threads {
@@ -765,6 +790,9 @@ mod tests {
             "machine": {"cpu": "Test CPU", "logical_cpus": 2, "os": "linux", "date_utc": "d", "git_commit": "abc", "quick": true},
             "records": [rec("condensed", 0.9, 1, 20_000.0, 140_000.0), rec("csr", 0.9, 1, 40_000.0, 140_000.0),
                         rec("condensed", 0.9, 256, 4e6, 12e6),
+                        json!({"suite": "conv", "op": "forward", "shape": "64→64 32×32 3×3 s1",
+                               "batch": 32, "threads": 1, "median_ns": 2e6, "candle_median_ns": 6e6,
+                               "speedup_vs_candle": 3.0, "gflop_per_s": 80.0}),
                         json!({"suite": "train-conv", "model": "lenet5", "threads": 2,
                                "dense_s_per_step": 0.02, "dense_mask_s_per_step": 0.04}),
                         json!({"suite": "ceiling", "threads": 1, "random_reads_per_ns": 3.0,
@@ -789,6 +817,10 @@ mod tests {
         );
         assert!(md.contains("CSR/condensed time 2.00 | no |"), "{md}");
         assert!(md.contains("| lenet5 | 50.000 | 25.000 |"), "{md}");
+        assert!(
+            md.contains("| 1 | forward | 64→64 32×32 3×3 s1 | 2.00 | 6.00 | 3.00 | 80.0 |"),
+            "{md}"
+        );
         assert!(
             md.contains("| condensed | 90% | 3072→768 | 1 | 20.0 | 140.0 | 7.00 | 1.0 |"),
             "{md}"
