@@ -390,6 +390,32 @@ mod fused {
         }
     }
 
+    /// Elements per parallel task of a pass (the passes are element-wise, so the result does
+    /// not depend on the split).
+    const PAR_CHUNK: usize = 1 << 16;
+
+    /// Runs `f(offset, chunk)` over `out` in chunks of [`PAR_CHUNK`], on the current rayon
+    /// pool when there is more than one chunk and more than one thread.
+    fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+        use rayon::prelude::*;
+        if out.len() > PAR_CHUNK && rayon::current_num_threads() > 1 {
+            out.par_chunks_mut(PAR_CHUNK)
+                .enumerate()
+                .for_each(|(i, c)| f(i * PAR_CHUNK, c));
+        } else {
+            f(0, out);
+        }
+    }
+
+    /// `s[off..]`, or `s` itself when it is the empty placeholder of an absent operand.
+    fn tail(s: &[f32], off: usize) -> &[f32] {
+        if s.is_empty() {
+            s
+        } else {
+            &s[off..]
+        }
+    }
+
     struct MomentumPass<'a> {
         g: &'a [f32],
         m: Option<&'a [f32]>,
@@ -404,12 +430,16 @@ mod fused {
         fn cpu_fwd(&self, st: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
             let b = slice_mut(st, l)?;
             let (g, w, c) = (self.g, self.w, &self.c);
-            match (self.m, c.weight_decay != 0.0) {
-                (Some(m), true) => momentum_loop::<true, true>(b, g, m, w, c),
-                (Some(m), false) => momentum_loop::<true, false>(b, g, m, w, c),
-                (None, true) => momentum_loop::<false, true>(b, g, &[], w, c),
-                (None, false) => momentum_loop::<false, false>(b, g, &[], w, c),
-            }
+            let m = self.m.unwrap_or(&[]);
+            for_chunks(b, |o, b| {
+                let (g, m, w) = (&g[o..], tail(m, o), &w[o..]);
+                match (self.m.is_some(), c.weight_decay != 0.0) {
+                    (true, true) => momentum_loop::<true, true>(b, g, m, w, c),
+                    (true, false) => momentum_loop::<true, false>(b, g, m, w, c),
+                    (false, true) => momentum_loop::<false, true>(b, g, m, w, c),
+                    (false, false) => momentum_loop::<false, false>(b, g, m, w, c),
+                }
+            });
             Ok(())
         }
     }
@@ -429,23 +459,25 @@ mod fused {
         fn cpu_fwd(&self, st: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
             let w = slice_mut(st, l)?;
             let (g, c) = (self.g, &self.c);
-            let m = self.m.unwrap_or(&[]);
-            let b = self.b.unwrap_or(&[]);
-            macro_rules! go {
-                ($mask:literal, $wd:literal) => {
-                    match (self.b.is_some(), c.nesterov) {
-                        (true, true) => weight_loop::<$mask, $wd, true, true>(w, g, m, b, c),
-                        (true, false) => weight_loop::<$mask, $wd, true, false>(w, g, m, b, c),
-                        (false, _) => weight_loop::<$mask, $wd, false, false>(w, g, m, b, c),
-                    }
-                };
-            }
-            match (self.m.is_some(), c.weight_decay != 0.0) {
-                (true, true) => go!(true, true),
-                (true, false) => go!(true, false),
-                (false, true) => go!(false, true),
-                (false, false) => go!(false, false),
-            }
+            let (m, b) = (self.m.unwrap_or(&[]), self.b.unwrap_or(&[]));
+            for_chunks(w, |o, w| {
+                let (g, m, b) = (&g[o..], tail(m, o), tail(b, o));
+                macro_rules! go {
+                    ($mask:literal, $wd:literal) => {
+                        match (self.b.is_some(), c.nesterov) {
+                            (true, true) => weight_loop::<$mask, $wd, true, true>(w, g, m, b, c),
+                            (true, false) => weight_loop::<$mask, $wd, true, false>(w, g, m, b, c),
+                            (false, _) => weight_loop::<$mask, $wd, false, false>(w, g, m, b, c),
+                        }
+                    };
+                }
+                match (self.m.is_some(), c.weight_decay != 0.0) {
+                    (true, true) => go!(true, true),
+                    (true, false) => go!(true, false),
+                    (false, true) => go!(false, true),
+                    (false, false) => go!(false, false),
+                }
+            });
             Ok(())
         }
     }
@@ -820,7 +852,7 @@ mod tests {
     #[test]
     fn fused_step_equals_the_tensor_path() {
         let dev = Device::Cpu;
-        let (rows, cols) = (7, 13);
+        // 7×13 runs in one piece; 300×500 (150 k values) in three parallel chunks.
         let mut seed = 0x1234_5678u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -829,52 +861,55 @@ mod tests {
             (seed % 20_000) as f32 / 10_000.0 - 1.0
         };
         let mut rand = |n: usize| (0..n).map(|_| next()).collect::<Vec<f32>>();
-        for momentum in [0.0, 0.9] {
-            for nesterov in [false, true] {
-                for weight_decay in [0.0, 1e-4, 0.3] {
-                    for masked in [false, true] {
-                        let c = SgdConfig {
-                            lr: 0.07,
-                            momentum,
-                            nesterov,
-                            weight_decay,
-                        };
-                        let w0 = rand(rows * cols);
-                        let m: Vec<f32> = rand(rows * cols)
-                            .iter()
-                            .map(|v| f32::from(u8::from(*v > 0.0)))
-                            .collect();
-                        let make = || {
-                            let w: Vec<f32> = if masked {
-                                w0.iter().zip(&m).map(|(a, b)| a * b).collect()
-                            } else {
-                                w0.clone()
+        for (rows, cols) in [(7, 13), (300, 500)] {
+            for momentum in [0.0, 0.9] {
+                for nesterov in [false, true] {
+                    for weight_decay in [0.0, 1e-4, 0.3] {
+                        for masked in [false, true] {
+                            let c = SgdConfig {
+                                lr: 0.07,
+                                momentum,
+                                nesterov,
+                                weight_decay,
                             };
-                            let var = Var::from_vec(w, (rows, cols), &dev).unwrap();
-                            let mut s = slots(vec![var], usize::from(momentum != 0.0)).unwrap();
-                            if masked {
-                                s[0].mask =
-                                    Some(Tensor::from_vec(m.clone(), (rows, cols), &dev).unwrap());
-                            }
-                            s.remove(0)
-                        };
-                        let (mut fused_slot, mut tensor_slot) = (make(), make());
-                        for _ in 0..4 {
-                            let g =
-                                Tensor::from_vec(rand(rows * cols), (rows, cols), &dev).unwrap();
-                            assert!(fused::sgd_step(&mut fused_slot, &g, c).unwrap());
-                            tensor_sgd_step(&mut tensor_slot, &g, c).unwrap();
-                            let flat =
-                                |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                            let bits =
-                                |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                            assert_eq!(
-                                bits(flat(fused_slot.var.as_tensor())),
-                                bits(flat(tensor_slot.var.as_tensor())),
-                                "weights, {c:?} masked={masked}"
-                            );
-                            for (a, b) in fused_slot.state.iter().zip(&tensor_slot.state) {
-                                assert_eq!(bits(flat(a)), bits(flat(b)), "momentum, {c:?}");
+                            let w0 = rand(rows * cols);
+                            let m: Vec<f32> = rand(rows * cols)
+                                .iter()
+                                .map(|v| f32::from(u8::from(*v > 0.0)))
+                                .collect();
+                            let make = || {
+                                let w: Vec<f32> = if masked {
+                                    w0.iter().zip(&m).map(|(a, b)| a * b).collect()
+                                } else {
+                                    w0.clone()
+                                };
+                                let var = Var::from_vec(w, (rows, cols), &dev).unwrap();
+                                let mut s = slots(vec![var], usize::from(momentum != 0.0)).unwrap();
+                                if masked {
+                                    s[0].mask = Some(
+                                        Tensor::from_vec(m.clone(), (rows, cols), &dev).unwrap(),
+                                    );
+                                }
+                                s.remove(0)
+                            };
+                            let (mut fused_slot, mut tensor_slot) = (make(), make());
+                            for _ in 0..4 {
+                                let g = Tensor::from_vec(rand(rows * cols), (rows, cols), &dev)
+                                    .unwrap();
+                                assert!(fused::sgd_step(&mut fused_slot, &g, c).unwrap());
+                                tensor_sgd_step(&mut tensor_slot, &g, c).unwrap();
+                                let flat =
+                                    |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                                let bits =
+                                    |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(
+                                    bits(flat(fused_slot.var.as_tensor())),
+                                    bits(flat(tensor_slot.var.as_tensor())),
+                                    "weights, {c:?} masked={masked}"
+                                );
+                                for (a, b) in fused_slot.state.iter().zip(&tensor_slot.state) {
+                                    assert_eq!(bits(flat(a)), bits(flat(b)), "momentum, {c:?}");
+                                }
                             }
                         }
                     }

@@ -331,11 +331,7 @@ fn split_chunks<'b>(g: &Geometry, mut buf: &'b mut [f32], per_sample: usize) -> 
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("conv2d: `{what}` must be contiguous"),
-    }
+    crate::contiguous_f32(s, l, "conv2d", what)
 }
 
 fn forward(g: &Geometry, x: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {

@@ -140,11 +140,7 @@ pub fn linear_with(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, exec: Exec) ->
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("linear: `{what}` must be contiguous"),
-    }
+    crate::contiguous_f32(s, l, "linear", what)
 }
 
 /// GEMM threads for `work` multiply-adds.

@@ -230,6 +230,21 @@ impl Exec {
 /// 3072→768 forward at batch 1, ~24k products, took twice as long on 2 threads as on 1).
 pub const MIN_WORK_PER_THREAD: usize = 1 << 16;
 
+/// The `f32` data of a contiguous CPU tensor's storage, for the custom ops; `op` and `what`
+/// name the op and the argument in the error otherwise.
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("{op}: `{what}` must be contiguous"),
+    }
+}
+
 /// candle's CPU thread count (`candle_core::utils::get_num_threads`), read once: candle
 /// recomputes it from the environment and `/sys` on every call.
 pub fn candle_threads() -> usize {

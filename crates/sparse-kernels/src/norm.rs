@@ -91,11 +91,7 @@ pub fn batch_norm_train(
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("batch_norm: `{what}` must be contiguous"),
-    }
+    crate::contiguous_f32(s, l, "batch_norm", what)
 }
 
 /// Per-channel sums over `[batch, channels, plane]` data: `f(channel, value index in plane

@@ -158,11 +158,7 @@ fn linear_shape(
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("sparse_linear: `{what}` must be contiguous"),
-    }
+    crate::contiguous_f32(s, l, "sparse_linear", what)
 }
 
 /// The forward op: `(x [batch, fan_in], values) → y [batch, rows]`.

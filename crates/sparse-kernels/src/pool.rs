@@ -53,11 +53,7 @@ struct MaxPool {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("max_pool2d: the input must be contiguous"),
-    }
+    crate::contiguous_f32(s, l, "max_pool2d", "input")
 }
 
 impl CustomOp1 for MaxPool {
