@@ -2,7 +2,7 @@
 //! shapes, interleaved in the same run. Normally run through `cargo xtask bench`, which runs it
 //! once with one thread and once with all threads and writes the tables.
 //!
-//! `cargo bench -p sparse-kernels --bench kernels -- [--quick] [--json FILE] [--op OP]`
+//! `cargo bench -p sparse-kernels --bench kernels -- [--quick] [--json FILE] [--op OP] [--isa ISA]`
 //! (thread count: `RAYON_NUM_THREADS`, as for candle).
 
 /// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`): outputs and tiles are
@@ -308,8 +308,25 @@ fn main() {
         .position(|a| a == "--op")
         .and_then(|i| args.get(i + 1).cloned());
     let threads = candle_threads();
-    let isa = Isa::detect();
-    let exec = Exec::default();
+    // `--isa scalar|avx2|avx512`: run that variant (the best the CPU has by default).
+    let isa = match args
+        .iter()
+        .position(|a| a == "--isa")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        None => Isa::detect(),
+        Some(name) => Isa::available()
+            .into_iter()
+            .find(|i| i.name() == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "--isa {name}: not one this CPU runs ({:?})",
+                    Isa::available()
+                )
+            }),
+    };
+    let exec = Exec::default().with_isa(isa);
     let dev = Device::Cpu;
 
     let shapes: &[(usize, usize)] = if quick {

@@ -512,6 +512,27 @@ impl RowsVisitor for ValueGrad<'_> {
                     });
                     return;
                 }
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx2 {
+                    run_parallel(jobs, threads, |(g, out)| {
+                        // SAFETY: `Isa::Avx2` reaches a kernel only when the CPU supports it
+                        // (`Exec`); the tiles have the layout the kernel documents.
+                        unsafe {
+                            crate::vgrad256::vgrad_tiled_avx2::<R, $tb>(
+                                r,
+                                &xt,
+                                &gyt,
+                                tiles,
+                                fan_in,
+                                rows,
+                                g.start,
+                                g.len(),
+                                out,
+                            )
+                        }
+                    });
+                    return;
+                }
                 run_parallel(jobs, threads, |(g, out)| {
                     vgrad_tiled::<R, $tb>(
                         isa,

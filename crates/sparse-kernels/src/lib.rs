@@ -45,6 +45,7 @@ pub mod pool;
 pub mod reference;
 mod rows;
 mod simd;
+mod vgrad256;
 mod vgrad512;
 
 pub use cpu::{forward, forward_into, input_grad, value_grad};
