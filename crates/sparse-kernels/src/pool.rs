@@ -56,6 +56,56 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     crate::contiguous_f32(s, l, "max_pool2d", "input")
 }
 
+/// `better(a, b)`: whether `a` replaces the current maximum `b` — larger, or a NaN over a
+/// number (so that a NaN propagates); equal values keep the earlier position.
+#[inline(always)]
+fn better(a: f32, b: f32) -> bool {
+    a > b || (a.is_nan() && !b.is_nan())
+}
+
+/// 2×2 windows of one `[h, w]` plane (`plane`, whose first value has flat index `base`): the
+/// common case, two input rows at a time and no inner window loops.
+fn pool2(
+    plane: &[f32],
+    w: usize,
+    base: usize,
+    oh: usize,
+    ow: usize,
+    ys: &mut [f32],
+    args: &mut [u32],
+) {
+    for oy in 0..oh {
+        let r0 = &plane[2 * oy * w..2 * oy * w + 2 * ow];
+        let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
+        let (yrow, arow) = (
+            &mut ys[oy * ow..(oy + 1) * ow],
+            &mut args[oy * ow..(oy + 1) * ow],
+        );
+        let row0 = (base + 2 * oy * w) as u32;
+        for ox in 0..ow {
+            // Row-major order inside the window: (0,0), (0,1), (1,0), (1,1); selects, not
+            // branches (the comparisons are unpredictable on real activations).
+            let (a, b) = (r0[2 * ox], r0[2 * ox + 1]);
+            let (c, d) = (r1[2 * ox], r1[2 * ox + 1]);
+            let first = row0 + 2 * ox as u32;
+            let tb = better(b, a);
+            let (v, i) = (if tb { b } else { a }, if tb { first + 1 } else { first });
+            let tc = better(c, v);
+            let (v, i) = (
+                if tc { c } else { v },
+                if tc { first + w as u32 } else { i },
+            );
+            let td = better(d, v);
+            let (v, i) = (
+                if td { d } else { v },
+                if td { first + w as u32 + 1 } else { i },
+            );
+            yrow[ox] = v;
+            arow[ox] = i;
+        }
+    }
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "max-pool2d"
@@ -75,14 +125,16 @@ impl CustomOp1 for MaxPool {
         let mut arg = vec![0u32; y.len()];
         let job = |(p, (ys, args)): (usize, (&mut [f32], &mut [u32]))| {
             let base = p * h * w;
+            if k == 2 {
+                return pool2(&x[base..base + h * w], w, base, oh, ow, ys, args);
+            }
             for oy in 0..oh {
                 for ox in 0..ow {
                     let mut best = base + oy * k * w + ox * k;
                     for dy in 0..k {
                         let row = base + (oy * k + dy) * w + ox * k;
                         for i in row..row + k {
-                            // `>` keeps the first maximum; a NaN wins so that it propagates.
-                            if x[i] > x[best] || (x[i].is_nan() && !x[best].is_nan()) {
+                            if better(x[i], x[best]) {
                                 best = i;
                             }
                         }
@@ -94,9 +146,11 @@ impl CustomOp1 for MaxPool {
         };
         let plane = (oh * ow).max(1);
         if crate::candle_threads() > 1 && x.len() >= crate::MIN_WORK_PER_THREAD {
+            // Several planes per task: one LeNet-5 plane is ~200 outputs.
             y.par_chunks_mut(plane)
                 .zip(arg.par_chunks_mut(plane))
                 .enumerate()
+                .with_min_len((1 << 14) / plane + 1)
                 .for_each(job);
         } else {
             y.chunks_mut(plane)
@@ -202,6 +256,13 @@ mod tests {
             g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
             vec![1.0, 0.0, 0.0, 0.0]
         );
+        // A NaN in a window propagates (as in PyTorch), on the 2×2 path and the general one.
+        for k in [2, 3] {
+            let mut v = vec![1f32; 9];
+            v[4] = f32::NAN;
+            let y = max_pool2d(&Tensor::from_vec(v, (1, 1, 3, 3), &dev)?, k)?;
+            assert!(y.flatten_all()?.to_vec1::<f32>()?[0].is_nan(), "k = {k}");
+        }
         let e = max_pool2d(x.as_tensor(), 3).unwrap_err();
         assert!(e.to_string().contains("does not fit"), "{e}");
         Ok(())
