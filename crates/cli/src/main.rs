@@ -14,7 +14,8 @@ use std::process::ExitCode;
 /// hands every block above its mmap threshold (at most 32 MB; a 3072×3072 weight is 37.7 MB)
 /// to mmap, so each such tensor is page-faulted and zeroed anew and unmapped when dropped: about
 /// 30% of a dense training step on the wide MLP (perf, docs/benchmarks.md). mimalloc keeps
-/// freed memory for reuse: the dense step there went from 0.84 s to 0.37 s.
+/// freed memory for reuse: the dense step there went from 0.84 s to 0.37 s; and
+/// `models::alloc::keep_freed_memory` stops it handing that memory back to the OS between steps.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -69,9 +70,55 @@ enum Command {
     Report(report::ReportArgs),
 }
 
+/// Parses the command line. Help and version go to stdout (exit 0); a parse error is one line
+/// on stderr with exit code 2 (clap's own message runs to three lines with a usage block).
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, ExitCode> {
+    use clap::{error::ErrorKind, CommandFactory, FromArgMatches};
+    let cmd = Cli::command()
+        .mut_subcommands(|c| c.allow_negative_numbers(true))
+        .color(clap::ColorChoice::Never);
+    let parsed = cmd
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => Ok(cli),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            print!("{e}");
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{e}");
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e.to_string()));
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// clap's message without its usage block and `--help` hint, on one line.
+fn one_line(msg: &str) -> String {
+    let first: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = first.join(" ");
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
+    }
+}
+
 fn main() -> ExitCode {
     models::alloc::keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let result = match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => export::eval(a),

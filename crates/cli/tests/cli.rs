@@ -405,6 +405,18 @@ fn bad_input_is_one_line_and_exit_code_2() {
         &dst(&["train", "--method", "magic", "--out", o]),
         &["--method", "magic"],
     );
+    // A negative number is a value, not a flag, and reaches validation.
+    fails(
+        &dst(&["train", "--sparsity", "-0.1", "--out", o]),
+        &["--sparsity", "-0.1", "[0, 1)"],
+    );
+    // clap's own errors are one line too (no usage block, no help hint).
+    fails(
+        &dst(&["train", "--epochs", "ten", "--out", o]),
+        &["--epochs", "ten"],
+    );
+    fails(&dst(&["train", "--no-such-flag"]), &["--no-such-flag"]);
+    fails(&dst(&["frobnicate"]), &["frobnicate"]);
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "epochs = \"ten\"\n").unwrap();
     fails(
