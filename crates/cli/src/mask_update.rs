@@ -138,9 +138,28 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
             );
         }
         let mask_v = flat(mask_t)?;
+        if let Some((i, v)) = mask_v
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| v != 0.0 && v != 1.0)
+        {
+            bail!(
+                "--state {file}: `{n}.mask` holds {v} at flat index {i}; a mask holds only 0 and 1"
+            );
+        }
         let mask = Mask::new(rows, fan_in, mask_v.iter().map(|&v| v != 0.0).collect())?;
+        // Every number that enters is finite (a NaN would silently rank last or first).
+        let finite = |what: &str, v: Vec<f32>| -> Result<Vec<f32>> {
+            match v.iter().position(|x| !x.is_finite()) {
+                Some(i) => bail!(
+                    "--state {file}: `{n}.{what}` holds {} at flat index {i}; values must be finite",
+                    v[i]
+                ),
+                None => Ok(v),
+            }
+        };
         let grad = match tensors.get(&format!("{n}.grad")) {
-            Some(g) if g.dims() == shape.as_slice() => Some(flat(g)?),
+            Some(g) if g.dims() == shape.as_slice() => Some(finite("grad", flat(g)?)?),
             Some(g) => bail!(
                 "--state {file}: `{n}.grad` shape {:?} differs from `{n}.weight` {shape:?}",
                 g.dims()
@@ -153,7 +172,7 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
         layers.insert(
             n.clone(),
             LayerIn {
-                weight: flat(w)?,
+                weight: finite("weight", flat(w)?)?,
                 shape,
                 grad,
                 mask,

@@ -255,6 +255,39 @@ fn mask_update_applies_one_srigl_update() {
         }
     }
     assert_ne!(mask[0][..4], [1.0; 4], "the update moved something");
+    // A mask value other than 0/1 and a NaN in the weights or the gradient are refused, naming
+    // the tensor, and the output is not written.
+    std::fs::remove_file(&out).unwrap();
+    let run = |t: &std::collections::HashMap<String, Tensor>| {
+        candle_core::safetensors::save(t, &input).unwrap();
+        dst(&[
+            "mask-update",
+            "--method",
+            "srigl",
+            "--state",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let spoil = |t: &mut std::collections::HashMap<String, Tensor>, name: &str, v: f32| {
+        let mut x = t[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        x[5] = v;
+        t.insert(
+            name.into(),
+            Tensor::from_vec(x, (rows, fan_in), &Device::Cpu).unwrap(),
+        );
+    };
+    for (name, v, needles) in [
+        ("fc.mask", 0.5, ["fc.mask", "0 and 1"]),
+        ("fc.weight", f32::NAN, ["fc.weight", "finite"]),
+        ("fc.grad", f32::INFINITY, ["fc.grad", "finite"]),
+    ] {
+        let mut bad = t.clone();
+        spoil(&mut bad, name, v);
+        fails(&run(&bad), &needles);
+        assert!(!out.exists(), "{name}: nothing written");
+    }
     // Missing gradient for a gradient-based method names the tensor.
     t.remove("fc.grad");
     candle_core::safetensors::save(&t, &input).unwrap();
