@@ -98,6 +98,27 @@ fn broken_files_name_the_file_and_the_problem() {
     ));
 }
 
+/// A set of zero images is an error naming the file, not an accuracy of 0 later.
+#[test]
+fn an_empty_split_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_set(dir.path(), false, &[9, 0, 4]);
+    std::fs::write(
+        dir.path().join("t10k-images-idx3-ubyte"),
+        idx(&[0, 2, 2], &[]),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx(&[0], &[])).unwrap();
+    let e = load_mnist_like(dir.path(), Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t10k-images-idx3-ubyte") && e.contains("no images"),
+        "{e}"
+    );
+    assert!(load_mnist_like(dir.path(), Split::Train).is_ok());
+}
+
 #[test]
 fn not_found_lists_where_it_looked_and_how_to_get_it() {
     let dir = tempfile::tempdir().unwrap();

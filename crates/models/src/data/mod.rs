@@ -368,6 +368,10 @@ pub fn load_mnist_like(dir: &Path, split: Split) -> Result<ImageSet, DataError> 
             format!("expected 1 dimension (n), found {:?}", labels.dims),
         ));
     }
+    if images.dims[0] == 0 {
+        // Accuracy over no images would read as 0 rather than as a broken data set.
+        return Err(invalid(img_stem, "holds no images".into()));
+    }
     if images.dims[0] != labels.dims[0] {
         return Err(invalid(
             lbl_stem,

@@ -212,7 +212,14 @@ impl Trainer {
     }
 
     /// Loss (plain cross-entropy) and accuracy on `set`, in eval mode.
+    /// A set without images is an error (an accuracy over nothing would read as 0).
     pub fn evaluate(&self, set: &ImageSet) -> Result<(f32, f32)> {
+        if set.is_empty() {
+            return Err(TrainError::Config {
+                field: "data",
+                reason: "the set to evaluate holds no images".into(),
+            });
+        }
         let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
         let all: Vec<usize> = (0..set.len()).collect();
         for chunk in all.chunks(1000) {
@@ -222,7 +229,7 @@ impl Trainer {
             loss_sum += l as f64 * chunk.len() as f64;
             correct += correct_count(&logits, &y)? as f64;
         }
-        let n = set.len().max(1) as f64;
+        let n = set.len() as f64;
         Ok(((loss_sum / n) as f32, (correct / n) as f32))
     }
 
