@@ -32,6 +32,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::borrow::Cow;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
@@ -214,6 +216,23 @@ impl Geometry {
         (lo.min(hi), hi)
     }
 
+    /// The samples `r` of a batch-major `[batch, out, L]` tensor as `[out, n·L]` (what the
+    /// chunk's GEMMs take); borrowed when the chunk is one sample.
+    fn channel_major<'t>(&self, t: &'t [f32], r: &std::ops::Range<usize>) -> Cow<'t, [f32]> {
+        let (out, l, n) = (self.out, self.l(), r.len());
+        let src = &t[r.start * out * l..][..n * out * l];
+        if n == 1 {
+            return src.into();
+        }
+        let mut dst = vec![0f32; out * n * l];
+        for si in 0..n {
+            for o in 0..out {
+                dst[o * n * l + si * l..][..l].copy_from_slice(&src[(si * out + o) * l..][..l]);
+            }
+        }
+        dst.into()
+    }
+
     /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`).
     fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
         let (l, n) = (self.l(), samples.len());
@@ -286,15 +305,6 @@ impl Geometry {
                     }
                 }
             }
-        }
-    }
-}
-
-/// Copies the chunk's `[n, out, L]` block of a batch-major tensor to `[out, n·L]`.
-fn to_channel_major(src: &[f32], out: usize, l: usize, n: usize, dst: &mut [f32]) {
-    for si in 0..n {
-        for o in 0..out {
-            dst[o * n * l + si * l..][..l].copy_from_slice(&src[(si * out + o) * l..][..l]);
         }
     }
 }
@@ -373,13 +383,7 @@ fn input_grad(g: &Geometry, gy: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
     let parts = split_chunks(g, &mut gx, g.c * g.h * g.w);
     for_chunks(g, exec, parts, |gxs, r, threads| {
         let n = r.len();
-        let gyc: std::borrow::Cow<[f32]> = if n == 1 {
-            gy[r.start * out * l..][..out * l].into()
-        } else {
-            let mut t = vec![0f32; out * n * l];
-            to_channel_major(&gy[r.start * out * l..], out, l, n, &mut t);
-            t.into()
-        };
+        let gyc = g.channel_major(gy, &r);
         let mut cols = vec![0f32; k * n * l];
         // cols [K, nL] = Wᵀ [K, out] · gy [out, nL]
         gemm(
@@ -408,13 +412,7 @@ fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Vec<f32> {
     let parts: Vec<&mut [f32]> = partials.chunks_mut(out * k).collect();
     for_chunks(g, exec, parts, |gw, r, threads| {
         let n = r.len();
-        let gyc: std::borrow::Cow<[f32]> = if n == 1 {
-            gy[r.start * out * l..][..out * l].into()
-        } else {
-            let mut t = vec![0f32; out * n * l];
-            to_channel_major(&gy[r.start * out * l..], out, l, n, &mut t);
-            t.into()
-        };
+        let gyc = g.channel_major(gy, &r);
         let mut cols = vec![0f32; k * n * l];
         g.im2col(x, r, &mut cols);
         // gw [out, K] = gy [out, nL] · colsᵀ [nL, K]
@@ -614,7 +612,12 @@ impl CustomOp2 for ConvWeightGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::random;
     use candle_core::{Device, Var};
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        crate::testutil::close(a, b, 1e-4, what)
+    }
 
     /// Direct loops: the reference for every product.
     fn reference(x: &[f32], w: &[f32], gy: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -655,27 +658,6 @@ mod tests {
         }
         let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
         (f(y), f(gx), f(gw))
-    }
-
-    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed ^= *seed << 13;
-                *seed ^= *seed >> 7;
-                *seed ^= *seed << 17;
-                (*seed % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn close(a: &[f32], b: &[f32], what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}: length");
-        for (i, (p, q)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                "{what}[{i}]: {p} vs reference {q}"
-            );
-        }
     }
 
     #[test]

@@ -365,31 +365,11 @@ impl candle_core::CustomOp1 for ColumnSum {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::random;
     use candle_core::{Device, Var};
 
-    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed ^= *seed << 13;
-                *seed ^= *seed >> 7;
-                *seed ^= *seed << 17;
-                (*seed % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
     fn close(a: &Tensor, b: &Tensor, what: &str) {
-        let (a, b) = (
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-            assert!(
-                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                "{what}[{i}]: {p} vs {q}"
-            );
-        }
+        crate::testutil::close_t(a, b, 1e-4, what)
     }
 
     #[test]

@@ -252,3 +252,36 @@ pub fn candle_threads() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
+
+/// Helpers shared by the dense ops' unit tests (conv, dense, norm).
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// `n` values in [-1, 1] from a xorshift stream.
+    pub(crate) fn random(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                (*seed % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Element-wise `|a − b| ≤ tol · (1 + |b|)`, naming the first index that is not.
+    pub(crate) fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (p - q).abs() <= tol * (1.0 + q.abs()),
+                "{what}[{i}]: {p} vs reference {q}"
+            );
+        }
+    }
+
+    /// [`close`] on two tensors of any shape.
+    pub(crate) fn close_t(a: &candle_core::Tensor, b: &candle_core::Tensor, tol: f32, what: &str) {
+        let v = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        close(&v(a), &v(b), tol, what);
+    }
+}
