@@ -81,13 +81,25 @@ pub fn check_versions(metadata: &Value) -> Result<String, Vec<String>> {
     }
 }
 
-/// True if `changelog` has a `## [version]` or `## version` heading.
-pub fn has_changelog_entry(changelog: &str, version: &str) -> bool {
-    changelog.lines().any(|l| {
-        let l = l.trim();
+/// The `## [version]` (or `## version`) heading of `version`'s CHANGELOG entry, if any.
+fn entry_heading<'a>(changelog: &'a str, version: &str) -> Option<&'a str> {
+    changelog.lines().map(str::trim).find(|l| {
         l.starts_with("## ")
             && (l[3..].starts_with(&format!("[{version}]")) || l[3..].starts_with(version))
     })
+}
+
+/// Why `version` cannot be released by its CHANGELOG entry: there is none, or its heading
+/// still says "unreleased" (a release gets its date first). `None` when it is ready.
+pub fn changelog_blocker(changelog: &str, version: &str) -> Option<String> {
+    match entry_heading(changelog, version) {
+        None => Some(format!("CHANGELOG.md has no `## [{version}]` entry")),
+        Some(h) if h.to_lowercase().contains("unreleased") => Some(format!(
+            "CHANGELOG.md: the {version} entry is headed `{h}`; put the release date in its \
+             heading first"
+        )),
+        Some(_) => None,
+    }
 }
 
 fn run(root: &Path, program: &str, args: &[&str]) -> Result<String> {
@@ -118,8 +130,8 @@ pub fn release(root: &Path, o: Options) -> Result<()> {
     let version = check_versions(&meta).map_err(|p| anyhow::anyhow!("{}", p.join("; ")))?;
     let changelog =
         std::fs::read_to_string(root.join("CHANGELOG.md")).context("CHANGELOG.md: cannot read")?;
-    if !has_changelog_entry(&changelog, &version) {
-        bail!("CHANGELOG.md has no `## [{version}]` entry");
+    if let Some(why) = changelog_blocker(&changelog, &version) {
+        bail!("{why}");
     }
     let tag = format!("v{version}");
     if !o.allow_dirty
@@ -191,13 +203,21 @@ mod tests {
     #[test]
     fn changelog_entries() {
         let log = "# Changelog\n\n## [0.2.0] - 2026-12-01\n- x\n\n## 0.1.0\n";
-        assert!(has_changelog_entry(log, "0.2.0"));
-        assert!(has_changelog_entry(log, "0.1.0"));
-        assert!(!has_changelog_entry(log, "0.3.0"));
-        assert!(!has_changelog_entry(
-            "- 0.3.0 mentioned in a list\n",
-            "0.3.0"
-        ));
+        assert!(entry_heading(log, "0.2.0").is_some());
+        assert!(entry_heading(log, "0.1.0").is_some());
+        assert!(entry_heading(log, "0.3.0").is_none());
+        assert!(entry_heading("- 0.3.0 mentioned in a list\n", "0.3.0").is_none());
+    }
+
+    /// A release needs a dated entry: a missing one and one headed "unreleased" are refused.
+    #[test]
+    fn release_refuses_a_missing_or_unreleased_entry() {
+        let log = "## [0.3.0] - Unreleased\n- y\n\n## [0.2.0] - 2026-12-01\n- x\n";
+        assert_eq!(changelog_blocker(log, "0.2.0"), None);
+        let why = changelog_blocker(log, "0.3.0").unwrap();
+        assert!(why.contains("Unreleased") && why.contains("date"), "{why}");
+        let why = changelog_blocker(log, "0.4.0").unwrap();
+        assert!(why.contains("no `## [0.4.0]` entry"), "{why}");
     }
 
     /// The real workspace passes both checks (versions agree, CHANGELOG has the entry).
@@ -216,6 +236,6 @@ mod tests {
         .unwrap();
         let v = check_versions(&meta).unwrap();
         let log = std::fs::read_to_string(root.join("CHANGELOG.md")).unwrap();
-        assert!(has_changelog_entry(&log, &v), "CHANGELOG.md lacks {v}");
+        assert!(entry_heading(&log, &v).is_some(), "CHANGELOG.md lacks {v}");
     }
 }
