@@ -425,6 +425,10 @@ fn synthetic() -> Result<Vec<(String, SparseLayer)>> {
     Ok(out)
 }
 
+/// The most `f32`s `dst bench` allocates for one layer (dense weight, input and outputs at the
+/// largest `--batch`): 4 GiB.
+const MAX_BENCH_FLOATS: usize = 1 << 30;
+
 /// `dst bench`: in a pool of `--threads` threads, so that candle's matmul uses as many.
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.threads == 0 {
@@ -443,6 +447,27 @@ fn bench_in_pool(a: BenchArgs) -> Result<ExitCode> {
     };
     if a.batch.contains(&0) {
         bail!("--batch: batch sizes must be at least 1");
+    }
+    // Every buffer is checked against a limit before anything is allocated or printed: per
+    // layer the dense weight, and the input and both outputs at the largest batch.
+    let largest = a.batch.iter().copied().max().unwrap_or(1);
+    for (name, layer) in &layers {
+        let (rows, fan_in) = match layer {
+            SparseLayer::Condensed(c) => (c.rows(), c.fan_in()),
+            SparseLayer::Nm(n) => (n.rows(), n.fan_in()),
+            SparseLayer::Csr(c) => (c.rows(), c.fan_in()),
+            _ => continue,
+        };
+        let floats = largest
+            .checked_mul(fan_in + 2 * rows)
+            .and_then(|io| io.checked_add(rows.checked_mul(fan_in)?));
+        if floats.is_none_or(|f| f > MAX_BENCH_FLOATS) {
+            bail!(
+                "--batch: batch {largest} on layer `{name}` ([{rows}, {fan_in}]) needs more than \
+                 {} GiB of buffers (lower --batch)",
+                (MAX_BENCH_FLOATS * 4) >> 30
+            );
+        }
     }
     let exec = Exec::default().with_threads(a.threads);
     println!(

@@ -449,6 +449,10 @@ fn bad_input_is_one_line_and_exit_code_2() {
         &["--epochs", "ten"],
     );
     fails(&dst(&["train", "--no-such-flag"]), &["--no-such-flag"]);
+    // A batch whose buffers would exceed the limit is refused before anything is allocated.
+    let o2 = dst(&["bench", "--batch", "100000000"]);
+    fails(&o2, &["--batch", "100000000", "GiB"]);
+    assert!(o2.stdout.is_empty(), "nothing printed before the error");
     fails(&dst(&["frobnicate"]), &["frobnicate"]);
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "epochs = \"ten\"\n").unwrap();
