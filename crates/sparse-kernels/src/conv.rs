@@ -34,9 +34,7 @@
 
 use std::borrow::Cow;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dense::gemm;
@@ -535,29 +533,10 @@ impl CustomOp3 for ConvForwardBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.0.bwd(x, w, res, grad)?;
-        let gb = grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
+        let gb = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&crate::dense::BiasGrad)?;
         Ok((gx, gw, Some(gb)))
-    }
-}
-
-/// `∂y [batch, out, oh, ow] → Σ over batch and positions [out]`, in one fixed order.
-struct ChannelSum;
-
-impl CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm-bias-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let &[_, out, oh, ow] = l.dims() else {
-            candle_core::bail!("conv2d bias gradient: expected a rank-4 gradient");
-        };
-        let gy = slice(s, l, "grad")?;
-        let mut gb = vec![0f32; out];
-        for (i, row) in gy.chunks(oh * ow).enumerate() {
-            gb[i % out] += row.iter().sum::<f32>();
-        }
-        Ok((CpuStorage::F32(gb), Shape::from(out)))
     }
 }
 

@@ -262,7 +262,7 @@ impl CustomOp3 for LinearBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.0.grads(x, w, grad)?;
-        let gb = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        let gb = grad.contiguous()?.apply_op1_no_bwd(&BiasGrad)?;
         Ok((gx, Some(gw), Some(gb)))
     }
 }
@@ -341,22 +341,26 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
-/// `∂y [batch, out] → Σ over the batch [out]`, rows in order.
-struct ColumnSum;
+/// The gradient of a per-channel bias: `∂y [batch, out, …]` summed over every axis but the
+/// channel axis 1 (`[batch, out]` for a linear layer, `[batch, out, oh, ow]` for a conv), in
+/// one fixed order (samples, then positions).
+pub(crate) struct BiasGrad;
 
-impl candle_core::CustomOp1 for ColumnSum {
+impl candle_core::CustomOp1 for BiasGrad {
     fn name(&self) -> &'static str {
-        "dense-linear-bias-grad"
+        "bias-grad"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, out) = l.shape().dims2()?;
+        let dims = l.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("bias gradient: expected [batch, out, …], got {dims:?}");
+        }
+        let (out, plane) = (dims[1], dims[2..].iter().product::<usize>());
         let gy = slice(s, l, "grad")?;
         let mut gb = vec![0f32; out];
-        for row in gy.chunks(out.max(1)) {
-            for (a, b) in gb.iter_mut().zip(row) {
-                *a += b;
-            }
+        for (i, row) in gy.chunks(plane.max(1)).enumerate() {
+            gb[i % out] += row.iter().sum::<f32>();
         }
         Ok((CpuStorage::F32(gb), Shape::from(out)))
     }
