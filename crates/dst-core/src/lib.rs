@@ -43,10 +43,12 @@
 
 pub mod distribution;
 mod error;
+mod fused;
 pub mod layers;
 pub mod optim;
 pub mod rng;
 pub mod schedule;
+mod select;
 mod sparsifier;
 pub mod sparsify;
 pub mod update;

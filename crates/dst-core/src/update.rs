@@ -23,6 +23,7 @@ use sparse_formats::Mask;
 
 use crate::error::{DstError, Result};
 use crate::rng::Rng;
+use crate::select::{key, top_k, top_k_keys};
 
 /// A dynamic-sparse-training method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,116 +118,6 @@ pub struct MaskUpdate {
     pub stats: UpdateStats,
 }
 
-/// The `k` candidates with the largest scores, ties broken by smaller index; NaN ranks last.
-/// Returned in ascending index order.
-///
-/// A threshold selection rather than a sort: the scores are gathered once into a contiguous
-/// vector, the k-th largest is found with `select_nth_unstable` (linear time), and one ordered
-/// pass takes everything above it plus the lowest-index ties — the same set a full sort by
-/// (score descending, index ascending) would give.
-pub(crate) fn top_k(mut cands: Vec<usize>, k: usize, score: impl Fn(usize) -> f32) -> Vec<usize> {
-    if !cands.is_sorted() {
-        cands.sort_unstable();
-    }
-    if k >= cands.len() {
-        return cands;
-    }
-    if k == 0 {
-        return Vec::new();
-    }
-    let keys: Vec<f32> = cands.iter().map(|&i| rank_key(score(i))).collect();
-    top_k_positions(&keys, k)
-        .into_iter()
-        .map(|p| cands[p])
-        .collect()
-}
-
-/// NaN ranks below every number.
-fn rank_key(s: f32) -> f32 {
-    if s.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        s
-    }
-}
-
-/// Maps an `f32` to a `u32` whose unsigned order is `f32::total_cmp`'s order, so selections
-/// compare integers.
-fn order_key(v: f32) -> u32 {
-    let b = v.to_bits();
-    if b & 0x8000_0000 != 0 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
-}
-
-/// Positions of the `k` largest `keys` (no NaN), ties broken by smaller position, ascending.
-///
-/// A radix selection on the keys' order-preserving `u32` images: one pass counts the top 16
-/// bits, a second selects inside the one bucket that holds the k-th largest, a third collects —
-/// three streaming passes, no sort and no large temporary.
-fn top_k_positions(keys: &[f32], k: usize) -> Vec<usize> {
-    if k >= keys.len() {
-        return (0..keys.len()).collect();
-    }
-    if k == 0 {
-        return Vec::new();
-    }
-    if keys.len() < 1 << 18 {
-        // Small inputs (one row): a selection on a copy beats zeroing 65,536 counters.
-        let mut ordered: Vec<u32> = keys.iter().map(|&v| order_key(v)).collect();
-        let (_, &mut t, _) = ordered.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        return collect_top(
-            keys,
-            k,
-            t,
-            keys.iter().filter(|&&v| order_key(v) > t).count(),
-        );
-    }
-    let mut hist = vec![0usize; 1 << 16];
-    for &v in keys {
-        hist[(order_key(v) >> 16) as usize] += 1;
-    }
-    // The bucket holding the k-th largest, and how many keys lie in higher buckets.
-    let (mut bucket, mut higher) = (hist.len() - 1, 0usize);
-    while higher + hist[bucket] < k {
-        higher += hist[bucket];
-        bucket -= 1;
-    }
-    let mut inside: Vec<u32> = keys
-        .iter()
-        .map(|&v| order_key(v))
-        .filter(|&o| (o >> 16) as usize == bucket)
-        .collect();
-    let need = k - higher;
-    let (_, &mut t, _) = inside.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
-    let above = higher + inside.iter().filter(|&&o| o > t).count();
-    collect_top(keys, k, t, above)
-}
-
-/// The positions whose key is above the threshold `t` (`above` of them), plus the lowest-position
-/// ties at `t` up to `k` in all, ascending.
-fn collect_top(keys: &[f32], k: usize, t: u32, above: usize) -> Vec<usize> {
-    let mut ties = k - above;
-    let mut out = Vec::with_capacity(k);
-    for (p, &v) in keys.iter().enumerate() {
-        let o = order_key(v);
-        if o > t {
-            out.push(p);
-        } else if o == t && ties > 0 {
-            ties -= 1;
-            out.push(p);
-        }
-    }
-    out
-}
-
-/// The `k` largest of `scores` over every entry of the layer (ties by smaller index), found
-/// among the active and the non-zero entries only when that is provably the same set: every
-/// other entry scores exactly 0, so it can only be chosen when fewer than `k` entries score
-/// above 0 — in which case the whole layer is searched. (Saves a selection over the ~90% of
-/// inactive entries at every SRigL update.)
 fn top_k_all(scores: &[f32], mask: &Mask, k: usize) -> Vec<usize> {
     let cands: Vec<usize> = (0..scores.len())
         .filter(|&i| mask.as_slice()[i] || scores[i] != 0.0)
@@ -235,8 +126,8 @@ fn top_k_all(scores: &[f32], mask: &Mask, k: usize) -> Vec<usize> {
     if positive >= k {
         top_k(cands, k, |i| scores[i])
     } else {
-        let keys: Vec<f32> = scores.iter().map(|&v| rank_key(v)).collect();
-        top_k_positions(&keys, k)
+        let keys: Vec<u32> = scores.iter().map(|&v| key(v)).collect();
+        top_k_keys(&keys, k)
     }
 }
 
@@ -294,12 +185,7 @@ pub fn update_mask(
     input: &UpdateInput<'_>,
     p: &UpdateParams,
 ) -> Result<MaskUpdate> {
-    if !(0.0..=1.0).contains(&p.drop_fraction) {
-        return Err(DstError::Config {
-            field: "drop_fraction",
-            reason: format!("{} is outside [0, 1]", p.drop_fraction),
-        });
-    }
+    check_drop_fraction(p)?;
     match method {
         Method::Static => {
             check_input(input, false)?;
@@ -310,12 +196,22 @@ pub fn update_mask(
             })
         }
         Method::Set | Method::Rigl => unstructured(method, input, p),
-        Method::Srigl => srigl(input, p),
+        Method::Srigl => Ok(srigl(input, p)?.0),
     }
 }
 
 /// RigL and SET: layer-wide drop by magnitude among active weights, then growth among all
 /// entries not kept (a weight dropped now may be regrown), by `|G|` (RigL) or at random (SET).
+fn check_drop_fraction(p: &UpdateParams) -> Result<()> {
+    if !(0.0..=1.0).contains(&p.drop_fraction) {
+        return Err(DstError::Config {
+            field: "drop_fraction",
+            reason: format!("{} is outside [0, 1]", p.drop_fraction),
+        });
+    }
+    Ok(())
+}
+
 fn unstructured(method: Method, input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
     check_input(input, method == Method::Rigl)?;
     let mask = input.mask;
@@ -355,7 +251,22 @@ fn unstructured(method: Method, input: &UpdateInput<'_>, p: &UpdateParams) -> Re
 
 /// SRigL (docs/algorithms.md §6, with the fixes listed in the module
 /// documentation).
-fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
+/// SRigL's new mask and the weights under it: the fused implementation (`fused.rs`) where it
+/// applies, else [`srigl_general`] and [`apply_update`].
+fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<(MaskUpdate, Vec<f32>)> {
+    check_input(input, true)?;
+    if let Some(fused) = crate::fused::srigl(input, p) {
+        return fused;
+    }
+    let update = srigl_general(input, p)?;
+    let mut weights = input.weights.to_vec();
+    apply_update(&mut weights, input.mask, &update.mask);
+    Ok((update, weights))
+}
+
+/// SRigL's update as docs/algorithms.md §6 states it, one selection at a time: the reference
+/// the fused implementation is tested against, and the path for tie noise.
+pub(crate) fn srigl_general(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
     check_input(input, true)?;
     let (mask, w, g) = (input.mask, input.weights, input.grad.expect("checked"));
     let (rows, fan_in) = (mask.rows(), mask.fan_in());
@@ -377,8 +288,8 @@ fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
         let (by_weight, by_grad) = rayon::join(
             || top_k_all(&ds, mask, n_keep),
             || {
-                let keys: Vec<f32> = g.iter().map(|v| rank_key(v.abs())).collect();
-                top_k_positions(&keys, n_drop)
+                let keys: Vec<u32> = g.iter().map(|v| key(v.abs())).collect();
+                top_k_keys(&keys, n_drop)
             },
         );
         for i in by_weight.into_iter().chain(by_grad) {
@@ -487,7 +398,7 @@ pub struct LayerUpdate {
 /// in a training loop, and `dst mask-update` on a state file): a **dense layer is left
 /// untouched** (`None`) — one whose budget covers every entry, i.e. kept dense by the user or
 /// made dense by ERK's spill-over (its mask is all ones) — otherwise [`update_mask`] followed by
-/// [`apply_update`] on a copy of the weights.
+/// [`apply_update`] on a copy of the weights (SRigL computes both in one pass over the rows).
 pub fn update_layer(
     method: Method,
     input: &UpdateInput<'_>,
@@ -495,6 +406,11 @@ pub fn update_layer(
 ) -> Result<Option<LayerUpdate>> {
     if input.budget >= input.mask.len() {
         return Ok(None);
+    }
+    if method == Method::Srigl {
+        check_drop_fraction(p)?;
+        let (update, weights) = srigl(input, p)?;
+        return Ok(Some(LayerUpdate { update, weights }));
     }
     let update = update_mask(method, input, p)?;
     let mut weights = input.weights.to_vec();
@@ -563,56 +479,6 @@ pub fn sparse_init(mask: &Mask, rng: &mut Rng) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_k_breaks_ties_by_index_and_ranks_nan_last() {
-        let s = [1.0, 3.0, 3.0, f32::NAN, 2.0, 3.0];
-        let mut got = top_k((0..6).collect(), 3, |i| s[i]);
-        got.sort();
-        assert_eq!(got, vec![1, 2, 5]);
-        let mut got = top_k((0..6).collect(), 2, |i| s[i]);
-        got.sort();
-        assert_eq!(got, vec![1, 2]);
-        let mut got = top_k((0..6).collect(), 5, |i| s[i]);
-        got.sort();
-        assert_eq!(got, vec![0, 1, 2, 4, 5]);
-        assert!(top_k(vec![1, 2], 0, |_| 0.0).is_empty());
-    }
-
-    /// The selection against a full sort by (score descending, index ascending), on inputs with
-    /// many ties, NaN, ±0 and negatives — below and above the radix path's size threshold.
-    #[test]
-    fn top_k_matches_a_full_sort() {
-        let mut rng = Rng::new(7);
-        for &n in &[1usize, 2, 17, 1000, 300_000] {
-            let keys: Vec<f32> = (0..n)
-                .map(|_| match rng.below(8) {
-                    0 => 0.0,
-                    1 => -0.0,
-                    2 => f32::NAN,
-                    3 => (rng.below(5) as f32) - 2.0,
-                    _ => rng.normal() as f32,
-                })
-                .collect();
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| {
-                rank_key(keys[b])
-                    .total_cmp(&rank_key(keys[a]))
-                    .then(a.cmp(&b))
-            });
-            for &k in &[0, 1, n / 3, n / 2, n.saturating_sub(1), n] {
-                let mut want = order[..k].to_vec();
-                want.sort_unstable();
-                let ranked: Vec<f32> = keys.iter().map(|&v| rank_key(v)).collect();
-                assert_eq!(top_k_positions(&ranked, k), want, "n = {n}, k = {k}");
-                assert_eq!(
-                    top_k((0..n).collect(), k, |i| keys[i]),
-                    want,
-                    "n = {n}, k = {k}"
-                );
-            }
-        }
-    }
 
     fn params(a: f64) -> UpdateParams {
         UpdateParams {

@@ -1,0 +1,405 @@
+//! SRigL's update (docs/algorithms.md §6) in three passes over a layer's dense arrays, with
+//! the result of the general implementation in `update.rs` bit for bit (tests below compare
+//! them on random layers with ties, zeros, NaN gradients and ablation).
+//!
+//! The general implementation makes about fifteen passes over the `rows × fan_in` entries
+//! (drop scores, gradient keys, salience flags, per-row candidate lists, the new mask, a copy
+//! of the weights, statistics). Here:
+//!
+//! 1. one pass over the weights and the mask lists the active entries with their `|W|` keys
+//!    (every `|W|` selection is among active entries: a tenth or less of the layer);
+//! 2. one pass over the gradient collects the entries that can be among the `n_drop` largest
+//!    `|∂L/∂W|` (`select::top_k_sampled`), for the salience counts of ablation;
+//! 3. one pass over rows, in parallel, trims each row's kept weights to `k`, grows it back to
+//!    `k` by `|∂L/∂W|`, and writes the new mask, the new weights (kept values, 0 elsewhere) and
+//!    the drop/grow counts.
+//!
+//! It applies when the general implementation's candidate sets are the active entries: no tie
+//! noise (which scores every entry), every inactive weight 0 (the update's contract) and no NaN
+//! weight. Otherwise [`srigl`] returns `None` and the general implementation runs.
+
+use rayon::prelude::*;
+use sparse_formats::Mask;
+
+use crate::error::{DstError, Result};
+use crate::select::{key, top_k_keys, top_k_sampled, top_k_scan, EXCLUDED};
+use crate::update::{MaskUpdate, UpdateInput, UpdateParams, UpdateStats};
+
+/// The active entries of a layer in position order, with their `|W|` keys.
+struct Active {
+    pos: Vec<usize>,
+    keys: Vec<u32>,
+    /// Active entries whose weight is not 0.
+    nonzero: usize,
+}
+
+/// Pass 1; `None` when the fused path does not apply (a NaN weight, or an inactive weight
+/// that is not 0).
+fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
+    let chunk = fan_in.max(1) * (1usize << 16).div_ceil(fan_in.max(1));
+    let parts: Option<Vec<Active>> = bits
+        .par_chunks(chunk)
+        .zip(w.par_chunks(chunk))
+        .enumerate()
+        .map(|(ci, (m, wc))| {
+            let base = ci * chunk;
+            let mut a = Active {
+                pos: Vec::new(),
+                keys: Vec::new(),
+                nonzero: 0,
+            };
+            for (j, (&on, &v)) in m.iter().zip(wc).enumerate() {
+                if on {
+                    if v.is_nan() {
+                        return None;
+                    }
+                    a.nonzero += (v != 0.0) as usize;
+                    a.pos.push(base + j);
+                    a.keys.push(key(v.abs()));
+                } else if v != 0.0 {
+                    return None;
+                }
+            }
+            Some(a)
+        })
+        .collect();
+    let parts = parts?;
+    let n: usize = parts.iter().map(|a| a.pos.len()).sum();
+    let mut all = Active {
+        pos: Vec::with_capacity(n),
+        keys: Vec::with_capacity(n),
+        nonzero: 0,
+    };
+    for a in parts {
+        all.pos.extend(a.pos);
+        all.keys.extend(a.keys);
+        all.nonzero += a.nonzero;
+    }
+    Some(all)
+}
+
+/// Per row, how many entries are in either of two ascending position lists.
+fn union_counts(a: &[usize], b: &[usize], rows: usize, fan_in: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; rows];
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let p = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => unreachable!("the loop condition"),
+        };
+        counts[p / fan_in] += 1;
+    }
+    counts
+}
+
+/// SRigL's new mask and the weights under it, or `None` where the fused path does not apply
+/// (see the module documentation). `input` has been checked (lengths, gradient present).
+pub(crate) fn srigl(
+    input: &UpdateInput<'_>,
+    p: &UpdateParams,
+) -> Option<Result<(MaskUpdate, Vec<f32>)>> {
+    if p.tie_noise > 0.0 {
+        return None;
+    }
+    let (mask, w) = (input.mask, input.weights);
+    let g = input.grad?;
+    let active = active_entries(w, mask.as_slice(), mask.fan_in())?;
+    Some(finish(input, p, g, active))
+}
+
+fn finish(
+    input: &UpdateInput<'_>,
+    p: &UpdateParams,
+    g: &[f32],
+    active: Active,
+) -> Result<(MaskUpdate, Vec<f32>)> {
+    let (mask, w) = (input.mask, input.weights);
+    let (rows, fan_in) = (mask.rows(), mask.fan_in());
+    let bits = mask.as_slice();
+    let budget = input.budget;
+    let n_act = active.pos.len();
+    let n_drop0 = (n_act as f64 * p.drop_fraction).floor() as usize;
+    let n_keep = (n_act - n_drop0).min(active.nonzero);
+    let n_drop = n_act - n_keep;
+
+    // The n_keep largest |W| among active entries (indices into `active`).
+    let by_weight = top_k_keys(&active.keys, n_keep);
+    let mut ablated = vec![false; rows];
+    let mut any_ablated = false;
+    if p.srigl.ablation && !input.protected && rows > 0 {
+        let salient_w: Vec<usize> = by_weight.iter().map(|&a| active.pos[a]).collect();
+        let salient_g = top_k_sampled(mask.len(), n_drop, |i| key(g[i].abs()));
+        let counts = union_counts(&salient_w, &salient_g, rows, fan_in);
+        let gamma = p.srigl.gamma_sal;
+        let mut tau = if gamma >= 1.0 {
+            gamma as usize
+        } else {
+            ((gamma * (budget / rows) as f64) as usize).max(1)
+        };
+        let m_min = budget / fan_in.max(1);
+        let mut sorted = counts.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        if m_min < rows && sorted[m_min] < tau {
+            tau = sorted[m_min];
+        }
+        for r in 0..rows {
+            ablated[r] = counts[r] < tau;
+            any_ablated |= ablated[r];
+        }
+    }
+    let alive = ablated.iter().filter(|&&a| !a).count();
+    let k = budget.checked_div(alive).unwrap_or(0).min(fan_in);
+    if k == 0 {
+        return Err(DstError::ZeroFanIn {
+            layer: input.name.to_string(),
+            budget,
+            rows: alive,
+        });
+    }
+
+    // The n_keep largest |W| among active entries of rows that live on, in position order.
+    let keep: Vec<usize> = if any_ablated {
+        let (pos, keys): (Vec<usize>, Vec<u32>) = active
+            .pos
+            .iter()
+            .zip(&active.keys)
+            .filter(|(&i, _)| !ablated[i / fan_in])
+            .map(|(&i, &o)| (i, o))
+            .unzip();
+        top_k_keys(&keys, n_keep)
+            .into_iter()
+            .map(|a| pos[a])
+            .collect()
+    } else {
+        by_weight.into_iter().map(|a| active.pos[a]).collect()
+    };
+    let mut starts = vec![0usize; rows + 1];
+    for &i in &keep {
+        starts[i / fan_in + 1] += 1;
+    }
+    for r in 0..rows {
+        starts[r + 1] += starts[r];
+    }
+
+    // Pass 3: every row at once.
+    let mut new_bits = vec![false; mask.len()];
+    let mut new_w = vec![0.0f32; mask.len()];
+    let (dropped, grown) = new_bits
+        .par_chunks_mut(fan_in)
+        .zip(new_w.par_chunks_mut(fan_in))
+        .enumerate()
+        .map(|(r, (nb, nw))| {
+            let base = r * fan_in;
+            let old = &bits[base..base + fan_in];
+            if ablated[r] {
+                return (old.iter().filter(|&&a| a).count(), 0);
+            }
+            let kept = &keep[starts[r]..starts[r + 1]];
+            if kept.len() > k {
+                let keys: Vec<u32> = kept.iter().map(|&i| key(w[i].abs())).collect();
+                for a in top_k_keys(&keys, k) {
+                    nb[kept[a] - base] = true;
+                }
+            } else {
+                for &i in kept {
+                    nb[i - base] = true;
+                }
+            }
+            let need = k - kept.len().min(k);
+            if need > 0 {
+                let gr = &g[base..base + fan_in];
+                let grow = top_k_scan(fan_in, need, |c| {
+                    if nb[c] {
+                        EXCLUDED
+                    } else {
+                        key(gr[c].abs())
+                    }
+                });
+                for c in grow {
+                    nb[c] = true;
+                }
+            }
+            let (mut dropped, mut grown) = (0, 0);
+            let wr = &w[base..base + fan_in];
+            for c in 0..fan_in {
+                let (a, b) = (old[c], nb[c]);
+                nw[c] = if a & b { wr[c] } else { 0.0 };
+                dropped += (a & !b) as usize;
+                grown += (!a & b) as usize;
+            }
+            (dropped, grown)
+        })
+        .reduce(|| (0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
+    let ablated_rows: Vec<usize> = (0..rows).filter(|&r| ablated[r]).collect();
+    let stats = UpdateStats {
+        dropped,
+        grown,
+        active: alive * k,
+        ablated_rows: ablated_rows.len(),
+        fan_in: Some(k),
+    };
+    Ok((
+        MaskUpdate {
+            mask: Mask::new(rows, fan_in, new_bits)?,
+            ablated: ablated_rows,
+            stats,
+        },
+        new_w,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::update::{apply_update, initial_mask, srigl_general, Method, SriglParams};
+
+    /// Scores with many ties: a few distinct magnitudes, zeros, and (gradients only) NaN.
+    fn value(rng: &mut Rng, nan: bool) -> f32 {
+        match rng.below(10) {
+            0 => 0.0,
+            1 if nan => f32::NAN,
+            2 | 3 => (rng.below(4) as f32 - 1.5) * 0.5,
+            _ => rng.normal() as f32,
+        }
+    }
+
+    #[test]
+    fn the_fused_update_is_the_general_one() {
+        let mut rng = Rng::new(11);
+        let mut checked = 0;
+        for case in 0..300 {
+            let rows = 1 + rng.below(40);
+            let fan_in = 1 + rng.below(60);
+            let n = rows * fan_in;
+            let budget = 1 + rng.below(n.saturating_sub(1).max(1));
+            let Ok(mask) = initial_mask(Method::Srigl, "w", rows, fan_in, budget, &mut rng) else {
+                continue;
+            };
+            // Some layers start with rows already ablated or trimmed below k.
+            let mut bits = mask.as_slice().to_vec();
+            if case % 3 == 0 {
+                for b in bits.iter_mut() {
+                    *b &= rng.below(4) != 0;
+                }
+            }
+            let mask = Mask::new(rows, fan_in, bits).unwrap();
+            let w: Vec<f32> = mask
+                .as_slice()
+                .iter()
+                .map(|&a| if a { value(&mut rng, false) } else { 0.0 })
+                .collect();
+            let g: Vec<f32> = (0..n).map(|_| value(&mut rng, case % 2 == 0)).collect();
+            let input = UpdateInput {
+                name: "w",
+                weights: &w,
+                grad: Some(&g),
+                mask: &mask,
+                budget,
+                protected: case % 7 == 0,
+            };
+            let params = UpdateParams {
+                drop_fraction: [0.0, 0.1, 0.3, 0.5, 1.0][case % 5],
+                seed: 1,
+                step: 100,
+                layer_index: 0,
+                tie_noise: 0.0,
+                srigl: SriglParams {
+                    gamma_sal: [0.3, 0.95, 2.0, 0.0][case % 4],
+                    ablation: case % 5 != 1,
+                },
+            };
+            let fused = srigl(&input, &params).expect("the fused path applies");
+            match (fused, srigl_general(&input, &params)) {
+                (Ok((u, new_w)), Ok(want)) => {
+                    let mut want_w = w.clone();
+                    apply_update(&mut want_w, &mask, &want.mask);
+                    assert_eq!(u, want, "case {case}");
+                    assert_eq!(new_w, want_w, "case {case}");
+                    checked += 1;
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "case {case}"),
+                (a, b) => panic!("case {case}: fused {a:?}, general {b:?}"),
+            }
+        }
+        assert!(checked > 200, "only {checked} cases produced a mask");
+    }
+
+    #[test]
+    fn large_layers_take_the_sampled_gradient_selection() {
+        // 600 × 300 = 180,000 entries: the gradient salience goes through the sampled pass.
+        let (rows, fan_in, budget) = (600, 300, 18_000);
+        let mut rng = Rng::new(5);
+        let mask = initial_mask(Method::Srigl, "w", rows, fan_in, budget, &mut rng).unwrap();
+        let w: Vec<f32> = mask
+            .as_slice()
+            .iter()
+            .map(|&a| if a { value(&mut rng, false) } else { 0.0 })
+            .collect();
+        // Gradients concentrated on a few rows, so that ablation fires.
+        let g: Vec<f32> = (0..rows * fan_in)
+            .map(|i| value(&mut rng, true) * if i / fan_in < 50 { 10.0 } else { 0.01 })
+            .collect();
+        let input = UpdateInput {
+            name: "w",
+            weights: &w,
+            grad: Some(&g),
+            mask: &mask,
+            budget,
+            protected: false,
+        };
+        let params = UpdateParams {
+            drop_fraction: 0.3,
+            seed: 1,
+            step: 100,
+            layer_index: 0,
+            tie_noise: 0.0,
+            srigl: SriglParams::default(),
+        };
+        let (u, _) = srigl(&input, &params).unwrap().unwrap();
+        assert_eq!(u, srigl_general(&input, &params).unwrap());
+    }
+
+    #[test]
+    fn tie_noise_and_broken_contracts_take_the_general_path() {
+        let mask = Mask::parse("#.\n.#").unwrap();
+        let g = [1.0f32; 4];
+        let input = |w: &'static [f32]| UpdateInput {
+            name: "w",
+            weights: w,
+            grad: Some(&g),
+            mask: &mask,
+            budget: 2,
+            protected: false,
+        };
+        let mut p = UpdateParams {
+            drop_fraction: 0.5,
+            seed: 1,
+            step: 1,
+            layer_index: 0,
+            tie_noise: 0.0,
+            srigl: SriglParams::default(),
+        };
+        assert!(srigl(&input(&[1.0, 0.0, 0.0, 1.0]), &p).is_some());
+        assert!(srigl(&input(&[1.0, 0.5, 0.0, 1.0]), &p).is_none());
+        assert!(srigl(&input(&[f32::NAN, 0.0, 0.0, 1.0]), &p).is_none());
+        p.tie_noise = 1e-5;
+        assert!(srigl(&input(&[1.0, 0.0, 0.0, 1.0]), &p).is_none());
+    }
+}

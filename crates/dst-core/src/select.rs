@@ -1,0 +1,326 @@
+//! Top-k selections, the one ranking rule of every mask update: the `k` largest scores, ties
+//! broken by the smaller index, NaN below every number (docs/algorithms.md §5).
+//!
+//! Scores are compared as `u32` *keys* ([`key`]) whose unsigned order is that rule's order of
+//! the scores, so every selection is a threshold on integers: find the k-th largest key `t`,
+//! take every key above it and the lowest-index entries equal to it. No sort anywhere.
+//!
+//! Key `0` ([`EXCLUDED`]) is below every score's key (the smallest, NaN's, is `0x007F_FFFF`):
+//! callers use it for entries that are not candidates.
+
+use rayon::prelude::*;
+
+/// Key of an entry that is not a candidate: below the key of every score.
+pub(crate) const EXCLUDED: u32 = 0;
+
+/// NaN ranks below every number.
+pub(crate) fn rank_key(s: f32) -> f32 {
+    if s.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        s
+    }
+}
+
+/// Maps an `f32` to a `u32` whose unsigned order is `f32::total_cmp`'s order.
+fn order_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The key of score `s`: larger score, larger key; NaN ranks as −∞; never [`EXCLUDED`].
+#[inline]
+pub(crate) fn key(s: f32) -> u32 {
+    order_key(rank_key(s))
+}
+
+/// The `k` candidates with the largest scores, ties broken by smaller index; NaN ranks last.
+/// Returned in ascending index order.
+///
+/// The scores are gathered once into a contiguous key vector and selected with
+/// [`top_k_keys`] — the same set a full sort by (score descending, index ascending) would give.
+pub(crate) fn top_k(mut cands: Vec<usize>, k: usize, score: impl Fn(usize) -> f32) -> Vec<usize> {
+    if !cands.is_sorted() {
+        cands.sort_unstable();
+    }
+    if k >= cands.len() {
+        return cands;
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    let keys: Vec<u32> = cands.iter().map(|&i| key(score(i))).collect();
+    top_k_keys(&keys, k).into_iter().map(|p| cands[p]).collect()
+}
+
+/// Positions of the `k` largest `keys`, ties broken by smaller position, ascending.
+///
+/// Small inputs select on a copy (`select_nth_unstable`, linear time); large ones use a radix
+/// selection: one pass counts the top 16 bits, a second selects inside the one bucket that
+/// holds the k-th largest, a third collects — streaming passes, no large temporary.
+pub(crate) fn top_k_keys(keys: &[u32], k: usize) -> Vec<usize> {
+    if k >= keys.len() {
+        return (0..keys.len()).collect();
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    if keys.len() < 1 << 18 {
+        // A selection on a copy beats zeroing 65,536 counters.
+        let mut ordered = keys.to_vec();
+        let (_, &mut t, _) = ordered.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        let above = keys.iter().filter(|&&o| o > t).count();
+        return collect_top(keys, k, t, above);
+    }
+    let mut hist = vec![0usize; 1 << 16];
+    for &o in keys {
+        hist[(o >> 16) as usize] += 1;
+    }
+    // The bucket holding the k-th largest, and how many keys lie in higher buckets.
+    let (mut bucket, mut higher) = (hist.len() - 1, 0usize);
+    while higher + hist[bucket] < k {
+        higher += hist[bucket];
+        bucket -= 1;
+    }
+    let mut inside: Vec<u32> = keys
+        .iter()
+        .copied()
+        .filter(|&o| (o >> 16) as usize == bucket)
+        .collect();
+    let need = k - higher;
+    let (_, &mut t, _) = inside.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    let above = higher + inside.iter().filter(|&&o| o > t).count();
+    collect_top(keys, k, t, above)
+}
+
+/// Everything above the threshold key `t` (`above` of them) and the first `k − above` keys
+/// equal to it, in position order.
+fn collect_top(keys: &[u32], k: usize, t: u32, above: usize) -> Vec<usize> {
+    let mut ties = k - above;
+    let mut out = Vec::with_capacity(k);
+    for (p, &o) in keys.iter().enumerate() {
+        if o > t {
+            out.push(p);
+        } else if o == t && ties > 0 {
+            ties -= 1;
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Positions of the `k` largest of `n` keys given by `key_at` (ties by smaller position),
+/// ascending: for a few of many (`k` ≤ 64, `n` ≥ 16 k) one scan that keeps the best `k` so far
+/// in a small sorted buffer — an entry is inserted only when it beats the buffer's last, which
+/// for random keys happens about `k · ln(n / k)` times — else [`top_k_keys`] on the keys.
+pub(crate) fn top_k_scan(n: usize, k: usize, key_at: impl Fn(usize) -> u32) -> Vec<usize> {
+    if k >= n {
+        return (0..n).collect();
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    if k > 64 || n < 16 * k {
+        let keys: Vec<u32> = (0..n).map(key_at).collect();
+        return top_k_keys(&keys, k);
+    }
+    // (key, position), best first: key descending, then position ascending. Positions arrive
+    // in ascending order, so a newcomer equal to the last is worse than it and stays out.
+    let mut best: Vec<(u32, usize)> = Vec::with_capacity(k + 1);
+    for i in 0..n {
+        let o = key_at(i);
+        if best.len() == k && o <= best[k - 1].0 {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| b >= o);
+        best.insert(at, (o, i));
+        best.truncate(k);
+    }
+    let mut out: Vec<usize> = best.into_iter().map(|(_, i)| i).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Positions of the `k` largest of `n` keys given by `key_at` (ties by smaller position),
+/// ascending, without materialising the `n` keys when `k` is small against `n`.
+///
+/// A strided sample of the keys gives a lower bound `t_lo` a little below the sample's
+/// `k/n`-quantile; one parallel pass collects every entry whose key is ≥ `t_lo`. If at least
+/// `k` were collected, the k-th largest key is ≥ `t_lo`, so every entry above it and every
+/// tie with it is among them, and the selection among the collected is exact. Otherwise (an
+/// unlucky sample: many equal keys) the keys are materialised and selected by [`top_k_keys`].
+/// Either way the result is the exact top-k; the sample only decides how fast.
+pub(crate) fn top_k_sampled(
+    n: usize,
+    k: usize,
+    key_at: impl Fn(usize) -> u32 + Sync,
+) -> Vec<usize> {
+    if k >= n {
+        return (0..n).collect();
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    // Below this a full selection is cheap, and above this fraction the pass collects most
+    // entries anyway.
+    if n < 1 << 16 || k > n / 8 {
+        return top_k_keys(&all_keys(n, &key_at), k);
+    }
+    let stride = n / (1 << 14);
+    let mut sample: Vec<u32> = (0..n / stride).map(|j| key_at(j * stride)).collect();
+    let m = sample.len();
+    // Expected rank of the k-th largest in the sample, with a margin of 50% and 8 standard
+    // deviations of a binomial count, so that a sample misses it only for adversarial keys.
+    let expected = k as f64 * m as f64 / n as f64;
+    let rank = (expected * 1.5 + 8.0 * expected.sqrt() + 16.0).min((m - 1) as f64) as usize;
+    let (_, &mut t_lo, _) = sample.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    let parts: Vec<Vec<(usize, u32)>> = chunks(n)
+        .map(|range| {
+            let mut out = Vec::new();
+            for i in range {
+                let o = key_at(i);
+                if o >= t_lo {
+                    out.push((i, o));
+                }
+            }
+            out
+        })
+        .collect();
+    let collected: Vec<(usize, u32)> = parts.concat();
+    if collected.len() < k {
+        return top_k_keys(&all_keys(n, &key_at), k);
+    }
+    let keys: Vec<u32> = collected.iter().map(|&(_, o)| o).collect();
+    top_k_keys(&keys, k)
+        .into_iter()
+        .map(|p| collected[p].0)
+        .collect()
+}
+
+/// `0..n` in parallel chunks (each a plain loop, which the compiler inlines and vectorises).
+fn chunks(n: usize) -> impl IndexedParallelIterator<Item = std::ops::Range<usize>> {
+    const CHUNK: usize = 1 << 15;
+    (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(move |c| c * CHUNK..((c + 1) * CHUNK).min(n))
+}
+
+/// The `n` keys, materialised.
+fn all_keys(n: usize, key_at: &(impl Fn(usize) -> u32 + Sync)) -> Vec<u32> {
+    let mut keys = vec![0u32; n];
+    keys.par_chunks_mut(1 << 15)
+        .enumerate()
+        .for_each(|(c, out)| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = key_at((c << 15) + j);
+            }
+        });
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The defining order: score descending (NaN last), index ascending.
+    fn by_sort(scores: &[f32], k: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| {
+            rank_key(scores[b])
+                .total_cmp(&rank_key(scores[a]))
+                .then(a.cmp(&b))
+        });
+        let mut want = order[..k].to_vec();
+        want.sort_unstable();
+        want
+    }
+
+    fn random_scores(rng: &mut Rng, n: usize, distinct: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| match rng.below(8) {
+                0 => 0.0,
+                1 => -0.0,
+                2 => f32::NAN,
+                3 => (rng.below(distinct) as f32) - 2.0,
+                _ => rng.normal() as f32,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn top_k_breaks_ties_by_index_and_ranks_nan_last() {
+        let s = [1.0, 3.0, 3.0, f32::NAN, 2.0, 3.0];
+        assert_eq!(top_k((0..6).collect(), 3, |i| s[i]), vec![1, 2, 5]);
+        assert_eq!(top_k((0..6).collect(), 2, |i| s[i]), vec![1, 2]);
+        assert_eq!(top_k((0..6).collect(), 5, |i| s[i]), vec![0, 1, 2, 4, 5]);
+        assert!(top_k(vec![1, 2], 0, |_| 0.0).is_empty());
+        // Unsorted candidates come back sorted.
+        assert_eq!(top_k(vec![5, 0, 1], 2, |i| s[i]), vec![1, 5]);
+    }
+
+    #[test]
+    fn every_selection_matches_a_full_sort() {
+        let mut rng = Rng::new(7);
+        for &n in &[1usize, 2, 17, 1000, 70_000, 300_000] {
+            let scores = random_scores(&mut rng, n, 5);
+            let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
+            for &k in &[0, 1, 7, 64, n / 100, n / 9, n / 3, n.saturating_sub(1), n] {
+                let k = k.min(n);
+                let want = by_sort(&scores, k);
+                assert_eq!(top_k_keys(&keys, k), want, "keys n = {n}, k = {k}");
+                assert_eq!(
+                    top_k((0..n).collect(), k, |i| scores[i]),
+                    want,
+                    "n = {n}, k = {k}"
+                );
+                assert_eq!(
+                    top_k_sampled(n, k, |i| keys[i]),
+                    want,
+                    "sampled n = {n}, k = {k}"
+                );
+                assert_eq!(top_k_scan(n, k, |i| keys[i]), want, "scan n = {n}, k = {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_sampled_selection_is_exact_when_its_sample_misleads() {
+        // Every sampled position (multiples of the stride) holds a large key, the rest ties at
+        // a smaller one: the sample's bound is too high, and the selection must fall back.
+        let n = 1 << 18;
+        let stride = n / (1 << 14);
+        let scores: Vec<f32> = (0..n)
+            .map(|i| if i % stride == 0 { 5.0 } else { 1.0 })
+            .collect();
+        let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
+        for k in [100, (n / stride) + 50, 20_000] {
+            assert_eq!(
+                top_k_sampled(n, k, |i| keys[i]),
+                by_sort(&scores, k),
+                "k = {k}"
+            );
+        }
+    }
+
+    #[test]
+    fn excluded_ranks_below_every_score() {
+        for s in [
+            f32::NAN,
+            f32::NEG_INFINITY,
+            -1e30,
+            -0.0,
+            0.0,
+            1.0,
+            f32::INFINITY,
+        ] {
+            assert!(key(s) > EXCLUDED, "{s}");
+        }
+        assert!(key(f32::NAN) == key(f32::NEG_INFINITY));
+        assert!(key(-0.0) < key(0.0) && key(1.0) < key(2.0) && key(-2.0) < key(-1.0));
+    }
+}
