@@ -13,6 +13,8 @@ use sparse_formats::{Condensed, Mask};
 
 use crate::error::{DstError, Result};
 use crate::rng::Rng;
+use crate::update::apply_update;
+use sparse_kernels::storage::write_in_place;
 
 /// A sparsifiable weight: the candle `Var` and its mask, shared (cheap clones) between the layer
 /// that uses the weight and the [`crate::Sparsifier`] that changes the mask.
@@ -97,6 +99,16 @@ impl SparseParam {
 
     /// Replaces mask and weights together; weights outside the mask are zeroed.
     pub fn set(&self, mask: Mask, mut weights: Vec<f32>) -> Result<()> {
+        self.check_mask(&mask)?;
+        mask.apply(&mut weights)?;
+        let t = Tensor::from_vec(weights, self.var.shape(), self.var.device())?
+            .to_dtype(self.var.dtype())?;
+        self.var.set(&t)?;
+        *self.mask.write().expect("mask lock poisoned") = mask;
+        Ok(())
+    }
+
+    fn check_mask(&self, mask: &Mask) -> Result<()> {
         if (mask.rows(), mask.fan_in()) != (self.rows(), self.fan_in()) {
             return Err(DstError::layer(
                 &self.name,
@@ -108,11 +120,23 @@ impl SparseParam {
                 ),
             ));
         }
-        mask.apply(&mut weights)?;
-        let t = Tensor::from_vec(weights, self.var.shape(), self.var.device())?
-            .to_dtype(self.var.dtype())?;
-        self.var.set(&t)?;
-        *self.mask.write().expect("mask lock poisoned") = mask;
+        Ok(())
+    }
+
+    /// Replaces the mask `old` (the current one) by `new` and applies the change to the weights
+    /// where they are stored ([`apply_update`]: entries outside `new` and grown ones become 0),
+    /// without copying them where the variable allows it (contiguous `f32` on the CPU).
+    pub(crate) fn change_mask(&self, old: &Mask, new: Mask) -> Result<()> {
+        self.check_mask(&new)?;
+        let written = write_in_place(self.var.as_tensor(), |w| apply_update(w, old, &new))?;
+        if !written {
+            let mut w = self.weights()?;
+            apply_update(&mut w, old, &new);
+            let t = Tensor::from_vec(w, self.var.shape(), self.var.device())?
+                .to_dtype(self.var.dtype())?;
+            self.var.set(&t)?;
+        }
+        *self.mask.write().expect("mask lock poisoned") = new;
         Ok(())
     }
 

@@ -302,25 +302,16 @@ fn tensor_sgd_step(slot: &mut Slot, g: &Tensor, c: SgdConfig) -> Result<()> {
 /// `v · (s as f32) + 0`), so both paths give bit-identical weights and state
 /// (`fused_step_equals_the_tensor_path`).
 mod fused {
-    use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
+    use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 
     use super::{SgdConfig, Slot};
     use crate::error::Result;
+    use sparse_kernels::storage::with_slice;
 
     /// `v · s` as candle's affine computes it.
     #[inline(always)]
     fn scale(v: f32, s: f32) -> f32 {
         v * s + 0.0
-    }
-
-    /// Runs `f` on the contiguous `f32` CPU data of `t` while its storage guard lives; `None`
-    /// when `t` is not contiguous `f32` on the CPU.
-    fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-        let (st, l) = t.storage_and_layout();
-        match (&*st, l.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
-            _ => None,
-        }
     }
 
     fn slice_mut<'a>(st: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {

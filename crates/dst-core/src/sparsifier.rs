@@ -17,9 +17,10 @@ use crate::rng::Rng;
 use crate::schedule::UpdateSchedule;
 use crate::sparsify::{saved, Sparsify};
 use crate::update::{
-    initial_mask, sparse_init, update_layer, LayerUpdate, Method, SriglParams, UpdateInput,
-    UpdateParams, UpdateStats,
+    initial_mask, layer_mask_update, sparse_init, Method, SriglParams, UpdateInput, UpdateParams,
+    UpdateStats,
 };
+use sparse_kernels::storage::with_f32;
 
 /// Everything the sparsifier needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,30 +249,6 @@ impl Sparsifier {
                     return Ok(None);
                 }
                 let name = l.param.name();
-                let weights = l.param.weights()?;
-                let grad = match grads.get(l.param.var()) {
-                    Some(g) => Some(
-                        g.flatten_all()?
-                            .to_dtype(candle_core::DType::F32)?
-                            .to_vec1::<f32>()?,
-                    ),
-                    None if matches!(method, Method::Rigl | Method::Srigl) => {
-                        return Err(DstError::layer(
-                            name,
-                            "no gradient for this weight in the gradient store",
-                        ));
-                    }
-                    None => None,
-                };
-                let old = l.param.mask();
-                let input = UpdateInput {
-                    name,
-                    weights: &weights,
-                    grad: grad.as_deref(),
-                    mask: &old,
-                    budget: l.budget.budget,
-                    protected: l.protected,
-                };
                 let params = UpdateParams {
                     drop_fraction,
                     seed: cfg.seed,
@@ -280,12 +257,37 @@ impl Sparsifier {
                     tie_noise: cfg.tie_noise,
                     srigl: cfg.srigl,
                 };
-                let Some(LayerUpdate { update, weights }) = update_layer(method, &input, &params)?
-                else {
+                let old = l.param.mask();
+                // Weights and gradient are read where they are stored (no copies of the dense
+                // arrays); the storage guards are released before the weights are written.
+                let run = |weights: &[f32], grad: Option<&[f32]>| {
+                    let input = UpdateInput {
+                        name,
+                        weights,
+                        grad,
+                        mask: &old,
+                        budget: l.budget.budget,
+                        protected: l.protected,
+                    };
+                    layer_mask_update(method, &input, &params)
+                };
+                let update = with_f32(l.param.var().as_tensor(), |weights| {
+                    match grads.get(l.param.var()) {
+                        Some(g) => with_f32(g, |g| run(weights, Some(g)))?,
+                        None if matches!(method, Method::Rigl | Method::Srigl) => {
+                            Err(DstError::layer(
+                                name,
+                                "no gradient for this weight in the gradient store",
+                            ))
+                        }
+                        None => run(weights, None),
+                    }
+                })??;
+                let Some(update) = update else {
                     return Ok(None);
                 };
-                l.ever_active = l.ever_active.union(&update.mask)?;
-                l.param.set(update.mask, weights)?;
+                l.ever_active.union_with(&update.mask)?;
+                l.param.change_mask(&old, update.mask)?;
                 Ok(Some(update.stats))
             })
             .collect::<Result<_>>()?;

@@ -196,7 +196,7 @@ pub fn update_mask(
             })
         }
         Method::Set | Method::Rigl => unstructured(method, input, p),
-        Method::Srigl => Ok(srigl(input, p)?.0),
+        Method::Srigl => srigl(input, p),
     }
 }
 
@@ -251,17 +251,14 @@ fn unstructured(method: Method, input: &UpdateInput<'_>, p: &UpdateParams) -> Re
 
 /// SRigL (docs/algorithms.md §6, with the fixes listed in the module
 /// documentation).
-/// SRigL's new mask and the weights under it: the fused implementation (`fused.rs`) where it
-/// applies, else [`srigl_general`] and [`apply_update`].
-fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<(MaskUpdate, Vec<f32>)> {
+/// SRigL's new mask: the fused implementation (`fused.rs`) where it applies, else
+/// [`srigl_general`].
+fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
     check_input(input, true)?;
-    if let Some(fused) = crate::fused::srigl(input, p) {
-        return fused;
+    match crate::fused::srigl(input, p) {
+        Some(update) => update,
+        None => srigl_general(input, p),
     }
-    let update = srigl_general(input, p)?;
-    let mut weights = input.weights.to_vec();
-    apply_update(&mut weights, input.mask, &update.mask);
-    Ok((update, weights))
 }
 
 /// SRigL's update as docs/algorithms.md §6 states it, one selection at a time: the reference
@@ -377,12 +374,22 @@ pub(crate) fn srigl_general(input: &UpdateInput<'_>, p: &UpdateParams) -> Result
 
 /// Applies a mask change to the weights: inactive entries and newly grown ones become 0; kept
 /// weights (including dropped-and-regrown ones) keep their values.
+///
+/// One parallel pass that writes only entries not already `+0.0` (inactive weights are 0 by the
+/// update's contract, so on a layer this is a read of the weights and a few writes).
 pub fn apply_update(weights: &mut [f32], old: &Mask, new: &Mask) {
-    for ((w, &a), &b) in weights.iter_mut().zip(old.as_slice()).zip(new.as_slice()) {
-        if !(a && b) {
-            *w = 0.0;
-        }
-    }
+    const CHUNK: usize = 1 << 16;
+    weights
+        .par_chunks_mut(CHUNK)
+        .zip(old.as_slice().par_chunks(CHUNK))
+        .zip(new.as_slice().par_chunks(CHUNK))
+        .for_each(|((w, a), b)| {
+            for ((w, &a), &b) in w.iter_mut().zip(a).zip(b) {
+                if !(a && b) && w.to_bits() != 0 {
+                    *w = 0.0;
+                }
+            }
+        });
 }
 
 /// A layer's new mask and the weights under it (see [`update_layer`]).
@@ -398,24 +405,32 @@ pub struct LayerUpdate {
 /// in a training loop, and `dst mask-update` on a state file): a **dense layer is left
 /// untouched** (`None`) — one whose budget covers every entry, i.e. kept dense by the user or
 /// made dense by ERK's spill-over (its mask is all ones) — otherwise [`update_mask`] followed by
-/// [`apply_update`] on a copy of the weights (SRigL computes both in one pass over the rows).
+/// [`apply_update`] on a copy of the weights.
 pub fn update_layer(
     method: Method,
     input: &UpdateInput<'_>,
     p: &UpdateParams,
 ) -> Result<Option<LayerUpdate>> {
-    if input.budget >= input.mask.len() {
+    let Some(update) = layer_mask_update(method, input, p)? else {
         return Ok(None);
-    }
-    if method == Method::Srigl {
-        check_drop_fraction(p)?;
-        let (update, weights) = srigl(input, p)?;
-        return Ok(Some(LayerUpdate { update, weights }));
-    }
-    let update = update_mask(method, input, p)?;
+    };
     let mut weights = input.weights.to_vec();
     apply_update(&mut weights, input.mask, &update.mask);
     Ok(Some(LayerUpdate { update, weights }))
+}
+
+/// [`update_layer`] without the weights: the new mask of a layer (`None` for a dense layer),
+/// for a caller that applies it to the weights where they are stored, with [`apply_update`]
+/// (the [`Sparsifier`](crate::Sparsifier): no copy of a layer's weights).
+pub fn layer_mask_update(
+    method: Method,
+    input: &UpdateInput<'_>,
+    p: &UpdateParams,
+) -> Result<Option<MaskUpdate>> {
+    if input.budget >= input.mask.len() {
+        return Ok(None);
+    }
+    update_mask(method, input, p).map(Some)
 }
 
 /// The initial random mask: SRigL keeps `B / rows` random inputs in every row (constant

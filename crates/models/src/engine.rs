@@ -26,6 +26,7 @@ use dst_core::{SparseParam, Sparsify};
 use rayon::prelude::*;
 use sparse_formats::{Condensed, Csr, Mask};
 use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
+use sparse_kernels::storage::{with_f32, write_in_place};
 
 struct Sparse {
     values: Var,
@@ -49,12 +50,37 @@ pub struct EngineLayer {
 }
 
 /// A dense row-major vector of `len` entries holding `values` at `positions`, 0 elsewhere.
-fn scatter_vec(positions: &[usize], values: Vec<f32>, len: usize) -> Vec<f32> {
+fn scatter_vec(positions: &[usize], values: &[f32], len: usize) -> Vec<f32> {
     let mut dense = vec![0.0f32; len];
-    for (&p, v) in positions.iter().zip(values) {
+    scatter_into(&mut dense, positions, values);
+    dense
+}
+
+/// Writes `values` at `positions` of `dense` and 0 everywhere else.
+fn scatter_into(dense: &mut [f32], positions: &[usize], values: &[f32]) {
+    dense.fill(0.0);
+    for (&p, &v) in positions.iter().zip(values) {
         dense[p] = v;
     }
-    dense
+}
+
+/// Values laid out at the ascending positions `old`, re-laid out at the ascending positions
+/// `new`: an entry in both keeps its value, a new one gets 0. One merge of the two lists —
+/// O(stored values), not O(dense size).
+fn relayout_values(old: &[usize], values: &[f32], new: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(new.len());
+    let mut j = 0;
+    for &p in new {
+        while j < old.len() && old[j] < p {
+            j += 1;
+        }
+        out.push(if j < old.len() && old[j] == p {
+            values[j]
+        } else {
+            0.0
+        });
+    }
+    out
 }
 
 fn positions_of(mask: &Mask) -> Vec<usize> {
@@ -101,24 +127,26 @@ impl EngineLayer {
     pub fn compress(&self, old_state: &[Tensor]) -> candle_core::Result<(Var, Vec<Tensor>)> {
         let mask = self.param.mask();
         let (rows, fan_in) = (mask.rows(), mask.fan_in());
-        let w = self.param.weights().map_err(candle_core::Error::wrap)?;
-        let structure = match Condensed::from_dense(rows, fan_in, &w, &mask, None) {
-            Ok(c) => SparseStructure::from(c),
-            Err(_) => SparseStructure::from(
-                Csr::from_dense(rows, fan_in, &w, &mask).map_err(candle_core::Error::wrap)?,
-            ),
-        };
         let positions = positions_of(&mask);
+        // The dense weight is read in place.
+        let (structure, vals) = with_f32(self.param.var().as_tensor(), |w| {
+            let structure = match Condensed::from_dense(rows, fan_in, w, &mask, None) {
+                Ok(c) => SparseStructure::from(c),
+                Err(_) => SparseStructure::from(
+                    Csr::from_dense(rows, fan_in, w, &mask).map_err(candle_core::Error::wrap)?,
+                ),
+            };
+            let vals: Vec<f32> = positions.iter().map(|&p| w[p]).collect();
+            Ok::<_, candle_core::Error>((structure, vals))
+        })??;
         let dev = self.param.var().device().clone();
-        let vals: Vec<f32> = positions.iter().map(|&p| w[p]).collect();
         let values = Var::from_tensor(&Tensor::from_vec(vals, positions.len(), &dev)?)?;
         let mut inner = self.write();
         let new_state = old_state
             .iter()
             .map(|s| {
                 let old = inner.sparse.as_ref().map_or(&[][..], |o| &o.positions[..]);
-                let dense = scatter_vec(old, s.to_vec1::<f32>()?, rows * fan_in);
-                let v: Vec<f32> = positions.iter().map(|&p| dense[p]).collect();
+                let v = relayout_values(old, &s.to_vec1::<f32>()?, &positions);
                 Tensor::from_vec(v, positions.len(), &dev)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -136,12 +164,19 @@ impl EngineLayer {
         let Some(s) = &inner.sparse else {
             return Ok(());
         };
-        let shape = self.param.var().shape().clone();
-        let values = s.values.as_tensor().to_vec1::<f32>()?;
-        let dense = scatter_vec(&s.positions, values, shape.elem_count());
-        self.param
-            .var()
-            .set(&Tensor::from_vec(dense, shape, self.param.var().device())?)
+        let var = self.param.var();
+        let values = s.values.as_tensor();
+        // In place where the variable allows it (contiguous f32 on the CPU): no dense
+        // temporary, no copy.
+        let mut result = Ok(());
+        let written = write_in_place(var.as_tensor(), |dense| {
+            result = with_f32(values, |v| scatter_into(dense, &s.positions, v));
+        })?;
+        if written {
+            return result;
+        }
+        let dense = scatter_vec(&s.positions, &values.to_vec1::<f32>()?, var.elem_count());
+        var.set(&Tensor::from_vec(dense, var.shape(), var.device())?)
     }
 
     /// Optimizer state laid out densely (for checkpoints), from the values' state.
@@ -154,7 +189,7 @@ impl EngineLayer {
         state
             .iter()
             .map(|t| {
-                let dense = scatter_vec(&s.positions, t.to_vec1::<f32>()?, shape.elem_count());
+                let dense = scatter_vec(&s.positions, &t.to_vec1::<f32>()?, shape.elem_count());
                 Tensor::from_vec(dense, shape.clone(), self.param.var().device())
             })
             .collect()

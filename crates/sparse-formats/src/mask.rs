@@ -292,7 +292,7 @@ impl Mask {
         Ok(())
     }
 
-    fn zip_with(&self, other: &Mask, f: impl Fn(bool, bool) -> bool) -> Result<Mask> {
+    fn same_shape(&self, other: &Mask) -> Result<()> {
         if (self.rows, self.fan_in) != (other.rows, other.fan_in) {
             return Err(FormatError::invalid(
                 "mask",
@@ -302,6 +302,11 @@ impl Mask {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    fn zip_with(&self, other: &Mask, f: impl Fn(bool, bool) -> bool) -> Result<Mask> {
+        self.same_shape(other)?;
         Ok(Mask {
             rows: self.rows,
             fan_in: self.fan_in,
@@ -317,6 +322,15 @@ impl Mask {
     /// Entries active in either mask.
     pub fn union(&self, other: &Mask) -> Result<Mask> {
         self.zip_with(other, |a, b| a || b)
+    }
+
+    /// Adds the entries of `other` to `self` in place (the union without a new mask).
+    pub fn union_with(&mut self, other: &Mask) -> Result<()> {
+        self.same_shape(other)?;
+        for (a, &b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
+        Ok(())
     }
 
     /// Entries active in both masks.
@@ -408,6 +422,15 @@ mod tests {
         assert!(a.intersection(&b).unwrap().is_subset_of(&a).unwrap());
         assert!(!a.is_subset_of(&b).unwrap());
         assert!(a.union(&Mask::zeros(3, 4)).is_err());
+        let mut c = a.clone();
+        c.union_with(&b).unwrap();
+        assert_eq!(c, a.union(&b).unwrap());
+        assert!(c.union_with(&Mask::zeros(3, 4)).is_err());
+        assert_eq!(
+            c,
+            a.union(&b).unwrap(),
+            "a failed union leaves the mask as it was"
+        );
     }
 
     #[test]

@@ -489,7 +489,7 @@ impl CustomOp2 for ConvForward {
                 exec: self.exec,
             },
         )?;
-        Ok((gx, Some(gw)))
+        Ok((gx, crate::backward::pass(w, gw)))
     }
 }
 
@@ -528,7 +528,7 @@ impl CustomOp3 for ConvForwardBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -536,7 +536,7 @@ impl CustomOp3 for ConvForwardBias {
         let gb = grad
             .contiguous()?
             .apply_op1_no_bwd(&crate::dense::BiasGrad)?;
-        Ok((gx, gw, Some(gb)))
+        Ok((gx, gw, crate::backward::pass(b, gb)))
     }
 }
 

@@ -178,7 +178,7 @@ impl Linear {
         } else {
             None
         };
-        let gw = grad.apply_op2_no_bwd(x, &WeightGrad { exec: self.exec })?;
+        let gw = weight_grad(&grad, x, self.exec)?;
         Ok((gx, gw))
     }
 }
@@ -209,7 +209,7 @@ impl CustomOp2 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.grads(x, w, grad)?;
-        Ok((gx, Some(gw)))
+        Ok((gx, crate::backward::pass(w, gw)))
     }
 }
 
@@ -257,13 +257,17 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.0.grads(x, w, grad)?;
         let gb = grad.contiguous()?.apply_op1_no_bwd(&BiasGrad)?;
-        Ok((gx, Some(gw), Some(gb)))
+        Ok((
+            gx,
+            crate::backward::pass(w, gw),
+            crate::backward::pass(b, gb),
+        ))
     }
 }
 
@@ -302,6 +306,18 @@ impl CustomOp2 for InputGrad {
         );
         Ok((CpuStorage::F32(gx), Shape::from((batch, fan_in))))
     }
+}
+
+/// `∂W = ∂yᵀ · x [out, in]` for `∂y [batch, out]` and `x [batch, in]`, f32 on the CPU: one GEMM
+/// written in W's layout (candle's `∂yᵀ.matmul(x)` on a transposed view is slower); other
+/// devices and dtypes take candle's matmul.
+pub(crate) fn weight_grad(grad: &Tensor, x: &Tensor, exec: Exec) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(cpu_f32(grad) && cpu_f32(x)) {
+        return grad.t()?.matmul(x);
+    }
+    grad.contiguous()?
+        .apply_op2_no_bwd(&x.contiguous()?, &WeightGrad { exec })
 }
 
 /// `(∂y [batch, out], x [batch, in]) → ∂W = ∂yᵀ · x [out, in]`.

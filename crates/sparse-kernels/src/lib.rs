@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backward;
 pub mod conv;
 pub mod cpu;
 pub mod cuda;
@@ -45,6 +46,7 @@ pub mod pool;
 pub mod reference;
 mod rows;
 mod simd;
+pub mod storage;
 mod vgrad256;
 mod vgrad512;
 

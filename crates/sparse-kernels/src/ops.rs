@@ -217,7 +217,7 @@ impl CustomOp2 for Forward {
                 },
             )?
             .reshape(values.shape())?;
-        Ok((gx, Some(gv)))
+        Ok((gx, crate::backward::pass(values, gv)))
     }
 }
 
@@ -250,8 +250,8 @@ impl CustomOp3 for ForwardDenseGrad {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gv) = self.0.bwd(x, values, res, grad)?;
-        let gd = grad.t()?.matmul(x)?.reshape(dense.shape())?;
-        Ok((gx, gv, Some(gd)))
+        let gd = crate::dense::weight_grad(grad, x, Exec::default())?.reshape(dense.shape())?;
+        Ok((gx, gv, crate::backward::pass(dense, gd)))
     }
 }
 

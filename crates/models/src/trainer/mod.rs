@@ -380,7 +380,7 @@ impl Trainer {
             return Ok((loss_v, lr, None));
         }
         let correct = correct_count(&logits, &y)?;
-        let mut grads = loss.backward()?;
+        let mut grads = sparse_kernels::backward::backward(&loss)?;
         self.method.after_backward(&mut grads)?;
         self.engine.end_backward();
         self.engine.step(&grads)?;
