@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use sparse_formats::Mask;
 
 use crate::error::{DstError, Result};
-use crate::select::{key, top_k_keys, top_k_sampled, top_k_scan, EXCLUDED};
+use crate::select::{key, top_k_keys, top_k_row, top_k_sampled, EXCLUDED};
 use crate::update::{MaskUpdate, UpdateInput, UpdateParams, UpdateStats};
 
 /// The active entries of a layer in position order, with their `|W|` keys.
@@ -40,26 +40,31 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
         .par_chunks(chunk)
         .zip(w.par_chunks(chunk))
         .enumerate()
-        .map(|(ci, (m, wc))| {
-            let base = ci * chunk;
-            let mut a = Active {
-                pos: Vec::new(),
-                keys: Vec::new(),
-                nonzero: 0,
-            };
-            for (j, (&on, &v)) in m.iter().zip(wc).enumerate() {
-                if on {
-                    if v.is_nan() {
-                        return None;
-                    }
-                    a.nonzero += (v != 0.0) as usize;
-                    a.pos.push(base + j);
-                    a.keys.push(key(v.abs()));
-                } else if v != 0.0 {
-                    return None;
-                }
+        .map_init(Vec::new, |buf: &mut Vec<u32>, (ci, (m, wc))| {
+            // Branch-free scans (an active entry's position is unpredictable): checks and
+            // counts first, then a compaction that writes every offset and advances on the
+            // active ones.
+            let (mut nonzero, mut broken) = (0usize, false);
+            for (&on, &v) in m.iter().zip(wc) {
+                nonzero += (on & (v != 0.0)) as usize;
+                broken |= v.is_nan() | (!on & (v != 0.0));
             }
-            Some(a)
+            if broken {
+                return None;
+            }
+            buf.resize(m.len() + 1, 0);
+            let mut len = 0;
+            for (j, &on) in m.iter().enumerate() {
+                buf[len] = j as u32;
+                len += on as usize;
+            }
+            let base = ci * chunk;
+            let offsets = &buf[..len];
+            Some(Active {
+                pos: offsets.iter().map(|&j| base + j as usize).collect(),
+                keys: offsets.iter().map(|&j| key(wc[j as usize].abs())).collect(),
+                nonzero,
+            })
         })
         .collect();
     let parts = parts?;
@@ -198,7 +203,7 @@ fn finish(
     let (dropped, grown) = new_bits
         .par_chunks_mut(fan_in)
         .enumerate()
-        .map(|(r, nb)| {
+        .map_init(Vec::new, |row_keys: &mut Vec<u32>, (r, nb)| {
             let base = r * fan_in;
             let old = &bits[base..base + fan_in];
             if ablated[r] {
@@ -218,14 +223,13 @@ fn finish(
             let need = k - kept.len().min(k);
             if need > 0 {
                 let gr = &g[base..base + fan_in];
-                let grow = top_k_scan(fan_in, need, |c| {
-                    if nb[c] {
-                        EXCLUDED
-                    } else {
-                        key(gr[c].abs())
-                    }
-                });
-                for c in grow {
+                row_keys.clear();
+                row_keys.extend(
+                    nb.iter()
+                        .zip(gr)
+                        .map(|(&on, &v)| if on { EXCLUDED } else { key(v.abs()) }),
+                );
+                for c in top_k_row(row_keys, need) {
                     nb[c] = true;
                 }
             }

@@ -113,11 +113,14 @@ fn collect_top(keys: &[u32], k: usize, t: u32, above: usize) -> Vec<usize> {
     out
 }
 
-/// Positions of the `k` largest of `n` keys given by `key_at` (ties by smaller position),
-/// ascending: for a few of many (`k` ≤ 64, `n` ≥ 16 k) one scan that keeps the best `k` so far
-/// in a small sorted buffer — an entry is inserted only when it beats the buffer's last, which
-/// for random keys happens about `k · ln(n / k)` times — else [`top_k_keys`] on the keys.
-pub(crate) fn top_k_scan(n: usize, k: usize, key_at: impl Fn(usize) -> u32) -> Vec<usize> {
+/// Positions of the `k` largest `keys` (ties by smaller position), ascending, for one row of a
+/// layer (sequential): for a few of many (`k` ≤ 64, `n` ≥ 16 k) one scan that keeps the best `k`
+/// so far in a small sorted buffer — an entry is inserted only when it beats the buffer's last,
+/// about `k · ln(n / k)` times for random keys; for more of many (`n` ≥ 8 k) a strided sample's
+/// bound and one branch-free collecting scan, as [`top_k_sampled`] does for a whole layer; else
+/// [`top_k_keys`].
+pub(crate) fn top_k_row(keys: &[u32], k: usize) -> Vec<usize> {
+    let n = keys.len();
     if k >= n {
         return (0..n).collect();
     }
@@ -125,14 +128,17 @@ pub(crate) fn top_k_scan(n: usize, k: usize, key_at: impl Fn(usize) -> u32) -> V
         return Vec::new();
     }
     if k > 64 || n < 16 * k {
-        let keys: Vec<u32> = (0..n).map(key_at).collect();
-        return top_k_keys(&keys, k);
+        if n >= 1024 && n >= 8 * k {
+            if let Some(top) = row_sampled(keys, k) {
+                return top;
+            }
+        }
+        return top_k_keys(keys, k);
     }
     // (key, position), best first: key descending, then position ascending. Positions arrive
     // in ascending order, so a newcomer equal to the last is worse than it and stays out.
     let mut best: Vec<(u32, usize)> = Vec::with_capacity(k + 1);
-    for i in 0..n {
-        let o = key_at(i);
+    for (i, &o) in keys.iter().enumerate() {
         if best.len() == k && o <= best[k - 1].0 {
             continue;
         }
@@ -143,6 +149,35 @@ pub(crate) fn top_k_scan(n: usize, k: usize, key_at: impl Fn(usize) -> u32) -> V
     let mut out: Vec<usize> = best.into_iter().map(|(_, i)| i).collect();
     out.sort_unstable();
     out
+}
+
+/// [`top_k_row`]'s sampled path: `None` when the sample's bound let fewer than `k` through
+/// (then the caller selects on all keys), else the exact top `k` (see [`top_k_sampled`]).
+fn row_sampled(keys: &[u32], k: usize) -> Option<Vec<usize>> {
+    const M: usize = 256;
+    let n = keys.len();
+    let stride = n / M;
+    let mut sample: Vec<u32> = (0..M).map(|j| keys[j * stride]).collect();
+    let expected = k as f64 * M as f64 / n as f64;
+    let rank = (expected * 1.5 + 4.0 * expected.sqrt() + 8.0).min((M - 1) as f64) as usize;
+    let (_, &mut t_lo, _) = sample.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    // Branch-free compaction: every position is written, the length advances when it passes.
+    let mut pos = vec![0u32; n + 1];
+    let mut len = 0;
+    for (i, &o) in keys.iter().enumerate() {
+        pos[len] = i as u32;
+        len += (o >= t_lo) as usize;
+    }
+    if len < k {
+        return None;
+    }
+    let passed: Vec<u32> = pos[..len].iter().map(|&i| keys[i as usize]).collect();
+    Some(
+        top_k_keys(&passed, k)
+            .into_iter()
+            .map(|p| pos[p] as usize)
+            .collect(),
+    )
 }
 
 /// Positions of the `k` largest of `n` keys given by `key_at` (ties by smaller position),
@@ -179,15 +214,22 @@ pub(crate) fn top_k_sampled(
     let rank = (expected * 1.5 + 8.0 * expected.sqrt() + 16.0).min((m - 1) as f64) as usize;
     let (_, &mut t_lo, _) = sample.select_nth_unstable_by(rank, |a, b| b.cmp(a));
     let parts: Vec<Vec<(usize, u32)>> = chunks(n)
-        .map(|range| {
-            let mut out = Vec::new();
-            for i in range {
-                let o = key_at(i);
-                if o >= t_lo {
-                    out.push((i, o));
-                }
+        .map_init(Vec::new, |buf: &mut Vec<u32>, range| {
+            // Branch-free compaction: every offset is written, the length advances when its key
+            // passes.
+            buf.resize(range.len() + 1, 0);
+            let mut len = 0;
+            for i in range.clone() {
+                buf[len] = (i - range.start) as u32;
+                len += (key_at(i) >= t_lo) as usize;
             }
-            out
+            buf[..len]
+                .iter()
+                .map(|&j| {
+                    let i = range.start + j as usize;
+                    (i, key_at(i))
+                })
+                .collect()
         })
         .collect();
     let collected: Vec<(usize, u32)> = parts.concat();
@@ -266,10 +308,22 @@ mod tests {
     #[test]
     fn every_selection_matches_a_full_sort() {
         let mut rng = Rng::new(7);
-        for &n in &[1usize, 2, 17, 1000, 70_000, 300_000] {
+        for &n in &[1usize, 2, 17, 1000, 3072, 70_000, 300_000] {
             let scores = random_scores(&mut rng, n, 5);
             let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
-            for &k in &[0, 1, 7, 64, n / 100, n / 9, n / 3, n.saturating_sub(1), n] {
+            for &k in &[
+                0,
+                1,
+                7,
+                64,
+                65,
+                n / 100,
+                n / 30,
+                n / 9,
+                n / 3,
+                n.saturating_sub(1),
+                n,
+            ] {
                 let k = k.min(n);
                 let want = by_sort(&scores, k);
                 assert_eq!(top_k_keys(&keys, k), want, "keys n = {n}, k = {k}");
@@ -283,7 +337,7 @@ mod tests {
                     want,
                     "sampled n = {n}, k = {k}"
                 );
-                assert_eq!(top_k_scan(n, k, |i| keys[i]), want, "scan n = {n}, k = {k}");
+                assert_eq!(top_k_row(&keys, k), want, "row n = {n}, k = {k}");
             }
         }
     }
@@ -304,6 +358,15 @@ mod tests {
                 by_sort(&scores, k),
                 "k = {k}"
             );
+        }
+        // The same for one row: a stride of 3072 / 256 = 12.
+        let n = 3072;
+        let scores: Vec<f32> = (0..n)
+            .map(|i| if i % 12 == 0 { 5.0 } else { 1.0 })
+            .collect();
+        let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
+        for k in [65, 200, 300, 383] {
+            assert_eq!(top_k_row(&keys, k), by_sort(&scores, k), "row k = {k}");
         }
     }
 
