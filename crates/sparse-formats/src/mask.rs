@@ -206,11 +206,22 @@ impl Mask {
     }
 
     /// Column indices of the active entries of one row, ascending.
+    ///
+    /// Scans 32 entries at a time with a branch-free OR and skips blocks with none active (most
+    /// blocks of a 90–99%-sparse row), so a sparse row costs a fraction of an entry-by-entry
+    /// scan.
     pub fn row_indices(&self, r: usize) -> impl Iterator<Item = usize> + '_ {
+        const BLOCK: usize = 32;
         self.row(r)
-            .iter()
+            .chunks(BLOCK)
             .enumerate()
-            .filter_map(|(c, &b)| b.then_some(c))
+            .filter(|(_, block)| block.iter().fold(false, |any, &b| any | b))
+            .flat_map(|(j, block)| {
+                block
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(c, &b)| b.then_some(j * BLOCK + c))
+            })
     }
 
     /// Rows with at least one active entry (non-ablated neurons), ascending.
@@ -386,6 +397,34 @@ mod tests {
         assert_eq!(m.active_rows(), vec![0, 2, 3]);
         assert!((m.density() - 9.0 / 24.0).abs() < 1e-12);
         assert_eq!(m.row_indices(2).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        // Long rows of every density, block edges included: the block scan equals a plain one.
+        let mut state = 7u64;
+        for (fan_in, per_mille) in [
+            (31, 500),
+            (32, 30),
+            (33, 1000),
+            (100, 10),
+            (3072, 10),
+            (3072, 900),
+        ] {
+            let bits: Vec<bool> = (0..2 * fan_in)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 33) % 1000 < per_mille
+                })
+                .collect();
+            let m = Mask::new(2, fan_in, bits).unwrap();
+            for r in 0..2 {
+                let plain: Vec<usize> = (0..fan_in).filter(|&c| m.get(r, c)).collect();
+                assert_eq!(
+                    m.row_indices(r).collect::<Vec<_>>(),
+                    plain,
+                    "fan-in {fan_in}"
+                );
+            }
+        }
     }
 
     #[test]

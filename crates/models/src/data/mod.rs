@@ -100,11 +100,14 @@ impl ImageSet {
     /// The examples at `idx`, in that order.
     pub fn select(&self, idx: &[usize]) -> ImageSet {
         let d = self.image_len();
+        // One slice copy per image (a per-element `flat_map` took ~1 s on CIFAR-10's training
+        // set).
+        let mut images = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            images.extend_from_slice(&self.images[i * d..(i + 1) * d]);
+        }
         ImageSet {
-            images: idx
-                .iter()
-                .flat_map(|&i| self.images[i * d..(i + 1) * d].iter().copied())
-                .collect(),
+            images,
             labels: idx.iter().map(|&i| self.labels[i]).collect(),
             channels: self.channels,
             rows: self.rows,
