@@ -184,6 +184,14 @@ fn dense_bias(base: &str, b: Vec<f32>) -> (String, SparseLayer) {
 /// `dst export`.
 pub fn export(a: ExportArgs) -> Result<ExitCode> {
     let (cfg, layers) = trained_layers(&a.run)?;
+    if matches!(a.format, ExportFormat::Nm) && layers.iter().all(|l| l.mask.nnz() == l.mask.len()) {
+        anyhow::bail!(
+            "run `{}` has no N:M layer to export (every mask is dense; trained with {}): an N:M \
+             method writes N:M masks once its schedule has pruned them",
+            a.run.display(),
+            cfg.method.name.as_str()
+        );
+    }
     let mut out: Vec<(String, SparseLayer)> = Vec::new();
     for l in layers {
         let dense = l.mask.nnz() == l.mask.len();

@@ -64,7 +64,8 @@ pub struct TrainArgs {
     /// M of N:M.
     #[arg(long)]
     m: Option<usize>,
-    /// LBC: epoch from which one combination is left.
+    /// LBC: epoch (0-based) from which one combination is left, 0 ≤ t_f ≤ epochs − 1
+    /// (default: ¾ of the epochs, within that range).
     #[arg(long)]
     lbc_t_f: Option<usize>,
     /// Epochs.

@@ -180,6 +180,20 @@ fn lbc_run_exports_to_nm_and_two_runs_compare() {
         text.contains("fc1.weight") && text.contains("nm") && text.contains("2:4"),
         "{text}"
     );
+    // A run with no N:M mask is not written as an N:M file.
+    let none = tmp.path().join("dense.safetensors");
+    fails(
+        &dst(&[
+            "export",
+            dense.to_str().unwrap(),
+            "--format",
+            "nm",
+            "--out",
+            none.to_str().unwrap(),
+        ]),
+        &["no N:M layer", "dense"],
+    );
+    assert!(!none.exists());
     let page = tmp.path().join("compare.html");
     ok(&dst(&[
         "report",
@@ -419,6 +433,49 @@ fn bad_input_is_one_line_and_exit_code_2() {
             o,
         ]),
         &["method.m", "fc2.weight", "300"],
+    );
+    // LBC whose masks would not reach N:M within the run (it ended dense, exit 0, before).
+    fails(
+        &dst(&[
+            "train",
+            "--method",
+            "lbc",
+            "--n",
+            "2",
+            "--m",
+            "4",
+            "--epochs",
+            "2",
+            "--lbc-t-f",
+            "2",
+            "--data-dir",
+            &data,
+            "--out",
+            o,
+        ]),
+        &["method.lbc_t_f", "epochs − 1 = 1"],
+    );
+    // C(56, 28) ≈ 7.6e15 combinations per group: refused before enumerating (it grew until
+    // the machine ran out of memory).
+    fails(
+        &dst(&[
+            "train",
+            "--method",
+            "lbc",
+            "--n",
+            "28",
+            "--m",
+            "56",
+            "--dense-layer",
+            "fc2.weight",
+            "--dense-layer",
+            "fc3.weight",
+            "--data-dir",
+            &data,
+            "--out",
+            o,
+        ]),
+        &["28:56", "65536"],
     );
     fails(
         &dst(&[

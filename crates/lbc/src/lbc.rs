@@ -74,6 +74,42 @@ fn field<'a>(
     Ok(v)
 }
 
+/// Alive flags packed 32 to a value (`alive_bits`: bit `i % 32` of value `i / 32`, each an
+/// integer in `[0, 2³²)`, exact in `f64`): 1/256 of one `f64` per flag.
+fn pack_alive(n: usize, alive: impl Fn(usize) -> bool) -> Vec<f64> {
+    (0..n.div_ceil(32))
+        .map(|w| {
+            let bits = (0..32.min(n - 32 * w))
+                .filter(|&b| alive(32 * w + b))
+                .fold(0u32, |acc, b| acc | 1 << b);
+            f64::from(bits)
+        })
+        .collect()
+}
+
+/// The `n` alive flags of a state: `alive_bits` as [`pack_alive`] writes it, or `alive` (one
+/// value per flag, 0 = removed) as checkpoints written before the packing hold them.
+fn unpack_alive(state: &[(String, Vec<f64>)], n: usize) -> Result<Vec<bool>, LbcError> {
+    if state.iter().any(|(name, _)| name == "alive_bits") {
+        let words = field(state, "alive_bits", n.div_ceil(32))?;
+        let mut out = Vec::with_capacity(n);
+        for (w, &v) in words.iter().enumerate() {
+            if !((0.0..4_294_967_296.0).contains(&v) && v.fract() == 0.0) {
+                return Err(LbcError::Shape(format!(
+                    "LBC state: field `alive_bits` value {w} is {v}, not an integer in [0, 2^32)"
+                )));
+            }
+            let bits = v as u32;
+            out.extend((0..32.min(n - 32 * w)).map(|b| bits >> b & 1 == 1));
+        }
+        return Ok(out);
+    }
+    Ok(field(state, "alive", n)?
+        .iter()
+        .map(|&x| x != 0.0)
+        .collect())
+}
+
 fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
@@ -88,6 +124,28 @@ pub(crate) struct Layout {
 impl Layout {
     pub fn new(rows: usize, fan_in: usize, pattern: NmPattern) -> Result<Self, LbcError> {
         pattern.validate(fan_in)?;
+        let (n, m) = (pattern.n, pattern.m);
+        let count = binomial(m, n);
+        if count > crate::MAX_COMBINATIONS {
+            return Err(LbcError::TooManyCombinations {
+                n,
+                m,
+                combinations: count,
+                limit: crate::MAX_COMBINATIONS,
+            });
+        }
+        let groups = (rows as u64).saturating_mul((fan_in / m) as u64);
+        let entries = groups.saturating_mul(count);
+        if entries > crate::MAX_TABLE_ENTRIES {
+            return Err(LbcError::TableTooLarge {
+                n,
+                m,
+                rows,
+                fan_in,
+                entries,
+                limit: crate::MAX_TABLE_ENTRIES,
+            });
+        }
         Ok(Layout {
             pattern,
             rows,
@@ -262,8 +320,8 @@ impl LbcState for DirectScores {
             ("scores".into(), to_f64(&self.scores)),
             ("momentum".into(), to_f64(&self.momentum)),
             (
-                "alive".into(),
-                self.alive.iter().map(|&a| f64::from(u8::from(a))).collect(),
+                "alive_bits".into(),
+                pack_alive(self.alive.len(), |i| self.alive[i]),
             ),
         ]
     }
@@ -272,11 +330,11 @@ impl LbcState for DirectScores {
         let (scores, momentum, alive) = (
             field(state, "scores", n)?,
             field(state, "momentum", n)?,
-            field(state, "alive", n)?,
+            unpack_alive(state, n)?,
         );
         self.scores = scores.iter().map(|&x| x as f32).collect();
         self.momentum = momentum.iter().map(|&x| x as f32).collect();
-        self.alive = alive.iter().map(|&x| x != 0.0).collect();
+        self.alive = alive;
         Ok(())
     }
 }
@@ -389,15 +447,12 @@ impl LbcState for AccumulatedScores {
     }
     fn export_state(&self) -> Vec<(String, Vec<f64>)> {
         let c = self.layout.combos.len();
-        let alive = (0..self.layout.groups())
-            .flat_map(|gi| (0..c).map(move |k| (gi, k)))
-            .map(|(gi, k)| f64::from(u8::from(self.is_alive(gi, k))))
-            .collect();
+        let alive = pack_alive(self.layout.groups() * c, |i| self.is_alive(i / c, i % c));
         vec![
             ("acc".into(), to_f64(&self.acc)),
             ("acc_momentum".into(), to_f64(&self.acc_momentum)),
             ("common".into(), vec![self.common, self.common_momentum]),
-            ("alive".into(), alive),
+            ("alive_bits".into(), alive),
         ]
     }
     fn import_state(&mut self, state: &[(String, Vec<f64>)]) -> Result<(), LbcError> {
@@ -405,13 +460,13 @@ impl LbcState for AccumulatedScores {
         let acc = field(state, "acc", n)?;
         let mom = field(state, "acc_momentum", n)?;
         let common = field(state, "common", 2)?;
-        let alive = field(state, "alive", self.layout.groups() * c)?;
+        let alive = unpack_alive(state, self.layout.groups() * c)?;
         self.acc = acc.iter().map(|&x| x as f32).collect();
         self.acc_momentum = mom.iter().map(|&x| x as f32).collect();
         (self.common, self.common_momentum) = (common[0], common[1]);
         self.alive.iter_mut().for_each(|w| *w = 0);
         for (i, &a) in alive.iter().enumerate() {
-            if a != 0.0 {
+            if a {
                 let (gi, k) = (i / c, i % c);
                 self.alive[gi * self.words_per_group + k / 64] |= 1 << (k % 64);
             }

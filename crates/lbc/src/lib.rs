@@ -35,6 +35,15 @@ pub mod training;
 
 use sparse_formats::{FormatError, Mask, NmPattern, NmSparse};
 
+/// The most combinations of N in a group of M that LBC enumerates (C(16, 8) = 12870 fits;
+/// C(56, 28) ≈ 7.6·10¹⁵ would never finish): checked before anything is enumerated.
+pub const MAX_COMBINATIONS: u64 = 1 << 16;
+
+/// The most (group, combination) entries of one layer's LBC state (one alive bit each in the
+/// accumulated formulation, 512 MiB at the limit; a score and a momentum each in the direct one,
+/// which has its own smaller limit).
+pub const MAX_TABLE_ENTRIES: u64 = 1 << 32;
+
 /// Errors of the lbc crate.
 #[derive(Debug, thiserror::Error)]
 pub enum LbcError {
@@ -48,6 +57,40 @@ pub enum LbcError {
         scores: u64,
         /// The limit given.
         limit: usize,
+    },
+    /// LBC enumerates every combination of a group; this pattern has too many.
+    #[error(
+        "{n}:{m} has {combinations} combinations of N in every group of M; LBC enumerates them \
+         and supports at most {limit} (8:16 has 12870)"
+    )]
+    TooManyCombinations {
+        /// N.
+        n: usize,
+        /// M.
+        m: usize,
+        /// C(M, N) (saturating).
+        combinations: u64,
+        /// [`MAX_COMBINATIONS`].
+        limit: u64,
+    },
+    /// The layer's (group, combination) table would be too large.
+    #[error(
+        "{n}:{m} on a {rows}×{fan_in} layer needs {entries} (group, combination) entries; the \
+         limit is {limit} (a smaller M, or keep this layer dense)"
+    )]
+    TableTooLarge {
+        /// N.
+        n: usize,
+        /// M.
+        m: usize,
+        /// Rows of the layer.
+        rows: usize,
+        /// Fan-in of the layer.
+        fan_in: usize,
+        /// Groups × C(M, N).
+        entries: u64,
+        /// [`MAX_TABLE_ENTRIES`].
+        limit: u64,
     },
     /// From candle.
     #[error(transparent)]

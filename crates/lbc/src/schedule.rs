@@ -31,9 +31,32 @@ pub const T_F_FRACTION: f64 = 0.75;
 
 impl RemovalSchedule {
     /// `t_f` for a run of `epochs` epochs when none is configured: [`T_F_FRACTION`] of them,
-    /// at least 1.
+    /// at least 1, and at most `epochs − 1` (the last epoch, 0-based), so that the masks reach
+    /// N:M within the run (a 1-epoch run prunes to N:M at once).
     pub fn default_t_f(epochs: usize) -> usize {
-        ((T_F_FRACTION * epochs as f64) as usize).max(1)
+        ((T_F_FRACTION * epochs as f64) as usize)
+            .max(1)
+            .min(epochs.saturating_sub(1))
+    }
+
+    /// Checks the exponent (finite, > 0), `t_i ≤ t_f` and, for a run of `epochs` epochs,
+    /// `t_f ≤ epochs − 1` (at `t_f` the masks become N:M; later, the run would end with its
+    /// masks still denser than N:M); the error names the setting (`lbc_power`, `lbc_t_i`,
+    /// `lbc_t_f`) and its valid range.
+    pub fn validate_for(&self, epochs: usize) -> Result<(), (&'static str, String)> {
+        self.validate()?;
+        if self.t_f >= epochs {
+            return Err((
+                "lbc_t_f",
+                format!(
+                    "{} is not before the end of the run: the masks become N:M at epoch t_f \
+                     (0-based), so 0 ≤ t_f ≤ epochs − 1 = {}",
+                    self.t_f,
+                    epochs.saturating_sub(1)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the exponent (finite, > 0) and `t_i ≤ t_f`; the error names the setting
@@ -133,5 +156,35 @@ mod tests {
         assert_eq!(s.kept(6, 10), 6);
         assert_eq!(s.kept(6, 20), 1);
         assert!((10..20).all(|e| s.kept(6, e) >= s.kept(6, e + 1)));
+    }
+
+    #[test]
+    fn the_default_t_f_ends_inside_the_run_and_a_later_one_is_refused() {
+        assert_eq!(RemovalSchedule::default_t_f(1), 0);
+        assert_eq!(RemovalSchedule::default_t_f(2), 1);
+        assert_eq!(RemovalSchedule::default_t_f(4), 3);
+        assert_eq!(RemovalSchedule::default_t_f(20), 15);
+        for epochs in 1..40 {
+            let s = RemovalSchedule {
+                t_i: 0,
+                t_f: RemovalSchedule::default_t_f(epochs),
+                power: 3.0,
+            };
+            assert!(s.validate_for(epochs).is_ok(), "{epochs} epochs");
+            assert_eq!(
+                s.kept(6, epochs - 1),
+                1,
+                "N:M by the last epoch of {epochs}"
+            );
+        }
+        let late = RemovalSchedule {
+            t_i: 0,
+            t_f: 5,
+            power: 3.0,
+        };
+        let (field, reason) = late.validate_for(5).unwrap_err();
+        assert_eq!(field, "lbc_t_f");
+        assert!(reason.contains("epochs − 1 = 4"), "{reason}");
+        assert!(late.validate_for(6).is_ok());
     }
 }

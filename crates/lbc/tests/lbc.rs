@@ -182,6 +182,81 @@ fn large_tables_switch_to_the_accumulated_formulation() {
 }
 
 #[test]
+fn patterns_and_layers_too_large_to_enumerate_are_errors_before_any_allocation() {
+    // C(56, 28) ≈ 7.6e15 combinations per group: refused before enumerating one.
+    let e = lbc_state(8, 56, NmPattern::new(28, 56), 1 << 20)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, lbc::LbcError::TooManyCombinations { n: 28, m: 56, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("at most 65536"), "{e}");
+    // 8:16 on a 65536 × 65536 layer: 2.7e8 groups × 12870 combinations.
+    let e = lbc_state(65536, 65536, NmPattern::new(8, 16), 1 << 20)
+        .err()
+        .unwrap();
+    assert!(matches!(e, lbc::LbcError::TableTooLarge { .. }), "{e}");
+}
+
+#[test]
+fn saved_state_packs_alive_flags_and_restores_exactly_in_both_formulations() {
+    let p = NmPattern::new(2, 4);
+    let sched = RemovalSchedule {
+        t_i: 0,
+        t_f: 4,
+        power: 3.0,
+    };
+    for direct in [true, false] {
+        let mut s: Box<dyn LbcState> = if direct {
+            Box::new(DirectScores::new(8, 16, p, 1 << 20).unwrap())
+        } else {
+            Box::new(AccumulatedScores::new(8, 16, p).unwrap())
+        };
+        train(s.as_mut(), 3, sched, 3, |_, _| {});
+        let saved = s.export_state();
+        let (name, bits) = saved.iter().find(|(n, _)| n.starts_with("alive")).unwrap();
+        assert_eq!(name, "alive_bits");
+        // 8 rows × 4 groups × C(4, 2) = 192 flags in 6 values.
+        assert_eq!(bits.len(), 6);
+        let mut back: Box<dyn LbcState> = if direct {
+            Box::new(DirectScores::new(8, 16, p, 1 << 20).unwrap())
+        } else {
+            Box::new(AccumulatedScores::new(8, 16, p).unwrap())
+        };
+        back.import_state(&saved).unwrap();
+        assert_eq!(back.mask(), s.mask());
+        assert_eq!(back.max_alive(), s.max_alive());
+        assert_eq!(back.export_state(), saved);
+        // The one-value-per-flag field of older checkpoints still restores.
+        let legacy: Vec<(String, Vec<f64>)> = saved
+            .iter()
+            .map(|(n, v)| {
+                if n == "alive_bits" {
+                    let flags = (0..192)
+                        .map(|i| f64::from((v[i / 32] as u32) >> (i % 32) & 1))
+                        .collect();
+                    ("alive".to_string(), flags)
+                } else {
+                    (n.clone(), v.clone())
+                }
+            })
+            .collect();
+        let mut old = if direct {
+            Box::new(DirectScores::new(8, 16, p, 1 << 20).unwrap()) as Box<dyn LbcState>
+        } else {
+            Box::new(AccumulatedScores::new(8, 16, p).unwrap())
+        };
+        old.import_state(&legacy).unwrap();
+        assert_eq!(old.export_state(), saved);
+        // A packed value that is not a 32-bit integer is refused.
+        let mut bad = saved.clone();
+        bad.iter_mut().find(|(n, _)| n == "alive_bits").unwrap().1[0] = 0.5;
+        assert!(back.import_state(&bad).is_err());
+    }
+}
+
+#[test]
 fn lbc_mask_evolution_snapshot() {
     let sched = RemovalSchedule {
         t_i: 0,

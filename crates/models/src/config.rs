@@ -388,9 +388,13 @@ impl TrainConfig {
             dst_core::DstError::Config { field, reason } => (method_field(field), reason),
             other => ("method", other.to_string()),
         })?;
-        self.removal_schedule()
-            .validate()
-            .map_err(|(f, r)| (method_field(f), r))?;
+        let removal = self.removal_schedule();
+        match m.name {
+            // The epochs bound matters only to the method that follows the schedule.
+            MethodName::Lbc => removal.validate_for(self.epochs),
+            _ => removal.validate(),
+        }
+        .map_err(|(f, r)| (method_field(f), r))?;
         check_range(
             "method.srste_lambda",
             m.srste_lambda.into(),
@@ -569,6 +573,7 @@ fn method_field(field: &str) -> &'static str {
         "distribution.power_scale" => "method.distribution.power_scale",
         "lbc_power" => "method.lbc_power",
         "lbc_t_i" => "method.lbc_t_i",
+        "lbc_t_f" => "method.lbc_t_f",
         _ => "method",
     }
 }
