@@ -281,7 +281,36 @@ fn exact_nm(mask: &Mask, n: usize, m: usize) -> bool {
         })
 }
 
+/// The most entries (`rows × fan_in`) of a layer that `dst inspect` lays out as a dense mask
+/// (one byte each: 2 GiB). A file's header can declare any shape while storing a few values.
+const MAX_INSPECT_ENTRIES: usize = 1 << 31;
+
+/// Refuses a layer larger than [`MAX_INSPECT_ENTRIES`] before its mask is laid out.
+fn check_inspectable(name: &str, layer: &SparseLayer) -> Result<()> {
+    let (rows, fan_in) = match layer {
+        SparseLayer::Dense(d) => (
+            d.shape.first().copied().unwrap_or(0),
+            d.shape.iter().skip(1).product::<usize>(),
+        ),
+        SparseLayer::Mask(m) => (m.rows(), m.fan_in()),
+        SparseLayer::Condensed(c) => (c.rows(), c.fan_in()),
+        SparseLayer::Nm(n) => (n.rows(), n.fan_in()),
+        SparseLayer::Csr(c) => (c.rows(), c.fan_in()),
+    };
+    if rows
+        .checked_mul(fan_in)
+        .is_none_or(|n| n > MAX_INSPECT_ENTRIES)
+    {
+        bail!(
+            "layer `{name}`: [{rows}, {fan_in}] has more than {MAX_INSPECT_ENTRIES} entries, the \
+             most `dst inspect` lays out (its statistics need the dense mask)"
+        );
+    }
+    Ok(())
+}
+
 fn info(name: &str, layer: &SparseLayer) -> Result<LayerInfo> {
+    check_inspectable(name, layer)?;
     let (mask, nm) = match (mask_of(layer), layer) {
         (None, SparseLayer::Dense(d)) => {
             let fan_in = d.shape.iter().skip(1).product::<usize>();
@@ -321,6 +350,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
                     .join(", ")
             )
         })?;
+        check_inspectable(name, layer)?;
         let mask = mask_of(layer)
             .with_context(|| format!("--show-mask: layer `{name}` is dense (no mask)"))?;
         print!("{}", mask.render());

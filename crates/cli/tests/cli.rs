@@ -543,6 +543,39 @@ fn bad_input_is_one_line_and_exit_code_2() {
         ]),
         &["nope.safetensors"],
     );
+    // A tiny, self-consistent file whose header declares 2^31 rows of which one is stored:
+    // refused before a 16 GiB mask is laid out (inspect aborted on the allocation; bench
+    // checks its buffers the same way).
+    let huge = tmp.path().join("huge.safetensors");
+    let layer = sparse_formats::Condensed::from_parts(
+        1 << 31,
+        8,
+        1,
+        vec![0],
+        vec![1.0],
+        sparse_formats::IndexVec::collect_for_fan_in(8, [3]),
+        None,
+    )
+    .unwrap();
+    sparse_formats::io::save(
+        &huge,
+        &[(
+            "fc.weight".to_string(),
+            sparse_formats::io::SparseLayer::Condensed(layer),
+        )],
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&huge).unwrap().len() < 4096);
+    let h = huge.to_str().unwrap();
+    fails(
+        &dst(&["inspect", h]),
+        &["fc.weight", "2147483648", "entries"],
+    );
+    fails(
+        &dst(&["inspect", h, "--show-mask", "fc.weight"]),
+        &["fc.weight", "entries"],
+    );
+    fails(&dst(&["bench", h]), &["fc.weight", "GiB"]);
     fails(
         &dst(&["eval", empty.to_str().unwrap()]),
         &["not a run folder"],
