@@ -22,7 +22,8 @@ pub struct TrainArgs {
     /// Config file (TOML, or JSON if it ends in .json); flags override its fields.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Continue the run in RUN_DIR from its last checkpoint (other flags are ignored).
+    /// Continue the run in RUN_DIR from its last checkpoint, or from its start if it stopped
+    /// before the first one (other flags are ignored).
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
     /// Run folder (default runs/<method>-s<seed>); must not hold another run.
@@ -307,16 +308,69 @@ pub fn write_masks(trainer: &Trainer, dir: &Path) -> Result<()> {
     sparse_formats::io::save(&path, &layers).with_context(|| format!("{}", path.display()))
 }
 
+/// A new run's `--out` folder must be new or empty (temporary files a killed write left behind
+/// are removed first): a run is never written over another run's files, or into a folder of
+/// other files. A folder holding a run (its `config.json`) points to `--resume`.
+fn check_new_run_folder(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if dir.join("config.json").exists() {
+        bail!(
+            "--out {}: the folder already holds a run; continue it with --resume {} or choose \
+             another --out",
+            dir.display(),
+            dir.display()
+        );
+    }
+    models::checkpoint::remove_temporaries(dir);
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("--out {}: cannot read the folder", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !names.is_empty() {
+        names.sort();
+        let shown = names.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        let more = if names.len() > 3 { ", ..." } else { "" };
+        bail!(
+            "--out {}: the folder is not empty and holds no run ({shown}{more}); choose a new or \
+             empty folder",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// `dst train`.
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let (mut trainer, dir) = match &a.resume {
         Some(run_dir) => {
+            models::checkpoint::remove_temporaries(run_dir);
             let ck = run_dir.join("checkpoint");
-            let cfg = Trainer::checkpoint_config(&ck)
-                .with_context(|| format!("--resume {}", run_dir.display()))?;
-            let data = Datasets::load(&cfg)?;
-            let t = Trainer::resume(&ck, data)?.with_resumed_output(run_dir)?;
-            (t, run_dir.clone())
+            let started = run_dir.join("config.json");
+            if !ck.join("checkpoint.json").exists() && started.exists() {
+                // Started but stopped before its first checkpoint (a crash, a kill or a
+                // divergence in the first epoch): the run is a pure function of its config,
+                // so it starts again from step 0.
+                let cfg = read_config(&started)?;
+                cfg.validate().map_err(|(field, reason)| {
+                    anyhow::anyhow!("{}: field `{field}`: {reason}", started.display())
+                })?;
+                eprintln!(
+                    "--resume {}: no checkpoint yet; starting the run again from step 0",
+                    run_dir.display()
+                );
+                let data = Datasets::load(&cfg)?;
+                let t = Trainer::new(cfg, data)?.with_resumed_output(run_dir)?;
+                (t, run_dir.clone())
+            } else {
+                let cfg = Trainer::checkpoint_config(&ck)
+                    .with_context(|| format!("--resume {}", run_dir.display()))?;
+                let data = Datasets::load(&cfg)?;
+                let t = Trainer::resume(&ck, data)?.with_resumed_output(run_dir)?;
+                (t, run_dir.clone())
+            }
         }
         None => {
             let mut cfg = match &a.config {
@@ -332,14 +386,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             let dir = a.out.clone().unwrap_or_else(|| {
                 PathBuf::from(format!("runs/{}-s{}", cfg.method.name.as_str(), cfg.seed))
             });
-            if dir.join("config.json").exists() {
-                bail!(
-                    "--out {}: the folder already holds a run; continue it with --resume {} or \
-                     choose another --out",
-                    dir.display(),
-                    dir.display()
-                );
-            }
+            check_new_run_folder(&dir)?;
             let data = Datasets::load(&cfg)?;
             let toml = toml::to_string(&cfg).context("config to TOML")?;
             let t = Trainer::new(cfg, data)?

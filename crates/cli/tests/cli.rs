@@ -397,6 +397,59 @@ fn mask_update_leaves_dense_layers_untouched() {
 }
 
 #[test]
+fn run_folders_are_never_dead_ends_or_clobbered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = train(&tmp.path().join("a"), &["--method", "srigl"]);
+    // A run that stopped before its first checkpoint: its config.json, some metrics, a
+    // temporary file of a killed write, no checkpoint. `--resume` starts it again from step 0
+    // and ends where an uninterrupted run ends.
+    let b = tmp.path().join("b");
+    std::fs::create_dir(&b).unwrap();
+    std::fs::copy(a.join("config.json"), b.join("config.json")).unwrap();
+    std::fs::copy(a.join("metrics.jsonl"), b.join("metrics.jsonl")).unwrap();
+    std::fs::write(b.join(".tmp-killed"), "partial").unwrap();
+    let o = dst(&["train", "--resume", b.to_str().unwrap(), "--quiet"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("from step 0"));
+    assert!(
+        !b.join(".tmp-killed").exists(),
+        "temporary files are cleaned up"
+    );
+    assert!(
+        std::fs::read(a.join("masks.safetensors")).unwrap()
+            == std::fs::read(b.join("masks.safetensors")).unwrap(),
+        "the same masks file as the uninterrupted run"
+    );
+    let epochs = |d: &Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"epoch\""))
+            .count()
+    };
+    assert_eq!(epochs(&b), epochs(&a), "metrics read as one run");
+    // A folder of other files, or a run that lost its config.json, is never written into.
+    for (name, file) in [("c", "notes.txt"), ("d", "metrics.jsonl")] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(file), "keep").unwrap();
+        if name == "d" {
+            std::fs::create_dir(dir.join("checkpoint")).unwrap();
+        }
+        fails(
+            &dst(&["train", "--out", dir.to_str().unwrap(), "--quiet"]),
+            &["not empty", file],
+        );
+        assert_eq!(std::fs::read_to_string(dir.join(file)).unwrap(), "keep");
+        assert!(!dir.join("config.json").exists());
+    }
+    fails(
+        &dst(&["train", "--out", a.to_str().unwrap()]),
+        &["holds a run", "--resume"],
+    );
+}
+
+#[test]
 fn bad_input_is_one_line_and_exit_code_2() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");

@@ -58,6 +58,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     sparse_formats::io::write_atomic(path, bytes).map_err(|e| err(path, e))
 }
 
+/// Removes the temporary files that [`write_atomic`] leaves when a process is killed mid-write
+/// (`.tmp-*`) from a run folder `dir` and its `checkpoint/`; best effort (a file that cannot be
+/// removed stays, harmlessly).
+pub fn remove_temporaries(dir: &Path) {
+    for d in [dir.to_path_buf(), dir.join("checkpoint")] {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Writes named tensors to a safetensors file atomically ([`write_atomic`]).
 pub fn save_tensors_atomic(
     path: &Path,

@@ -300,8 +300,37 @@ pub fn to_bytes(layers: &[(String, SparseLayer)]) -> Result<Vec<u8>> {
             }
         }
     }
-    safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-        .map_err(|e| FormatError::Container(e.to_string()))
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+        .map_err(|e| FormatError::Container(e.to_string()))?;
+    Ok(sorted_header(bytes))
+}
+
+/// The same file with its JSON header's keys in sorted order. safetensors writes its metadata
+/// map in hash order, which differs from process to process; sorted, the same layers always
+/// give the same bytes. The header keeps its length (the same JSON, reordered, and the same
+/// space padding), so nothing else moves; anything unexpected leaves the bytes as they were.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + n) else {
+        return bytes;
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return bytes;
+    };
+    let Ok(sorted) = serde_json::to_vec(&value) else {
+        return bytes;
+    };
+    if sorted.len() > n {
+        return bytes;
+    }
+    bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+    bytes[8 + sorted.len()..8 + n].fill(b' ');
+    bytes
 }
 
 /// Writes named layers to `path` atomically (see [`write_atomic`]).

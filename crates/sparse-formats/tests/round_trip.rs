@@ -219,3 +219,41 @@ fn several_layers_in_one_file_come_back_sorted_by_name() {
     // Only the final file is left in the folder: the temporary one was renamed.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+/// The same layers always give the same bytes (safetensors writes its metadata in hash order;
+/// `io` sorts the header), and the file still loads.
+#[test]
+fn saving_is_byte_deterministic() {
+    let layers: Vec<(String, SparseLayer)> = (0..8)
+        .map(|i| {
+            let mask = Mask::parse(if i % 2 == 0 {
+                "#.#.\n.##."
+            } else {
+                "##..\n..##"
+            })
+            .unwrap();
+            (format!("layer{i}.weight"), SparseLayer::Mask(mask))
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..6)
+        .map(|k| {
+            let p = dir.path().join(format!("m{k}.safetensors"));
+            io::save(&p, &layers).unwrap();
+            std::fs::read(&p).unwrap()
+        })
+        .collect();
+    assert!(
+        files.windows(2).all(|w| w[0] == w[1]),
+        "bytes differ between saves"
+    );
+    let n = u64::from_le_bytes(files[0][..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&files[0][8..8 + n]).unwrap();
+    let first = |key: &str| header.find(key).unwrap();
+    assert!(
+        first("layer.layer0.weight") < first("layer.layer7.weight"),
+        "{header}"
+    );
+    let loaded = io::load(dir.path().join("m0.safetensors")).unwrap();
+    assert_eq!(loaded.len(), 8);
+}
