@@ -77,14 +77,13 @@ pub fn run(args: &[String]) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// A page that logs an error is caught; a clean SVG page passes. Skipped (with a message)
-    /// where no Chromium is installed, as on CI.
+    /// A page that logs an error is caught; a clean SVG page passes. Ignored by default (CI has
+    /// no Chromium, and a skipped test must not read as passed): with Chromium installed,
+    /// `cargo test -p xtask -- --ignored` (it fails if no browser is found).
     #[test]
+    #[ignore = "needs Chromium on the PATH (apt-get install chromium)"]
     fn console_errors_are_caught() {
-        if find_browser().is_none() {
-            eprintln!("skipped: no Chromium on the PATH");
-            return;
-        }
+        assert!(find_browser().is_some(), "no Chromium on the PATH");
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.html");
         std::fs::write(
