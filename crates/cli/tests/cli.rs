@@ -449,6 +449,100 @@ fn run_folders_are_never_dead_ends_or_clobbered() {
     );
 }
 
+/// SIGKILL at several points of a run (right after it starts, around the first checkpoint
+/// write, later), then `--resume`: the final masks and checkpoint tensors are byte-identical to
+/// an uninterrupted run's. The kill points race with the run on purpose — every point must
+/// resume to the same bytes.
+#[test]
+fn a_killed_run_resumes_to_the_same_bytes() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--data-dir",
+            &data,
+            "--epochs",
+            "4",
+            "--batch-size",
+            "50",
+            "--delta-t",
+            "3",
+            "--limit",
+            "400",
+            "--method",
+            "srigl",
+            "--checkpoint-every",
+            "1",
+            "--json",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out.display().to_string()])
+        .collect()
+    };
+    let whole = tmp.path().join("whole");
+    ok(&dst(&args(&whole)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()));
+    let final_bytes = |dir: &Path| -> Vec<Vec<u8>> {
+        let ck = dir.join("checkpoint");
+        let mut states: Vec<PathBuf> = std::fs::read_dir(&ck)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        states.sort();
+        assert_eq!(states.len(), 1, "one state file in {}", ck.display());
+        vec![
+            std::fs::read(dir.join("masks.safetensors")).unwrap(),
+            std::fs::read(&states[0]).unwrap(),
+        ]
+    };
+    let want = final_bytes(&whole);
+    // (epoch lines to read before the kill; 0 = as soon as the run folder has its config)
+    for (case, epochs_seen) in [0usize, 1, 3].into_iter().enumerate() {
+        let dir = tmp.path().join(format!("killed{case}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dst"))
+            .args(args(&dir))
+            .env_remove("DST_DATA_DIR")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if epochs_seen == 0 {
+            while !dir.join("config.json").exists() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        } else {
+            let out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut seen = 0;
+            for line in out.lines() {
+                seen += line.unwrap().contains("\"kind\":\"epoch\"") as usize;
+                if seen == epochs_seen {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        ok(&dst(&[
+            "train",
+            "--resume",
+            dir.to_str().unwrap(),
+            "--quiet",
+        ]));
+        assert!(
+            final_bytes(&dir) == want,
+            "killed after {epochs_seen} epochs: resumed run differs from the uninterrupted one"
+        );
+    }
+}
+
 #[test]
 fn bad_input_is_one_line_and_exit_code_2() {
     let tmp = tempfile::tempdir().unwrap();
