@@ -18,6 +18,7 @@ const ARGS: &[(&str, &[&str])] = &[
         "train_fashion_mnist",
         &["--data-dir", "{fixture}", "--epochs", "1"],
     ),
+    ("fuzz_loaders", &["--time", "20"]),
     (
         "nm_mask_study",
         &["--data-dir", "{fixture}", "--epochs", "2", "--lbc-t-f", "1"],

@@ -7,6 +7,7 @@
 //! - `release`: version / changelog checks, workspace packaging, tag (see `release.rs`);
 //! - `check-report`: a `dst report` page in headless Chromium (see `report_check.rs`);
 //! - `examples`: every example once at small sizes (see `examples.rs`);
+//! - `fuzz`: the loaders' mutation fuzzer, `examples/fuzz_loaders.rs`, for a given time;
 //! - `check-code-map`: every source file is named in docs/ARCHITECTURE.md (see `code_map.rs`);
 //! - `ci`: runs `.ci/run`, the one definition of CI.
 //!
@@ -50,7 +51,12 @@ Tasks:
   check-report FILE.html [--screenshot PNG]
                  render a `dst report` page in headless Chromium; fail on any console
                  message or a missing screenshot (needs chromium)
-  examples       run every example once at small sizes (the README's try-it commands)
+  examples       run every example once at small sizes (the README's try-it commands;
+                 the loaders' fuzzer among them, for 20 s)
+  fuzz [--time SECONDS] [--seed N]
+                 fuzz every loader (safetensors layers, checkpoints, IDX, CIFAR-10,
+                 configs) for SECONDS (default 600) after the regression corpus in
+                 examples/fuzz_corpus; findings go to target/fuzz/findings
   check-code-map fail if a source file is not named in docs/ARCHITECTURE.md's code map
   ci             run .ci/run (fmt, clippy, layers, code map, the README test command,
                  examples, the CUDA build and PTX test)
@@ -66,6 +72,7 @@ fn main() -> Result<()> {
         }
         Some("ci") => ci(),
         Some("examples") => examples::run(&workspace_root()),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("check-code-map") => {
             code_map::check(&workspace_root())?;
             println!("code map ok");
@@ -111,6 +118,38 @@ fn cargo(args: &[&str]) -> Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// `cargo xtask fuzz [--time S] [--seed N]`: the fuzz example in release mode, 600 s by default.
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut run = vec![
+        "run",
+        "--release",
+        "-p",
+        "examples",
+        "--example",
+        "fuzz_loaders",
+        "--",
+    ];
+    let mut i = 0;
+    let mut time_given = false;
+    while i < args.len() {
+        match args[i].as_str() {
+            flag @ ("--time" | "--seed") => {
+                let v = args
+                    .get(i + 1)
+                    .with_context(|| format!("{flag} needs a value"))?;
+                time_given |= flag == "--time";
+                run.extend([flag, v.as_str()]);
+                i += 2;
+            }
+            other => bail!("fuzz: unknown option `{other}` (--time SECONDS, --seed N)"),
+        }
+    }
+    if !time_given {
+        run.extend(["--time", "600"]);
+    }
+    cargo(&run)
 }
 
 /// `.ci/run` is the one definition of CI; this runs it.

@@ -343,6 +343,63 @@ fn check_range(
     }
 }
 
+/// The largest width of a layer (an MLP's hidden width, ResNet's first-stage channels, a ViT's
+/// embedding or MLP width) a config may ask for.
+pub const MAX_WIDTH: usize = 1 << 16;
+
+/// The most epochs a config may ask for.
+pub const MAX_EPOCHS: usize = 1_000_000;
+
+/// The largest batch a config may ask for.
+pub const MAX_BATCH: usize = 1 << 20;
+
+/// Checks `v` against `1..=max`, naming the field.
+fn check_count(
+    field: &'static str,
+    v: usize,
+    max: usize,
+) -> std::result::Result<(), (&'static str, String)> {
+    if (1..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err((field, format!("{v} is outside [1, {max}]")))
+    }
+}
+
+/// Every size of a model, bounded before anything is allocated (a config or a checkpoint can
+/// hold any number).
+fn check_model(m: &ModelConfig) -> std::result::Result<(), (&'static str, String)> {
+    match m {
+        ModelConfig::Mlp { hidden } => {
+            if hidden.len() > 64 {
+                return Err((
+                    "model.hidden",
+                    format!("{} hidden layers, at most 64", hidden.len()),
+                ));
+            }
+            for &h in hidden {
+                check_count("model.hidden", h, MAX_WIDTH)?;
+            }
+            Ok(())
+        }
+        ModelConfig::Lenet5 => Ok(()),
+        ModelConfig::Resnet18 { width } => check_count("model.width", *width, 1024),
+        ModelConfig::Vit {
+            patch,
+            dim,
+            depth,
+            heads,
+            mlp_dim,
+        } => {
+            check_count("model.patch", *patch, 1024)?;
+            check_count("model.dim", *dim, MAX_WIDTH)?;
+            check_count("model.depth", *depth, 1024)?;
+            check_count("model.heads", *heads, *dim)?;
+            check_count("model.mlp_dim", *mlp_dim, MAX_WIDTH)
+        }
+    }
+}
+
 impl TrainConfig {
     /// Reads a TOML config; an unknown or malformed key is an error naming its path (e.g.
     /// `optimizer.momentun: unknown field`).
@@ -362,12 +419,9 @@ impl TrainConfig {
     /// its valid range. The one validation pass of a configuration.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         let m = &self.method;
-        if self.epochs == 0 {
-            return Err(("epochs", "must be at least 1".into()));
-        }
-        if self.batch_size == 0 {
-            return Err(("batch_size", "must be at least 1".into()));
-        }
+        check_count("epochs", self.epochs, MAX_EPOCHS)?;
+        check_count("batch_size", self.batch_size, MAX_BATCH)?;
+        check_model(&self.model)?;
         if m.name.is_nm() && (m.n == 0 || m.n > m.m) {
             return Err((
                 "method.n",

@@ -202,3 +202,43 @@ fn validation_names_the_field_and_its_range() {
     assert!(reason.contains("[0, 1)"), "{reason}");
     assert!(TrainConfig::default().validate().is_ok());
 }
+
+/// Sizes a config or a checkpoint can hold are bounded before anything is built (a fuzzed
+/// checkpoint with an MLP width of 2⁶⁴ − 1 panicked on a capacity overflow in the trainer).
+#[test]
+fn model_sizes_epochs_and_batch_are_bounded() {
+    let with = |f: &dyn Fn(&mut TrainConfig)| {
+        let mut c = TrainConfig::default();
+        f(&mut c);
+        c.validate()
+    };
+    let (field, reason) = with(&|c| {
+        c.model = ModelConfig::Mlp {
+            hidden: vec![300, usize::MAX],
+        }
+    })
+    .unwrap_err();
+    assert_eq!(field, "model.hidden");
+    assert!(reason.contains("[1, 65536]"), "{reason}");
+    assert_eq!(
+        with(&|c| c.model = ModelConfig::Mlp { hidden: vec![0] })
+            .unwrap_err()
+            .0,
+        "model.hidden"
+    );
+    assert_eq!(with(&|c| c.epochs = 1 << 32).unwrap_err().0, "epochs");
+    assert_eq!(
+        with(&|c| c.batch_size = usize::MAX).unwrap_err().0,
+        "batch_size"
+    );
+    assert_eq!(
+        with(&|c| c.model = ModelConfig::Resnet18 { width: 0 })
+            .unwrap_err()
+            .0,
+        "model.width"
+    );
+    assert!(with(&|c| c.model = ModelConfig::Mlp {
+        hidden: vec![65_536]
+    })
+    .is_ok());
+}

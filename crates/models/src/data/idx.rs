@@ -25,21 +25,26 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let invalid = |reason: String| DataError::Invalid {
+    decode_idx(&raw).map_err(|reason| DataError::Invalid {
         path: path.to_path_buf(),
         reason,
-    };
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+    })
+}
+
+/// Decodes the bytes of an IDX file of unsigned bytes, gzip-compressed or not (detected from
+/// its content; at most 4 GiB decompressed); the error says what is wrong. [`read_idx`] is this
+/// on a file's contents.
+pub fn decode_idx(raw: &[u8]) -> Result<IdxArray, String> {
+    if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
+        flate2::read::GzDecoder::new(raw)
             .take(MAX_DECOMPRESSED)
             .read_to_end(&mut out)
-            .map_err(|e| invalid(format!("corrupted gzip data: {e}")))?;
-        out
+            .map_err(|e| format!("corrupted gzip data: {e}"))?;
+        parse_idx(&out)
     } else {
-        raw
-    };
-    parse_idx(&bytes).map_err(invalid)
+        parse_idx(raw)
+    }
 }
 
 /// Parses IDX bytes; the error says what is wrong.

@@ -12,8 +12,8 @@
 mod cifar;
 mod idx;
 
-pub use cifar::load_cifar10;
-pub use idx::{read_idx, IdxArray};
+pub use cifar::{load_cifar10, parse_cifar10};
+pub use idx::{decode_idx, read_idx, IdxArray};
 
 use std::path::{Path, PathBuf};
 
