@@ -285,8 +285,8 @@ pub fn write(dirs: &[PathBuf], out: &Path) -> Result<()> {
         }
     }
     html.push_str("</body></html>\n");
-    models::checkpoint::write_atomic(out, html.as_bytes())
-        .with_context(|| format!("--out {}", out.display()))?;
+    // The error names the file.
+    models::checkpoint::write_atomic(out, html.as_bytes()).context("--out")?;
     Ok(())
 }
 

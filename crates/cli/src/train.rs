@@ -389,9 +389,10 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             check_new_run_folder(&dir)?;
             let data = Datasets::load(&cfg)?;
             let toml = toml::to_string(&cfg).context("config to TOML")?;
+            // The error names the folder.
             let t = Trainer::new(cfg, data)?
                 .with_output(&dir)
-                .with_context(|| format!("--out {}", dir.display()))?;
+                .context("--out")?;
             models::checkpoint::write_atomic(&dir.join("config.toml"), toml.as_bytes())?;
             (t, dir)
         }

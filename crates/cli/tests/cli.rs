@@ -690,6 +690,39 @@ fn bad_input_is_one_line_and_exit_code_2() {
         ]),
         &["nope.safetensors"],
     );
+    // A message names its file once, repeats no OS error, and calls no other file a checkpoint.
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, "not a safetensors file at all").unwrap();
+    for (args, needle) in [
+        (vec!["inspect", notes.to_str().unwrap()], "notes.txt"),
+        (
+            vec![
+                "inspect",
+                tmp.path().join("gone.safetensors").to_str().unwrap(),
+            ],
+            "gone.safetensors",
+        ),
+        (
+            vec![
+                "train",
+                "--data-dir",
+                &data,
+                "--out",
+                under_file.to_str().unwrap(),
+            ],
+            "run",
+        ),
+    ] {
+        let o = dst(&args);
+        fails(&o, &[needle]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(err.matches(needle).count(), 1, "{needle} named once: {err}");
+        assert!(
+            !err.contains("checkpoint") && !err.contains("at path"),
+            "{err}"
+        );
+        assert!(err.matches("(os error").count() <= 1, "{err}");
+    }
     // A tiny, self-consistent file whose header declares 2^31 rows of which one is stored:
     // refused before a 16 GiB mask is laid out (inspect aborted on the allocation; bench
     // checks its buffers the same way).

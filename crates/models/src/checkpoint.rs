@@ -55,7 +55,11 @@ use crate::error::file_err as err;
 /// Writes `bytes` to `path` through a temporary file in the same folder, fsync and a rename:
 /// the one writer of every file the project writes.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    sparse_formats::io::write_atomic(path, bytes).map_err(|e| err(path, e))
+    sparse_formats::io::write_atomic(path, bytes).map_err(|e| match e {
+        // Already names the file.
+        sparse_formats::FormatError::Io { error, .. } => err(path, error),
+        other => err(path, other),
+    })
 }
 
 /// Removes the temporary files that [`write_atomic`] leaves when a process is killed mid-write

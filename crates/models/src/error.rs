@@ -35,7 +35,7 @@ pub enum TrainError {
         checkpoint: Option<PathBuf>,
     },
     /// A checkpoint, metrics or output file could not be written or read.
-    #[error("checkpoint {}: {reason}", path.display())]
+    #[error("{}: {reason}", path.display())]
     Checkpoint {
         /// The file or folder.
         path: PathBuf,

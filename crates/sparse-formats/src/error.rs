@@ -60,12 +60,20 @@ pub enum FormatError {
     #[error("not a valid safetensors file: {0}")]
     Container(String),
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// Any other error, in a named file (what [`crate::io::load`] returns for a bad file).
+    #[error("{}: {error}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it (shown in this error's message, not as its source).
+        error: Box<FormatError>,
     },
     /// An error from candle while converting to or from a tensor.
     #[error(transparent)]

@@ -342,32 +342,43 @@ pub fn save(path: impl AsRef<Path>, layers: &[(String, SparseLayer)]) -> Result<
 /// over `path`, so readers see either the old file or the complete new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io_err = |source| FormatError::Io {
+    let io_err = |error| FormatError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // tempfile appends the temporary file's name to its errors; the target's path says more.
+    let plain = |e: std::io::Error| {
+        let text = e.to_string();
+        match text.find(" at path \"") {
+            Some(i) => std::io::Error::new(e.kind(), text[..i].to_string()),
+            None => e,
+        }
+    };
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
         .tempfile_in(dir)
-        .map_err(io_err)?;
+        .map_err(|e| io_err(plain(e)))?;
     tmp.write_all(bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    tmp.persist(path).map_err(|e| io_err(plain(e.error)))?;
     Ok(())
 }
 
 /// Reads and validates every layer of a file written by [`save`], sorted by name.
 pub fn load(path: impl AsRef<Path>) -> Result<Vec<(String, SparseLayer)>> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
+    let bytes = std::fs::read(path).map_err(|error| FormatError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
-    from_bytes(&bytes)
+    from_bytes(&bytes).map_err(|e| FormatError::InFile {
+        path: path.to_path_buf(),
+        error: Box::new(e),
+    })
 }
 
 /// Parses and validates safetensors bytes written by [`to_bytes`]; layers sorted by name.

@@ -62,9 +62,9 @@ pub fn load_cifar10(dir: &Path, split: Split) -> Result<ImageSet, DataError> {
     };
     for f in files {
         let path = dir.join(f);
-        let bytes = std::fs::read(&path).map_err(|source| DataError::Io {
+        let bytes = std::fs::read(&path).map_err(|error| DataError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         let (labels, images) = parse_cifar10(&bytes).map_err(|reason| DataError::Invalid {
             path: path.clone(),

@@ -21,9 +21,9 @@ const MAX_DECOMPRESSED: u64 = 1 << 32;
 
 /// Reads an IDX file of unsigned bytes, gzip-compressed or not (detected from its content).
 pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
-    let raw = std::fs::read(path).map_err(|source| DataError::Io {
+    let raw = std::fs::read(path).map_err(|error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     decode_idx(&raw).map_err(|reason| DataError::Invalid {
         path: path.to_path_buf(),

@@ -25,12 +25,12 @@ use crate::config::TrainConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The file could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// Cause.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not a valid IDX file of the expected kind.
     #[error("{}: {reason}", path.display())]
