@@ -20,9 +20,11 @@
 use rayon::prelude::*;
 use sparse_formats::Mask;
 
-use crate::error::{DstError, Result};
+use crate::error::Result;
 use crate::select::{key, top_k_keys, top_k_row, top_k_sampled, EXCLUDED};
-use crate::update::{MaskUpdate, UpdateInput, UpdateParams, UpdateStats};
+use crate::update::{
+    ablated_rows, fan_in_after_ablation, MaskUpdate, UpdateInput, UpdateParams, UpdateStats,
+};
 
 /// The active entries of a layer in position order, with their `|W|` keys.
 struct Active {
@@ -142,37 +144,15 @@ fn finish(
     // The n_keep largest |W| among active entries (indices into `active`).
     let by_weight = top_k_keys(&active.keys, n_keep);
     let mut ablated = vec![false; rows];
-    let mut any_ablated = false;
     if p.srigl.ablation && !input.protected && rows > 0 {
         let salient_w: Vec<usize> = by_weight.iter().map(|&a| active.pos[a]).collect();
         let salient_g = top_k_sampled(mask.len(), n_drop, |i| key(g[i].abs()));
         let counts = union_counts(&salient_w, &salient_g, rows, fan_in);
-        let gamma = p.srigl.gamma_sal;
-        let mut tau = if gamma >= 1.0 {
-            gamma as usize
-        } else {
-            ((gamma * (budget / rows) as f64) as usize).max(1)
-        };
-        let m_min = budget / fan_in.max(1);
-        let mut sorted = counts.clone();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
-        if m_min < rows && sorted[m_min] < tau {
-            tau = sorted[m_min];
-        }
-        for r in 0..rows {
-            ablated[r] = counts[r] < tau;
-            any_ablated |= ablated[r];
-        }
+        ablated = ablated_rows(&counts, p.srigl.gamma_sal, budget, fan_in);
     }
+    let any_ablated = ablated.contains(&true);
     let alive = ablated.iter().filter(|&&a| !a).count();
-    let k = budget.checked_div(alive).unwrap_or(0).min(fan_in);
-    if k == 0 {
-        return Err(DstError::ZeroFanIn {
-            layer: input.name.to_string(),
-            budget,
-            rows: alive,
-        });
-    }
+    let k = fan_in_after_ablation(input, &ablated)?;
 
     // The n_keep largest |W| among active entries of rows that live on, in position order.
     let keep: Vec<usize> = if any_ablated {

@@ -261,6 +261,49 @@ fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
     }
 }
 
+/// SRigL's dynamic neuron ablation from each row's count of salient weights: a row with fewer
+/// than τ = max(1, int(γ_sal · B / rows)) is ablated (γ_sal ≥ 1: τ = γ_sal, an absolute count).
+/// Safety clamp: at least `B / fan_in + 1` rows survive, so `k` never exceeds the dense fan-in.
+pub(crate) fn ablated_rows(
+    counts: &[usize],
+    gamma: f64,
+    budget: usize,
+    fan_in: usize,
+) -> Vec<bool> {
+    let rows = counts.len();
+    let mut tau = if gamma >= 1.0 {
+        gamma as usize
+    } else {
+        ((gamma * (budget / rows) as f64) as usize).max(1)
+    };
+    let m_min = budget / fan_in.max(1);
+    let mut sorted = counts.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    if m_min < rows && sorted[m_min] < tau {
+        tau = sorted[m_min];
+    }
+    counts.iter().map(|&c| c < tau).collect()
+}
+
+/// SRigL's constant fan-in `k = min(B / alive rows, fan_in)` after ablation; an error when it
+/// is 0 (no row left, or a budget below one weight per row).
+pub(crate) fn fan_in_after_ablation(input: &UpdateInput<'_>, ablated: &[bool]) -> Result<usize> {
+    let alive = ablated.iter().filter(|&&a| !a).count();
+    let k = input
+        .budget
+        .checked_div(alive)
+        .unwrap_or(0)
+        .min(input.mask.fan_in());
+    if k == 0 {
+        return Err(DstError::ZeroFanIn {
+            layer: input.name.to_string(),
+            budget: input.budget,
+            rows: alive,
+        });
+    }
+    Ok(k)
+}
+
 /// SRigL's update as docs/algorithms.md §6 states it, one selection at a time: the reference
 /// the fused implementation is tested against, and the path for tie noise.
 pub(crate) fn srigl_general(input: &UpdateInput<'_>, p: &UpdateParams) -> Result<MaskUpdate> {
@@ -300,33 +343,9 @@ pub(crate) fn srigl_general(input: &UpdateInput<'_>, p: &UpdateParams) -> Result
                     .count()
             })
             .collect();
-        let gamma = p.srigl.gamma_sal;
-        let mut tau = if gamma >= 1.0 {
-            gamma as usize
-        } else {
-            ((gamma * (budget / rows) as f64) as usize).max(1)
-        };
-        // Safety clamp: at least `budget / fan_in + 1` rows survive, so k never exceeds the
-        // dense fan-in.
-        let m_min = budget / fan_in.max(1);
-        let mut sorted = counts.clone();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
-        if m_min < rows && sorted[m_min] < tau {
-            tau = sorted[m_min];
-        }
-        for r in 0..rows {
-            ablated[r] = counts[r] < tau;
-        }
+        ablated = ablated_rows(&counts, p.srigl.gamma_sal, budget, fan_in);
     }
-    let alive = ablated.iter().filter(|&&a| !a).count();
-    let k = budget.checked_div(alive).unwrap_or(0).min(fan_in);
-    if k == 0 {
-        return Err(DstError::ZeroFanIn {
-            layer: input.name.to_string(),
-            budget,
-            rows: alive,
-        });
-    }
+    let k = fan_in_after_ablation(input, &ablated)?;
 
     // 2. Layer-wide drop: keep the n_keep largest |W| among active weights of surviving rows.
     let active: Vec<usize> = (0..mask.len())
