@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use dst_core::Rng;
 use models::data::{decode_idx, parse_cifar10, Datasets, ImageSet};
 use models::{ModelConfig, Silent, TrainConfig, Trainer};
 use sparse_formats::{io, Condensed, Csr, Mask, NmPattern, NmSparse, SparseLayer};
@@ -90,21 +91,6 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
-/// SplitMix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 const EXTREMES: [u64; 12] = [
     0,
     1,
@@ -147,7 +133,7 @@ fn mutate_bytes(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 let chunk = b[at..end].to_vec();
                 b.splice(at..at, chunk);
             }
-            _ => b.push(rng.next() as u8),
+            _ => b.push(rng.next_u64() as u8),
         }
     }
     b
@@ -159,7 +145,10 @@ fn mutate_json_number(rng: &mut Rng, text: &str) -> Option<String> {
     let starts: Vec<usize> = (0..bytes.len())
         .filter(|&i| bytes[i].is_ascii_digit() && (i == 0 || !bytes[i - 1].is_ascii_alphanumeric()))
         .collect();
-    let &start = starts.get(rng.below(starts.len()))?;
+    if starts.is_empty() {
+        return None;
+    }
+    let start = starts[rng.below(starts.len())];
     let end = (start..bytes.len())
         .find(|&i| !(bytes[i].is_ascii_digit() || bytes[i] == b'.'))
         .unwrap_or(bytes.len());
@@ -433,7 +422,7 @@ fn main() -> Result<()> {
         }
     }
 
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut round = 0usize;
     while t0.elapsed().as_secs_f64() < time || round == 0 {
         for (i, t) in targets.iter().enumerate() {
