@@ -19,6 +19,7 @@ use dst_core::layers::{
 use dst_core::Rng;
 use lbc::training::{nm_conv2d, nm_conv2d_no_bias, nm_linear, nm_linear_no_bias, NmLayer};
 use serde::{Deserialize, Serialize};
+use sparse_kernels::act::relu;
 
 use crate::engine::EngineLayer;
 
@@ -486,13 +487,13 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
         let s = match &self.shortcut {
             Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        (h + s)?.relu()
+        relu(&(h + s)?)
     }
 }
 
@@ -501,7 +502,7 @@ fn relu_chain(layers: &[Layer], mut h: Tensor) -> candle_core::Result<Tensor> {
     for (i, l) in layers.iter().enumerate() {
         h = l.forward(&h)?;
         if i + 1 < layers.len() {
-            h = h.relu()?;
+            h = relu(&h)?;
         }
     }
     Ok(h)
@@ -726,12 +727,12 @@ impl Network {
             Body::Mlp(layers) => relu_chain(layers, x.flatten_from(1)?),
             Body::Lenet5 { conv1, conv2, fcs } => {
                 let pool = sparse_kernels::pool::max_pool2d;
-                let h = pool(&conv1.forward(x)?.relu()?, 2)?;
-                let h = pool(&conv2.forward(&h)?.relu()?, 2)?;
+                let h = pool(&relu(&conv1.forward(x)?)?, 2)?;
+                let h = pool(&relu(&conv2.forward(&h)?)?, 2)?;
                 relu_chain(fcs, h.flatten_from(1)?)
             }
             Body::Resnet { stem, blocks, fc } => {
-                let mut h = stem.1.forward_t(&stem.0.forward(x)?, train)?.relu()?;
+                let mut h = relu(&stem.1.forward_t(&stem.0.forward(x)?, train)?)?;
                 for b in blocks {
                     h = b.forward_t(&h, train)?;
                 }

@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod act;
 pub mod backward;
 pub mod conv;
 pub mod cpu;
