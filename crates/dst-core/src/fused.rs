@@ -7,11 +7,14 @@
 //! of the weights, statistics). Here:
 //!
 //! 1. one pass over the weights and the mask lists the active entries with their `|W|` keys
-//!    (every `|W|` selection is among active entries: a tenth or less of the layer);
+//!    (every `|W|` selection is among active entries: a tenth or less of the layer); it tests
+//!    blocks of 16 entries at once and collects only from blocks that hold an active one;
 //! 2. one pass over the gradient collects the entries that can be among the `n_drop` largest
-//!    `|∂L/∂W|` (`select::top_k_sampled`), for the salience counts of ablation;
-//! 3. one pass over rows, in parallel, trims each row's kept weights to `k`, grows it back to
-//!    `k` by `|∂L/∂W|`, and writes the new mask and the drop/grow counts.
+//!    `|∂L/∂W|` (`select::top_k_abs`), for the salience counts of ablation;
+//! 3. one pass over rows, in parallel, trims each row's kept weights to `k` and grows it back
+//!    to `k` by `|∂L/∂W|` (`select::top_k_growth`: block maxima bound the candidates, so a
+//!    sparse row's growth looks at a few blocks' keys), and writes the new mask; the drop/grow
+//!    counts come from the row's lists, not from another scan.
 //!
 //! It applies when the general implementation's candidate sets are the active entries: no tie
 //! noise (which scores every entry), every inactive weight 0 (the update's contract) and no NaN
@@ -21,7 +24,7 @@ use rayon::prelude::*;
 use sparse_formats::Mask;
 
 use crate::error::Result;
-use crate::select::{key, top_k_keys, top_k_row, top_k_sampled, EXCLUDED};
+use crate::select::{key, top_k_abs, top_k_growth, top_k_keys};
 use crate::update::{
     ablated_rows, fan_in_after_ablation, MaskUpdate, UpdateInput, UpdateParams, UpdateStats,
 };
@@ -42,26 +45,34 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
         .par_chunks(chunk)
         .zip(w.par_chunks(chunk))
         .enumerate()
-        .map_init(Vec::new, |buf: &mut Vec<u32>, (ci, (m, wc))| {
-            // Branch-free scans (an active entry's position is unpredictable): checks and
-            // counts first, then a compaction that writes every offset and advances on the
-            // active ones.
+        .map(|(ci, (m, wc))| {
+            // Blocks of 16: branch-free checks and counts (vectorised), and the active
+            // offsets collected only from blocks that hold one (a few in a sparse layer).
+            const B: usize = 16;
             let (mut nonzero, mut broken) = (0usize, false);
-            for (&on, &v) in m.iter().zip(wc) {
-                nonzero += (on & (v != 0.0)) as usize;
-                broken |= v.is_nan() | (!on & (v != 0.0));
+            let mut offsets: Vec<u32> = Vec::new();
+            for (b, (mb, wb)) in m.chunks(B).zip(wc.chunks(B)).enumerate() {
+                let (mut nz, mut bad, mut any) = (0u32, false, false);
+                for (&on, &v) in mb.iter().zip(wb) {
+                    nz += (on & (v != 0.0)) as u32;
+                    bad |= v.is_nan() | (!on & (v != 0.0));
+                    any |= on;
+                }
+                nonzero += nz as usize;
+                broken |= bad;
+                if any {
+                    offsets.extend(
+                        mb.iter()
+                            .enumerate()
+                            .filter(|(_, &on)| on)
+                            .map(|(j, _)| (b * B + j) as u32),
+                    );
+                }
             }
             if broken {
                 return None;
             }
-            buf.resize(m.len() + 1, 0);
-            let mut len = 0;
-            for (j, &on) in m.iter().enumerate() {
-                buf[len] = j as u32;
-                len += on as usize;
-            }
             let base = ci * chunk;
-            let offsets = &buf[..len];
             Some(Active {
                 pos: offsets.iter().map(|&j| base + j as usize).collect(),
                 keys: offsets.iter().map(|&j| key(wc[j as usize].abs())).collect(),
@@ -82,6 +93,18 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
         all.nonzero += a.nonzero;
     }
     Some(all)
+}
+
+/// `starts[r]..starts[r + 1]`: the entries of row `r` in an ascending position list.
+fn row_starts(positions: &[usize], rows: usize, fan_in: usize) -> Vec<usize> {
+    let mut starts = vec![0usize; rows + 1];
+    for &i in positions {
+        starts[i / fan_in + 1] += 1;
+    }
+    for r in 0..rows {
+        starts[r + 1] += starts[r];
+    }
+    starts
 }
 
 /// Per row, how many entries are in either of two ascending position lists.
@@ -146,7 +169,7 @@ fn finish(
     let mut ablated = vec![false; rows];
     if p.srigl.ablation && !input.protected && rows > 0 {
         let salient_w: Vec<usize> = by_weight.iter().map(|&a| active.pos[a]).collect();
-        let salient_g = top_k_sampled(mask.len(), n_drop, |i| key(g[i].abs()));
+        let salient_g = top_k_abs(g, n_drop);
         let counts = union_counts(&salient_w, &salient_g, rows, fan_in);
         ablated = ablated_rows(&counts, p.srigl.gamma_sal, budget, fan_in);
     }
@@ -170,24 +193,20 @@ fn finish(
     } else {
         by_weight.into_iter().map(|a| active.pos[a]).collect()
     };
-    let mut starts = vec![0usize; rows + 1];
-    for &i in &keep {
-        starts[i / fan_in + 1] += 1;
-    }
-    for r in 0..rows {
-        starts[r + 1] += starts[r];
-    }
+    let starts = row_starts(&keep, rows, fan_in);
+    let old_starts = row_starts(&active.pos, rows, fan_in);
 
     // Pass 3: every row at once.
     let mut new_bits = vec![false; mask.len()];
     let (dropped, grown) = new_bits
         .par_chunks_mut(fan_in)
         .enumerate()
-        .map_init(Vec::new, |row_keys: &mut Vec<u32>, (r, nb)| {
+        .map(|(r, nb)| {
             let base = r * fan_in;
             let old = &bits[base..base + fan_in];
+            let n_old = old_starts[r + 1] - old_starts[r];
             if ablated[r] {
-                return (old.iter().filter(|&&a| a).count(), 0);
+                return (n_old, 0);
             }
             let kept = &keep[starts[r]..starts[r + 1]];
             if kept.len() > k {
@@ -200,25 +219,16 @@ fn finish(
                     nb[i - base] = true;
                 }
             }
-            let need = k - kept.len().min(k);
-            if need > 0 {
-                let gr = &g[base..base + fan_in];
-                row_keys.clear();
-                row_keys.extend(
-                    nb.iter()
-                        .zip(gr)
-                        .map(|(&on, &v)| if on { EXCLUDED } else { key(v.abs()) }),
-                );
-                for c in top_k_row(row_keys, need) {
-                    nb[c] = true;
-                }
+            // Kept entries are active ones; a grown entry may be one just dropped (then it
+            // counts as neither).
+            let kept_n = kept.len().min(k);
+            let need = k - kept_n;
+            let mut regrown = 0;
+            for c in top_k_growth(&g[base..base + fan_in], nb, k, need) {
+                nb[c] = true;
+                regrown += old[c] as usize;
             }
-            let (mut dropped, mut grown) = (0, 0);
-            for (&a, &b) in old.iter().zip(nb.iter()) {
-                dropped += (a & !b) as usize;
-                grown += (!a & b) as usize;
-            }
-            (dropped, grown)
+            (n_old - kept_n - regrown, need - regrown)
         })
         .reduce(|| (0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
     let ablated_rows: Vec<usize> = (0..rows).filter(|&r| ablated[r]).collect();

@@ -38,6 +38,18 @@ pub(crate) fn key(s: f32) -> u32 {
     order_key(rank_key(s))
 }
 
+/// [`key`]`(v.abs())` without branches (vectorisable): a NaN's key is −∞'s, `0x007F_FFFF`;
+/// any other magnitude's is its bits with the top bit set.
+#[inline]
+pub(crate) fn abs_key(v: f32) -> u32 {
+    let b = v.to_bits() & 0x7FFF_FFFF;
+    if b > 0x7F80_0000 {
+        0x007F_FFFF
+    } else {
+        b | 0x8000_0000
+    }
+}
+
 /// The `k` candidates with the largest scores, ties broken by smaller index; NaN ranks last.
 /// Returned in ascending index order.
 ///
@@ -180,6 +192,69 @@ fn row_sampled(keys: &[u32], k: usize) -> Option<Vec<usize>> {
     )
 }
 
+/// The growth of one row: positions of the `need` largest `|g|` among the entries not `taken`
+/// (ties by smaller position, NaN last), ascending, where `taken` holds `k − need` entries —
+/// the same set as [`top_k_row`] on the keys with the taken entries [`EXCLUDED`].
+///
+/// The growth set lies inside the row's `k` largest entries over *all* entries (an entry of it
+/// is outranked only by taken entries, at most `k − need`, and by fewer than `need` others),
+/// so the maxima of blocks of 16 bound it without looking at `taken`: the `k` blocks holding
+/// the `k` largest maxima hold `k` entries at least the `k`-th largest maximum `b`, so the
+/// `k`-th largest entry is ≥ `b`, and the blocks whose maximum is ≥ `b` hold every entry of the
+/// growth set (ties included). The maxima come
+/// from one branch-free pass over `|g|` as floats (vectorised); only the entries of those
+/// blocks get exact keys. When `k` is not small against the row (`32 k > n`: about as many
+/// blocks would pass as there are) it is [`top_k_row`] on keys with the taken entries
+/// [`EXCLUDED`].
+pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> Vec<usize> {
+    const B: usize = 16;
+    let n = g.len();
+    debug_assert_eq!(taken.len(), n);
+    debug_assert!(need <= k);
+    if need == 0 {
+        return Vec::new();
+    }
+    if n < 32 * k || n < 4 * B {
+        let keys: Vec<u32> = g
+            .iter()
+            .zip(taken)
+            .map(|(&v, &on)| if on { EXCLUDED } else { abs_key(v) })
+            .collect();
+        return top_k_row(&keys, need);
+    }
+    // A block's largest |g| as a float (NaN never wins a comparison; an all-NaN block stays
+    // at −1, below every magnitude), then as the key of that magnitude.
+    let maxima: Vec<u32> = g
+        .chunks(B)
+        .map(|c| {
+            let m = c.iter().fold(-1.0f32, |m, &v| {
+                let a = v.abs();
+                if a > m {
+                    a
+                } else {
+                    m
+                }
+            });
+            if m < 0.0 {
+                key(f32::NAN)
+            } else {
+                m.to_bits() | 0x8000_0000
+            }
+        })
+        .collect();
+    let mut ordered = maxima.clone();
+    let (_, &mut bound, _) = ordered.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    let mut pos: Vec<u32> = Vec::with_capacity(B * (k + 4));
+    for (b, _) in maxima.iter().enumerate().filter(|(_, &m)| m >= bound) {
+        pos.extend(((b * B) as u32..((b + 1) * B).min(n) as u32).filter(|&i| !taken[i as usize]));
+    }
+    let keys: Vec<u32> = pos.iter().map(|&i| abs_key(g[i as usize])).collect();
+    top_k_row(&keys, need)
+        .into_iter()
+        .map(|p| pos[p] as usize)
+        .collect()
+}
+
 /// Positions of the `k` largest of `n` keys given by `key_at` (ties by smaller position),
 /// ascending, without materialising the `n` keys when `k` is small against `n`.
 ///
@@ -235,6 +310,58 @@ pub(crate) fn top_k_sampled(
     let collected: Vec<(usize, u32)> = parts.concat();
     if collected.len() < k {
         return top_k_keys(&all_keys(n, &key_at), k);
+    }
+    let keys: Vec<u32> = collected.iter().map(|&(_, o)| o).collect();
+    top_k_keys(&keys, k)
+        .into_iter()
+        .map(|p| collected[p].0)
+        .collect()
+}
+
+/// Positions of the `k` largest `|g|` (ties by smaller position, NaN last), ascending: the
+/// same set as [`top_k_sampled`] with the keys `key(|g|)`, for a slice. The collecting pass
+/// compares blocks of 16 magnitudes at once (vectorised) and collects only from blocks where
+/// one passes the sample's bound — a few of them when `k` is small against `n`.
+pub(crate) fn top_k_abs(g: &[f32], k: usize) -> Vec<usize> {
+    const B: usize = 16;
+    let n = g.len();
+    if k >= n || k == 0 || n < 1 << 16 || k > n / 8 {
+        return top_k_sampled(n, k, |i| abs_key(g[i]));
+    }
+    let stride = n / (1 << 14);
+    let mut sample: Vec<u32> = (0..n / stride).map(|j| abs_key(g[j * stride])).collect();
+    let m = sample.len();
+    // As top_k_sampled: the sample's k/n-quantile with a margin.
+    let expected = k as f64 * m as f64 / n as f64;
+    let rank = (expected * 1.5 + 8.0 * expected.sqrt() + 16.0).min((m - 1) as f64) as usize;
+    let (_, &mut t_lo, _) = sample.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    const CHUNK: usize = 1 << 15;
+    let parts: Vec<Vec<(usize, u32)>> = g
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(c, gc)| {
+            let mut out = Vec::new();
+            for (b, block) in gc.chunks(B).enumerate() {
+                if block
+                    .iter()
+                    .fold(false, |any, &v| any | (abs_key(v) >= t_lo))
+                {
+                    let base = c * CHUNK + b * B;
+                    out.extend(
+                        block
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &v)| (base + j, abs_key(v)))
+                            .filter(|&(_, o)| o >= t_lo),
+                    );
+                }
+            }
+            out
+        })
+        .collect();
+    let collected: Vec<(usize, u32)> = parts.concat();
+    if collected.len() < k {
+        return top_k_keys(&all_keys(n, &|i| abs_key(g[i])), k);
     }
     let keys: Vec<u32> = collected.iter().map(|&(_, o)| o).collect();
     top_k_keys(&keys, k)
@@ -338,7 +465,46 @@ mod tests {
                     "sampled n = {n}, k = {k}"
                 );
                 assert_eq!(top_k_row(&keys, k), want, "row n = {n}, k = {k}");
+                let mags: Vec<f32> = scores.iter().map(|v| v.abs()).collect();
+                assert_eq!(
+                    top_k_abs(&scores, k),
+                    by_sort(&mags, k),
+                    "abs n = {n}, k = {k}"
+                );
             }
+        }
+    }
+
+    #[test]
+    fn the_growth_bound_gives_the_excluding_scan() {
+        let mut rng = Rng::new(19);
+        for case in 0..400 {
+            let n = [17usize, 64, 500, 784, 1000, 3072][case % 6];
+            let distinct = 1 + rng.below(6);
+            let g = random_scores(&mut rng, n, distinct);
+            let k = 1 + rng.below((n / 8).max(1));
+            let taken_n = rng.below(k + 1);
+            let mut taken = vec![false; n];
+            for c in rng.choose(n, taken_n) {
+                taken[c] = true;
+            }
+            // A row all of one value, or of NaN, now and then.
+            let g: Vec<f32> = match case % 25 {
+                0 => vec![1.5; n],
+                1 => vec![f32::NAN; n],
+                _ => g,
+            };
+            let keys: Vec<u32> = g
+                .iter()
+                .zip(&taken)
+                .map(|(&v, &on)| if on { EXCLUDED } else { key(v.abs()) })
+                .collect();
+            let need = k - taken_n;
+            assert_eq!(
+                top_k_growth(&g, &taken, k, need),
+                top_k_row(&keys, need),
+                "case {case}: n = {n}, k = {k}, need = {need}"
+            );
         }
     }
 
@@ -384,6 +550,23 @@ mod tests {
             assert!(key(s) > EXCLUDED, "{s}");
         }
         assert!(key(f32::NAN) == key(f32::NEG_INFINITY));
+        for v in [
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFFC0_1234),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            f32::MIN_POSITIVE,
+            -1e-40,
+            3.5,
+            -7.25,
+            f32::MAX,
+        ] {
+            assert_eq!(abs_key(v), key(v.abs()), "{v}");
+        }
         assert!(key(-0.0) < key(0.0) && key(1.0) < key(2.0) && key(-2.0) < key(-1.0));
     }
 }

@@ -128,17 +128,19 @@ impl EngineLayer {
         let mask = self.param.mask();
         let (rows, fan_in) = (mask.rows(), mask.fan_in());
         let positions = positions_of(&mask);
-        // The dense weight is read in place.
-        let (structure, vals) = with_f32(self.param.var().as_tensor(), |w| {
-            let structure = match Condensed::from_dense(rows, fan_in, w, &mask, None) {
+        // The dense weight is read in place; the layout is built from the positions, O(stored
+        // values), not from another scan of the mask.
+        let vals = with_f32(self.param.var().as_tensor(), |w| {
+            positions.iter().map(|&p| w[p]).collect::<Vec<f32>>()
+        })?;
+        let structure =
+            match Condensed::from_positions(rows, fan_in, &positions, vals.clone(), None) {
                 Ok(c) => SparseStructure::from(c),
                 Err(_) => SparseStructure::from(
-                    Csr::from_dense(rows, fan_in, w, &mask).map_err(candle_core::Error::wrap)?,
+                    Csr::from_positions(rows, fan_in, &positions, vals.clone())
+                        .map_err(candle_core::Error::wrap)?,
                 ),
             };
-            let vals: Vec<f32> = positions.iter().map(|&p| w[p]).collect();
-            Ok::<_, candle_core::Error>((structure, vals))
-        })??;
         let dev = self.param.var().device().clone();
         let values = Var::from_tensor(&Tensor::from_vec(vals, positions.len(), &dev)?)?;
         let mut inner = self.write();

@@ -116,6 +116,49 @@ impl Condensed {
         )
     }
 
+    /// Builds the layout from the flat positions `r · fan_in + c` of the active entries
+    /// (strictly ascending) and their values — O(active entries), where
+    /// [`Condensed::from_dense`] scans the whole mask. Fails like `from_dense` when the
+    /// non-empty rows' counts differ, and names `positions` or `values` when they are
+    /// malformed.
+    ///
+    /// ```
+    /// use sparse_formats::Condensed;
+    /// let c = Condensed::from_positions(3, 3, &[0, 2, 7, 8], vec![1.0, 2.0, 3.0, 4.0], None)
+    ///     .unwrap();
+    /// assert_eq!(c.to_dense(), vec![1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0]);
+    /// ```
+    pub fn from_positions(
+        rows: usize,
+        fan_in: usize,
+        positions: &[usize],
+        values: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let counts = crate::mask::position_row_counts(rows, fan_in, positions)?;
+        check_len("values", values.len(), positions.len())?;
+        let mut k = 0;
+        let mut first_row = 0;
+        for (r, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+            if k == 0 {
+                (k, first_row) = (c, r);
+            } else if c != k {
+                return Err(FormatError::FanInNotConstant {
+                    first_row,
+                    expected: k,
+                    row: r,
+                    found: c,
+                });
+            }
+        }
+        let active_rows: Vec<u32> = (0..rows)
+            .filter(|&r| counts[r] > 0)
+            .map(|r| r as u32)
+            .collect();
+        let indices = IndexVec::collect_for_fan_in(fan_in, positions.iter().map(|&p| p % fan_in));
+        Self::from_parts(rows, fan_in, k, active_rows, values, indices, bias)
+    }
+
     /// Checked constructor from the raw parts; every invariant listed on the type is verified
     /// and a violation is reported naming the part (`active_rows`, `values`, `indices`,
     /// `bias`). Indices are converted to the narrowest type for `fan_in`.
@@ -288,6 +331,39 @@ impl Condensed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_give_the_dense_layout() {
+        let w = [1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0];
+        let mask = Mask::from_dense(3, 3, &w).unwrap();
+        let bias = Some(vec![0.5, -0.5, 1.0]);
+        let want = Condensed::from_dense(3, 3, &w, &mask, bias.as_deref()).unwrap();
+        let got =
+            Condensed::from_positions(3, 3, &[0, 2, 7, 8], vec![1.0, 2.0, 3.0, 4.0], bias).unwrap();
+        assert_eq!(got, want);
+        // Unequal rows, unsorted or outside positions, a values length off: errors.
+        assert!(matches!(
+            Condensed::from_positions(3, 3, &[0, 2, 7], vec![0.0; 3], None),
+            Err(FormatError::FanInNotConstant {
+                row: 2,
+                found: 1,
+                ..
+            })
+        ));
+        for (pos, n) in [
+            (vec![2, 0], 2),
+            (vec![0, 0], 2),
+            (vec![0, 9], 2),
+            (vec![0, 1], 3),
+        ] {
+            let e = Condensed::from_positions(3, 3, &pos, vec![0.0; n], None).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("positions") || text.contains("values"),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn ragged_mask_is_a_typed_error() {

@@ -75,6 +75,32 @@ impl Csr {
         })
     }
 
+    /// Builds the layout from the flat positions `r · fan_in + c` of the active entries
+    /// (strictly ascending) and their values — O(active entries), where [`Csr::from_dense`]
+    /// scans the whole mask; names `positions` or `values` when they are malformed.
+    ///
+    /// ```
+    /// use sparse_formats::Csr;
+    /// let csr = Csr::from_positions(2, 3, &[1, 2, 3], vec![1.0, 2.0, 3.0]).unwrap();
+    /// assert_eq!((csr.row_ptr(), csr.col_indices()), (&[0, 2, 3][..], &[1u32, 2, 0][..]));
+    /// ```
+    pub fn from_positions(
+        rows: usize,
+        fan_in: usize,
+        positions: &[usize],
+        values: Vec<f32>,
+    ) -> Result<Self> {
+        let counts = crate::mask::position_row_counts(rows, fan_in, positions)?;
+        check_len("values", values.len(), positions.len())?;
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        row_ptr.push(0);
+        for c in counts {
+            row_ptr.push(row_ptr[row_ptr.len() - 1] + c);
+        }
+        let col_indices = positions.iter().map(|&p| (p % fan_in) as u32).collect();
+        Self::from_parts(rows, fan_in, row_ptr, col_indices, values)
+    }
+
     /// Checked constructor from the raw parts, reporting the broken rule on `row_ptr`,
     /// `col_indices` or `values`.
     pub fn from_parts(
@@ -200,6 +226,30 @@ impl Csr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_give_the_dense_layout() {
+        let w = [0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let mask = Mask::from_dense(3, 3, &w).unwrap();
+        let want = Csr::from_dense(3, 3, &w, &mask).unwrap();
+        assert_eq!(
+            Csr::from_positions(3, 3, &[1, 2, 3], vec![1.0, 2.0, 3.0]).unwrap(),
+            want
+        );
+        for (pos, n) in [
+            (vec![2, 1], 2),
+            (vec![1, 1], 2),
+            (vec![0, 9], 2),
+            (vec![0, 1], 1),
+        ] {
+            let e = Csr::from_positions(3, 3, &pos, vec![0.0; n]).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("positions") || text.contains("values"),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn from_parts_checks_every_rule() {

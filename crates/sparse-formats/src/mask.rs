@@ -374,6 +374,39 @@ impl Mask {
     }
 }
 
+/// Active entries per row of `rows × fan_in` from their flat positions `r · fan_in + c`,
+/// which must be strictly ascending and inside the layer (the `positions` constructors of
+/// [`Condensed`](crate::Condensed) and [`Csr`](crate::Csr)).
+pub(crate) fn position_row_counts(
+    rows: usize,
+    fan_in: usize,
+    positions: &[usize],
+) -> Result<Vec<usize>> {
+    let len = checked_area("positions", rows, fan_in)?;
+    if let Some(a) = positions.windows(2).position(|p| p[0] >= p[1]) {
+        return Err(FormatError::invalid(
+            "positions",
+            format!(
+                "not strictly increasing at position {}: {} after {}",
+                a + 1,
+                positions[a + 1],
+                positions[a]
+            ),
+        ));
+    }
+    if let Some(&last) = positions.last().filter(|&&p| p >= len) {
+        return Err(FormatError::invalid(
+            "positions",
+            format!("{last} outside the {rows} × {fan_in} layer (valid: 0..{len})"),
+        ));
+    }
+    let mut counts = vec![0usize; rows];
+    for &p in positions {
+        counts[p / fan_in] += 1;
+    }
+    Ok(counts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
