@@ -1,7 +1,7 @@
 //! One mask update of one layer, timed as the trainer's sparsifier runs it (the new mask from
 //! the weights and gradient in place, then the change applied to the weights in place): SRigL
 //! (with ablation), RigL and SET on the wide MLP's
-//! 3072×3072 hidden layer and the 1000-wide MLP's 1000×1000 layer at 90% and 99% sparsity, the
+//! 3072×3072 hidden layer and the 1000-wide MLP's 1000×1000 layer at 90%, 95% and 99% sparsity, the
 //! weights and dense gradient random (seeded), the mask the method's own initial mask.
 //!
 //! `cargo bench -p dst-core --bench update -- [--quick] [--rows 1000|3072] [--method srigl]`; the `train` suite of the `models`
@@ -37,7 +37,7 @@ fn main() {
         if only_rows.as_ref().is_some_and(|r| *r != rows.to_string()) {
             continue;
         }
-        for sparsity in [0.9, 0.99] {
+        for sparsity in [0.9, 0.95, 0.99] {
             let budget = ((1.0 - sparsity) * (rows * fan_in) as f64).round() as usize;
             let mut rng = Rng::new(1);
             let g: Vec<f32> = (0..rows * fan_in).map(|_| rng.normal() as f32).collect();

@@ -7,8 +7,8 @@
 //! of the weights, statistics). Here:
 //!
 //! 1. one pass over the weights and the mask lists the active entries with their `|W|` keys
-//!    (every `|W|` selection is among active entries: a tenth or less of the layer); it tests
-//!    blocks of 16 entries at once and collects only from blocks that hold an active one;
+//!    (every `|W|` selection is among active entries: a tenth or less of the layer); it packs
+//!    64 active flags into a word at a time and walks the word's set bits;
 //! 2. one pass over the gradient collects the entries that can be among the `n_drop` largest
 //!    `|∂L/∂W|` (`select::top_k_abs`), for the salience counts of ablation;
 //! 3. one pass over rows, in parallel, trims each row's kept weights to `k` and grows it back
@@ -46,27 +46,23 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
         .zip(w.par_chunks(chunk))
         .enumerate()
         .map(|(ci, (m, wc))| {
-            // Blocks of 16: branch-free checks and counts (vectorised), and the active
-            // offsets collected only from blocks that hold one (a few in a sparse layer).
-            const B: usize = 16;
+            // Words of 64 entries: branch-free checks, counts and the word of active flags
+            // (vectorised), then a walk over its set bits — one step per active entry.
+            const B: usize = 64;
             let (mut nonzero, mut broken) = (0usize, false);
             let mut offsets: Vec<u32> = Vec::new();
             for (b, (mb, wb)) in m.chunks(B).zip(wc.chunks(B)).enumerate() {
-                let (mut nz, mut bad, mut any) = (0u32, false, false);
-                for (&on, &v) in mb.iter().zip(wb) {
+                let (mut nz, mut bad, mut word) = (0u32, false, 0u64);
+                for (j, (&on, &v)) in mb.iter().zip(wb).enumerate() {
                     nz += (on & (v != 0.0)) as u32;
                     bad |= v.is_nan() | (!on & (v != 0.0));
-                    any |= on;
+                    word |= (on as u64) << j;
                 }
                 nonzero += nz as usize;
                 broken |= bad;
-                if any {
-                    offsets.extend(
-                        mb.iter()
-                            .enumerate()
-                            .filter(|(_, &on)| on)
-                            .map(|(j, _)| (b * B + j) as u32),
-                    );
+                while word != 0 {
+                    offsets.push((b * B) as u32 + word.trailing_zeros());
+                    word &= word - 1;
                 }
             }
             if broken {

@@ -126,7 +126,7 @@ fn collect_top(keys: &[u32], k: usize, t: u32, above: usize) -> Vec<usize> {
 }
 
 /// Positions of the `k` largest `keys` (ties by smaller position), ascending, for one row of a
-/// layer (sequential): for a few of many (`k` ≤ 64, `n` ≥ 16 k) one scan that keeps the best `k`
+/// layer (sequential): for a few of many (`k` ≤ 16, `n` ≥ 16 k) one scan that keeps the best `k`
 /// so far in a small sorted buffer — an entry is inserted only when it beats the buffer's last,
 /// about `k · ln(n / k)` times for random keys; for more of many (`n` ≥ 8 k) a strided sample's
 /// bound and one branch-free collecting scan, as [`top_k_sampled`] does for a whole layer; else
@@ -139,7 +139,7 @@ pub(crate) fn top_k_row(keys: &[u32], k: usize) -> Vec<usize> {
     if k == 0 {
         return Vec::new();
     }
-    if k > 64 || n < 16 * k {
+    if k > 16 || n < 16 * k {
         if n >= 1024 && n >= 8 * k {
             if let Some(top) = row_sampled(keys, k) {
                 return top;
@@ -320,10 +320,10 @@ pub(crate) fn top_k_sampled(
 
 /// Positions of the `k` largest `|g|` (ties by smaller position, NaN last), ascending: the
 /// same set as [`top_k_sampled`] with the keys `key(|g|)`, for a slice. The collecting pass
-/// compares blocks of 16 magnitudes at once (vectorised) and collects only from blocks where
-/// one passes the sample's bound — a few of them when `k` is small against `n`.
+/// packs the comparisons with the sample's bound of 64 magnitudes into a word at a time
+/// (vectorised) and walks its set bits: one step per collected entry, no branch per entry.
 pub(crate) fn top_k_abs(g: &[f32], k: usize) -> Vec<usize> {
-    const B: usize = 16;
+    const B: usize = 64;
     let n = g.len();
     if k >= n || k == 0 || n < 1 << 16 || k > n / 8 {
         return top_k_sampled(n, k, |i| abs_key(g[i]));
@@ -342,18 +342,15 @@ pub(crate) fn top_k_abs(g: &[f32], k: usize) -> Vec<usize> {
         .map(|(c, gc)| {
             let mut out = Vec::new();
             for (b, block) in gc.chunks(B).enumerate() {
-                if block
+                let mut word = block
                     .iter()
-                    .fold(false, |any, &v| any | (abs_key(v) >= t_lo))
-                {
-                    let base = c * CHUNK + b * B;
-                    out.extend(
-                        block
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &v)| (base + j, abs_key(v)))
-                            .filter(|&(_, o)| o >= t_lo),
-                    );
+                    .enumerate()
+                    .fold(0u64, |w, (j, &v)| w | (((abs_key(v) >= t_lo) as u64) << j));
+                let base = c * CHUNK + b * B;
+                while word != 0 {
+                    let j = word.trailing_zeros() as usize;
+                    out.push((base + j, abs_key(block[j])));
+                    word &= word - 1;
                 }
             }
             out

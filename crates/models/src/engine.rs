@@ -24,7 +24,7 @@ use candle_core::{Module, Tensor, TensorId, Var};
 use dst_core::optim::{MaskAware, OptimizerConfig};
 use dst_core::{SparseParam, Sparsify};
 use rayon::prelude::*;
-use sparse_formats::{Condensed, Csr, Mask};
+use sparse_formats::{Condensed, Csr};
 use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
 use sparse_kernels::storage::{with_f32, write_in_place};
 
@@ -83,13 +83,6 @@ fn relayout_values(old: &[usize], values: &[f32], new: &[usize]) -> Vec<f32> {
     out
 }
 
-fn positions_of(mask: &Mask) -> Vec<usize> {
-    let f = mask.fan_in();
-    (0..mask.rows())
-        .flat_map(|r| mask.row_indices(r).map(move |c| r * f + c))
-        .collect()
-}
-
 impl EngineLayer {
     /// Wraps a dst-core linear weight; it runs densely until [`EngineLayer::compress`].
     pub fn new(param: SparseParam, bias: Option<Var>) -> Self {
@@ -127,7 +120,7 @@ impl EngineLayer {
     pub fn compress(&self, old_state: &[Tensor]) -> candle_core::Result<(Var, Vec<Tensor>)> {
         let mask = self.param.mask();
         let (rows, fan_in) = (mask.rows(), mask.fan_in());
-        let positions = positions_of(&mask);
+        let positions = mask.positions();
         // The dense weight is read in place; the layout is built from the positions, O(stored
         // values), not from another scan of the mask.
         let vals = with_f32(self.param.var().as_tensor(), |w| {

@@ -195,6 +195,42 @@ impl Mask {
         self.bits.iter().filter(|&&b| b).count()
     }
 
+    /// The flat positions `r · fan_in + c` of the active entries, ascending.
+    ///
+    /// Packs 64 entries into a word at a time (a branch-free, vectorised loop) and walks its set
+    /// bits, so the cost is a read of the mask plus one step per active entry — several times
+    /// faster than visiting the entries one by one on a 90–99%-sparse mask.
+    ///
+    /// ```
+    /// use sparse_formats::Mask;
+    /// let m = Mask::new(2, 3, vec![false, true, true, true, false, false]).unwrap();
+    /// assert_eq!(m.positions(), vec![1, 2, 3]);
+    /// ```
+    pub fn positions(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut words = self.bits.chunks_exact(64);
+        for (b, chunk) in (&mut words).enumerate() {
+            let mut w = chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |w, (j, &on)| w | ((on as u64) << j));
+            while w != 0 {
+                out.push(b * 64 + w.trailing_zeros() as usize);
+                w &= w - 1;
+            }
+        }
+        let base = self.bits.len() - words.remainder().len();
+        out.extend(
+            words
+                .remainder()
+                .iter()
+                .enumerate()
+                .filter(|(_, &on)| on)
+                .map(|(j, _)| base + j),
+        );
+        out
+    }
+
     /// Active entries of one row (the row's fan-in).
     pub fn row_nnz(&self, r: usize) -> usize {
         self.row(r).iter().filter(|&&b| b).count()
@@ -410,6 +446,27 @@ pub(crate) fn position_row_counts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_are_the_active_entries_in_order() {
+        // Sizes around the 64-entry words, densities from empty to full.
+        let mut state = 7u64;
+        for (rows, fan_in) in [(1, 1), (3, 21), (2, 64), (5, 100), (17, 129)] {
+            for density in [0u64, 1, 10, 50, 100] {
+                let bits: Vec<bool> = (0..rows * fan_in)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (state >> 33) % 100 < density
+                    })
+                    .collect();
+                let want: Vec<usize> = (0..bits.len()).filter(|&i| bits[i]).collect();
+                let m = Mask::new(rows, fan_in, bits).unwrap();
+                assert_eq!(m.positions(), want, "{rows}×{fan_in}, {density}%");
+            }
+        }
+    }
 
     fn sample() -> Mask {
         Mask::parse(
