@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use models::data::ImageSet;
+use models::inference::{ModelDescription, SparseModel, MODEL_VERSION};
 use models::{Datasets, Trainer};
 use serde::Serialize;
 use sparse_formats::io::{DenseTensor, SparseLayer};
@@ -17,12 +18,26 @@ use sparse_kernels::{Exec, SparseWeight};
 /// `dst eval` flags.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// A run folder (its checkpoint/ is used) or a checkpoint folder.
+    /// A run folder (its checkpoint/ is used), a checkpoint folder, or a model file written by
+    /// `dst export` (run on the sparse kernels, without the run folder).
     path: PathBuf,
     /// Folder holding the data set (overrides the run's).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `dst predict` flags.
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// A model file written by `dst export`.
+    file: PathBuf,
+    /// IDX image file (`[n, rows, cols]` bytes, plain or gzip).
+    #[arg(long, value_name = "IDX")]
+    input: PathBuf,
+    /// Print JSON (`{"predictions": [...]}`) instead of one class per line.
     #[arg(long)]
     json: bool,
 }
@@ -71,6 +86,10 @@ pub struct BenchArgs {
     /// Threads for both the sparse kernels and candle's dense matmul (0: all).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Time the whole model of a model file (batch 1 latency, batch 256 throughput) on the
+    /// sparse kernels against the same model run dense, instead of single layers.
+    #[arg(long)]
+    end_to_end: bool,
 }
 
 /// The checkpoint folder of a run folder, or the folder itself.
@@ -106,6 +125,9 @@ fn placeholder(cfg: &models::TrainConfig) -> Result<Datasets> {
 
 /// `dst eval`.
 pub fn eval(a: EvalArgs) -> Result<ExitCode> {
+    if a.path.is_file() {
+        return eval_file(a);
+    }
     let ck = checkpoint_dir(&a.path)?;
     let mut cfg = Trainer::checkpoint_config(&ck)?;
     if let Some(d) = a.data_dir {
@@ -129,6 +151,95 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `dst eval FILE`: the exported model on its data set's test split.
+fn eval_file(a: EvalArgs) -> Result<ExitCode> {
+    let model = SparseModel::load(&a.path)?;
+    let d = model.description();
+    let dir = models::data::find_dataset(d.dataset, a.data_dir.as_deref())?;
+    let test = d.dataset.load(&dir, models::data::Split::Test)?;
+    let (loss, acc) = model.evaluate(&test)?;
+    let sparse: Vec<String> = model
+        .sparse_layers()
+        .iter()
+        .map(|(n, f)| format!("{n} ({f})"))
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"test_accuracy": acc, "test_loss": loss, "sparse_layers": sparse})
+        );
+    } else {
+        println!(
+            "test accuracy {acc:.4}  test loss {loss:.4}  ({} test examples; on the sparse \
+             kernels: {})",
+            test.len(),
+            if sparse.is_empty() {
+                "none".to_string()
+            } else {
+                sparse.join(", ")
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dst predict`.
+pub fn predict(a: PredictArgs) -> Result<ExitCode> {
+    let model = SparseModel::load(&a.file)?;
+    let set = models::data::read_idx_images(&a.input, model.description().classes)?;
+    let classes = model
+        .predict(&set)
+        .with_context(|| format!("--input {}", a.input.display()))?;
+    if a.json {
+        println!("{}", serde_json::json!({ "predictions": classes }));
+    } else {
+        let mut out = String::with_capacity(classes.len() * 2);
+        for c in classes {
+            out.push_str(&c.to_string());
+            out.push('\n');
+        }
+        print!("{out}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dst bench FILE --end-to-end`: whole-model latency (batch 1) and throughput (batch 256) on
+/// the sparse kernels against the same model dense, in one run.
+fn bench_end_to_end(a: &BenchArgs) -> Result<ExitCode> {
+    let Some(file) = &a.file else {
+        bail!("--end-to-end needs a model file (written by `dst export`)");
+    };
+    let sparse = SparseModel::load(file)?;
+    let dense = SparseModel::load_dense(file)?;
+    let [c, h, w] = sparse.description().image;
+    println!(
+        "{:<8} {:>14} {:>14} {:>9}",
+        "batch", "sparse ms", "dense ms", "speed-up"
+    );
+    let mut rng = dst_core::Rng::new(7);
+    for batch in [1usize, 256] {
+        let x: Vec<f32> = (0..batch * c * h * w)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let x = Tensor::from_vec(x, (batch, c, h, w), &Device::Cpu)?;
+        let time = |m: &SparseModel| -> Result<f64> {
+            m.forward(&x)?;
+            let mut times = Vec::new();
+            let start = Instant::now();
+            while times.len() < 5 || (start.elapsed().as_secs_f64() < 1.0 && times.len() < 1000) {
+                let t = Instant::now();
+                std::hint::black_box(m.forward(&x)?);
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times[times.len() / 2] * 1e3)
+        };
+        let (s, d) = (time(&sparse)?, time(&dense)?);
+        println!("{batch:<8} {s:>14.3} {d:>14.3} {:>8.2}×", d / s);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Weight layers of a checkpoint: name, dense `[rows, fan_in]` values, mask, bias, N:M group
 /// stride (kh·kw).
 struct Trained {
@@ -141,19 +252,50 @@ struct Trained {
     stride: usize,
 }
 
-fn trained_layers(run: &Path) -> Result<(models::TrainConfig, Vec<Trained>)> {
+/// A trained run as `dst export` writes it: its weight layers, every other variable (dense)
+/// and the description a model file carries.
+struct TrainedRun {
+    cfg: models::TrainConfig,
+    layers: Vec<Trained>,
+    others: Vec<(String, DenseTensor)>,
+    description: ModelDescription,
+}
+
+fn trained_layers(run: &Path) -> Result<TrainedRun> {
     let ck = checkpoint_dir(run)?;
     let cfg = Trainer::checkpoint_config(&ck)?;
     let t = Trainer::resume(&ck, placeholder(&cfg)?)?;
-    let vars: std::collections::HashMap<String, Tensor> = t.variables()?.into_iter().collect();
+    let normalization = match Trainer::checkpoint_normalization(&ck)? {
+        Some(n) => n,
+        // A checkpoint from before model files: the statistics of the training set.
+        None => Datasets::load(&cfg)
+            .with_context(|| {
+                format!(
+                    "{}: the checkpoint predates stored input statistics, and the run's data                      set (needed for them) cannot be read",
+                    ck.display()
+                )
+            })?
+            .train
+            .channel_stats(),
+    };
+    let [c, s, _] = cfg.data.name.image_shape();
+    let description = ModelDescription {
+        version: MODEL_VERSION,
+        model: cfg.model.clone(),
+        image: [c, s, s],
+        classes: 10,
+        dataset: cfg.data.name,
+        normalization,
+    };
+    let mut vars: std::collections::BTreeMap<String, Tensor> = t.variables()?.into_iter().collect();
     let mut out = Vec::new();
     for (name, mask) in t.masks() {
         let w = vars
-            .get(&name)
+            .remove(&name)
             .with_context(|| format!("weight `{name}` missing from the checkpoint"))?;
         let stride: usize = w.dims()[2..].iter().product();
         let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
-        let bias = match vars.get(&bias_name) {
+        let bias = match vars.remove(&bias_name) {
             Some(b) => Some(b.to_vec1::<f32>()?),
             None => None,
         };
@@ -167,7 +309,22 @@ fn trained_layers(run: &Path) -> Result<(models::TrainConfig, Vec<Trained>)> {
             name,
         });
     }
-    Ok((cfg, out))
+    let others = vars
+        .into_iter()
+        .map(|(name, t)| {
+            let tensor = DenseTensor {
+                shape: t.dims().to_vec(),
+                values: t.flatten_all()?.to_vec1::<f32>()?,
+            };
+            Ok((name, tensor))
+        })
+        .collect::<Result<_>>()?;
+    Ok(TrainedRun {
+        cfg,
+        layers: out,
+        others,
+        description,
+    })
 }
 
 /// A bias as a dense tensor named `<base>.bias`.
@@ -183,7 +340,12 @@ fn dense_bias(base: &str, b: Vec<f32>) -> (String, SparseLayer) {
 
 /// `dst export`.
 pub fn export(a: ExportArgs) -> Result<ExitCode> {
-    let (cfg, layers) = trained_layers(&a.run)?;
+    let TrainedRun {
+        cfg,
+        layers,
+        others,
+        description,
+    } = trained_layers(&a.run)?;
     if matches!(a.format, ExportFormat::Nm) && layers.iter().all(|l| l.mask.nnz() == l.mask.len()) {
         anyhow::bail!(
             "run `{}` has no N:M layer to export (every mask is dense; trained with {}): an N:M \
@@ -247,7 +409,11 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
             out.extend(l.bias.map(|b| dense_bias(&base, b)));
         }
     }
-    sparse_formats::io::save(&a.out, &out).with_context(|| format!("--out {}", a.out.display()))?;
+    // Every other variable (BatchNorm, LayerNorm, position embeddings...), so that the file
+    // runs on its own (`dst eval FILE`, `models::inference::SparseModel`).
+    out.extend(others.into_iter().map(|(n, t)| (n, SparseLayer::Dense(t))));
+    sparse_formats::io::save_with_metadata(&a.out, &out, &description.to_metadata())
+        .with_context(|| format!("--out {}", a.out.display()))?;
     println!("{} tensors → {}", out.len(), a.out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -479,6 +645,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
 }
 
 fn bench_in_pool(a: BenchArgs) -> Result<ExitCode> {
+    if a.end_to_end {
+        return bench_end_to_end(&a);
+    }
     let layers = match &a.file {
         Some(f) => sparse_formats::io::load(f)?,
         None => synthetic()?,

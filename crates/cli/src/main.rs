@@ -40,9 +40,13 @@ enum Command {
         dst train --config run.toml --epochs 5\n  \
         dst train --resume runs/srigl90")]
     Train(Box<train::TrainArgs>),
-    /// Accuracy and loss of a trained run on the test set.
-    #[command(after_help = "Example:\n  dst eval runs/srigl90")]
+    /// Accuracy and loss of a trained run, or of an exported model file, on the test set.
+    #[command(after_help = "Examples:\n  dst eval runs/srigl90\n  dst eval srigl90.safetensors")]
     Eval(export::EvalArgs),
+    /// Predicted classes of the images of an IDX file, from an exported model file.
+    #[command(after_help = "Example:\n  dst predict srigl90.safetensors --input \
+                      /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")]
+    Predict(export::PredictArgs),
     /// Export the trained layers to condensed, N:M or CSR (dense layers stay dense).
     #[command(
         after_help = "Examples:\n  dst export runs/srigl90 --format condensed --out srigl90.safetensors\n  \
@@ -62,7 +66,10 @@ enum Command {
     )]
     MaskUpdate(mask_update::MaskUpdateArgs),
     /// Kernel timings against dense for an exported model's layers or for synthetic layers.
-    #[command(after_help = "Examples:\n  dst bench\n  dst bench srigl90.safetensors --batch 1,64")]
+    #[command(
+        after_help = "Examples:\n  dst bench\n  dst bench srigl90.safetensors --batch 1,64\n  \
+                      dst bench srigl90.safetensors --end-to-end"
+    )]
     Bench(export::BenchArgs),
     /// A self-contained HTML report (SVG charts) of one or more runs.
     #[command(after_help = "Examples:\n  dst report runs/srigl90\n  \
@@ -122,6 +129,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => export::eval(a),
+        Command::Predict(a) => export::predict(a),
         Command::Export(a) => export::export(a),
         Command::Inspect(a) => export::inspect(a),
         Command::MaskUpdate(a) => mask_update::run(a),

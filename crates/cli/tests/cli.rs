@@ -127,7 +127,78 @@ fn train_eval_export_inspect_report() {
             "constant fan-in survives export"
         );
         assert!(fc1["sparsity"].as_f64().unwrap() > 0.8);
+
+        // The file runs on its own, on the sparse kernels in its format, to the run's accuracy
+        // (condensed: the kernels the run was evaluated with; CSR: other kernels, so rounding
+        // may move one or two of the 500 test images).
+        let json = ok(&dst(&[
+            "eval",
+            file.to_str().unwrap(),
+            "--data-dir",
+            &data_dir(),
+            "--json",
+        ]));
+        let e: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let file_acc = e["test_accuracy"].as_f64().unwrap();
+        let tolerance = if format == "condensed" { 1e-6 } else { 0.005 };
+        assert!(
+            (file_acc - acc).abs() < tolerance,
+            "{format}: {file_acc} vs {acc}"
+        );
+        let on_sparse = e["sparse_layers"].as_array().unwrap();
+        assert!(
+            on_sparse.iter().any(|l| l
+                .as_str()
+                .unwrap()
+                .contains(&format!("fc1.weight ({format})"))),
+            "{json}"
+        );
     }
+
+    // `dst predict` on the test images agrees with the evaluated accuracy.
+    let file = tmp.path().join("condensed.safetensors");
+    let images = Path::new(&data_dir()).join("t10k-images-idx3-ubyte.gz");
+    let predicted = ok(&dst(&[
+        "predict",
+        file.to_str().unwrap(),
+        "--input",
+        images.to_str().unwrap(),
+    ]));
+    let labels = models::data::read_idx(&Path::new(&data_dir()).join("t10k-labels-idx1-ubyte.gz"))
+        .unwrap()
+        .data;
+    let classes: Vec<u8> = predicted.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(classes.len(), labels.len());
+    let right = classes.iter().zip(&labels).filter(|(a, b)| a == b).count();
+    assert!((right as f64 / labels.len() as f64 - acc).abs() < 1e-6);
+    // Whole-model timing against the same model dense.
+    let bench = ok(&dst(&["bench", file.to_str().unwrap(), "--end-to-end"]));
+    assert!(
+        bench.lines().any(|l| l.starts_with("1 ")) && bench.lines().any(|l| l.starts_with("256 ")),
+        "{bench}"
+    );
+    // Bad input: a plain layer file (no model description), an image file of another shape.
+    fails(
+        &dst(&[
+            "eval",
+            run.join("masks.safetensors").to_str().unwrap(),
+            "--data-dir",
+            &data_dir(),
+        ]),
+        &["masks.safetensors", "dst.model"],
+    );
+    fails(
+        &dst(&[
+            "predict",
+            file.to_str().unwrap(),
+            "--input",
+            Path::new(&data_dir())
+                .join("t10k-labels-idx1-ubyte.gz")
+                .to_str()
+                .unwrap(),
+        ]),
+        &["t10k-labels-idx1-ubyte.gz", "dimension"],
+    );
     let grid = ok(&dst(&[
         "inspect",
         run.join("masks.safetensors").to_str().unwrap(),
@@ -179,6 +250,25 @@ fn lbc_run_exports_to_nm_and_two_runs_compare() {
     assert!(
         text.contains("fc1.weight") && text.contains("nm") && text.contains("2:4"),
         "{text}"
+    );
+    // The N:M file runs on the N:M kernels to the run's accuracy (within two of 500 images:
+    // the run evaluated dense-mask products).
+    let acc = |args: &[&str]| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(&ok(&dst(args))).unwrap();
+        v["test_accuracy"].as_f64().unwrap()
+    };
+    let data = data_dir();
+    let run_acc = acc(&["eval", lbc.to_str().unwrap(), "--data-dir", &data, "--json"]);
+    let file_acc = acc(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--data-dir",
+        &data,
+        "--json",
+    ]);
+    assert!(
+        (run_acc - file_acc).abs() < 0.005,
+        "{run_acc} vs {file_acc}"
     );
     // A run with no N:M mask is not written as an N:M file.
     let none = tmp.path().join("dense.safetensors");

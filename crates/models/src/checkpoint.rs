@@ -48,6 +48,10 @@ pub struct CheckpointState {
     pub config: TrainConfig,
     /// Metrics of the completed epochs.
     pub history: Vec<EpochMetrics>,
+    /// Per-channel `(mean, std)` of the training pixels, with which inputs are normalised
+    /// (what a model file needs; absent in checkpoints written before model files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalization: Option<Vec<(f32, f32)>>,
 }
 
 use crate::error::file_err as err;

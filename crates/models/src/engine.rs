@@ -153,6 +153,30 @@ impl EngineLayer {
         Ok((values, new_state))
     }
 
+    /// Puts a given sparse layout in place (inference from a model file: the layout the file
+    /// stores, N:M included): `values` in the structure's storage order, the dense weight and
+    /// its mask already set to the same weights. Forward passes then run on the sparse kernels.
+    pub fn install(&self, structure: SparseStructure, values: Vec<f32>) -> candle_core::Result<()> {
+        let positions = self.param.mask().positions();
+        if positions.len() != values.len() {
+            candle_core::bail!(
+                "layer `{}`: {} stored values for a mask of {} active entries",
+                self.param.name(),
+                values.len(),
+                positions.len()
+            );
+        }
+        let dev = self.param.var().device().clone();
+        let n = values.len();
+        let values = Var::from_tensor(&Tensor::from_vec(values, n, &dev)?)?;
+        self.write().sparse = Some(Sparse {
+            values,
+            structure,
+            positions,
+        });
+        Ok(())
+    }
+
     /// Writes the stored values into the dense weight (inactive entries 0).
     pub fn scatter(&self) -> candle_core::Result<()> {
         let inner = self.read();

@@ -33,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod inference;
 pub mod metrics;
 pub mod nets;
 pub mod trainer;

@@ -276,7 +276,27 @@ fn check_name(name: &str) -> Result<()> {
 /// Serialises named layers into safetensors bytes. Names must be unique, non-empty and
 /// whitespace-free; one layer's tensor names must not collide with another's.
 pub fn to_bytes(layers: &[(String, SparseLayer)]) -> Result<Vec<u8>> {
+    to_bytes_with_metadata(layers, &BTreeMap::new())
+}
+
+/// [`to_bytes`] with extra metadata entries (e.g. a model description a loader needs beside
+/// the layers). Their keys must not be [`VERSION_KEY`] or start with [`LAYER_KEY_PREFIX`].
+pub fn to_bytes_with_metadata(
+    layers: &[(String, SparseLayer)],
+    extra: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut meta = HashMap::new();
+    for (key, value) in extra {
+        if key == VERSION_KEY || key.starts_with(LAYER_KEY_PREFIX) {
+            return Err(FormatError::Metadata {
+                field: key.clone(),
+                reason: format!(
+                    "reserved key (`{VERSION_KEY}` and `{LAYER_KEY_PREFIX}*` belong to the layers)"
+                ),
+            });
+        }
+        meta.insert(key.clone(), value.clone());
+    }
     meta.insert(VERSION_KEY.to_string(), FORMAT_VERSION.to_string());
     let mut tensors: BTreeMap<String, Owned> = BTreeMap::new();
     for (name, layer) in layers {
@@ -338,6 +358,15 @@ pub fn save(path: impl AsRef<Path>, layers: &[(String, SparseLayer)]) -> Result<
     write_atomic(path.as_ref(), &to_bytes(layers)?)
 }
 
+/// [`save`] with extra metadata entries (see [`to_bytes_with_metadata`]).
+pub fn save_with_metadata(
+    path: impl AsRef<Path>,
+    layers: &[(String, SparseLayer)],
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
+    write_atomic(path.as_ref(), &to_bytes_with_metadata(layers, extra)?)
+}
+
 /// Writes `bytes` to a temporary file in the target's folder, flushes it to disk and renames it
 /// over `path`, so readers see either the old file or the complete new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -370,12 +399,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads and validates every layer of a file written by [`save`], sorted by name.
 pub fn load(path: impl AsRef<Path>) -> Result<Vec<(String, SparseLayer)>> {
+    Ok(load_with_metadata(path)?.0)
+}
+
+/// Layers and extra metadata entries of a file, as a file holds them.
+pub type LayersWithMetadata = (Vec<(String, SparseLayer)>, BTreeMap<String, String>);
+
+/// [`load`], also returning the extra metadata entries (every key but [`VERSION_KEY`] and the
+/// layer headers).
+pub fn load_with_metadata(path: impl AsRef<Path>) -> Result<LayersWithMetadata> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|error| FormatError::Io {
         path: path.to_path_buf(),
         error,
     })?;
-    from_bytes(&bytes).map_err(|e| FormatError::InFile {
+    from_bytes_with_metadata(&bytes).map_err(|e| FormatError::InFile {
         path: path.to_path_buf(),
         error: Box::new(e),
     })
@@ -383,6 +421,11 @@ pub fn load(path: impl AsRef<Path>) -> Result<Vec<(String, SparseLayer)>> {
 
 /// Parses and validates safetensors bytes written by [`to_bytes`]; layers sorted by name.
 pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, SparseLayer)>> {
+    Ok(from_bytes_with_metadata(bytes)?.0)
+}
+
+/// [`from_bytes`], also returning the extra metadata entries.
+pub fn from_bytes_with_metadata(bytes: &[u8]) -> Result<LayersWithMetadata> {
     let (_, metadata) =
         SafeTensors::read_metadata(bytes).map_err(|e| FormatError::Container(e.to_string()))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| FormatError::Container(e.to_string()))?;
@@ -433,7 +476,11 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, SparseLayer)>> {
             "tensor belongs to no layer listed in the metadata",
         ));
     }
-    Ok(out)
+    let extra = meta
+        .into_iter()
+        .filter(|(k, _)| k != VERSION_KEY && !k.starts_with(LAYER_KEY_PREFIX))
+        .collect();
+    Ok((out, extra))
 }
 
 /// Takes one layer's tensors out of the file, checking dtype and shape.

@@ -257,3 +257,28 @@ fn saving_is_byte_deterministic() {
     let loaded = io::load(dir.path().join("m0.safetensors")).unwrap();
     assert_eq!(loaded.len(), 8);
 }
+
+#[test]
+fn extra_metadata_round_trips_and_reserved_keys_are_refused() {
+    use std::collections::BTreeMap;
+    let layers = vec![(
+        "b".to_string(),
+        SparseLayer::Dense(sparse_formats::DenseTensor {
+            shape: vec![2],
+            values: vec![1.0, 2.0],
+        }),
+    )];
+    let extra: BTreeMap<String, String> =
+        [("dst.model".to_string(), "{\"v\":1}".to_string())].into();
+    let bytes = io::to_bytes_with_metadata(&layers, &extra).unwrap();
+    let (back, meta) = io::from_bytes_with_metadata(&bytes).unwrap();
+    assert_eq!((back, meta), (layers.clone(), extra));
+    // A plain file has none.
+    let plain = io::to_bytes(&layers).unwrap();
+    assert!(io::from_bytes_with_metadata(&plain).unwrap().1.is_empty());
+    for key in [io::VERSION_KEY, "layer.b"] {
+        let extra: BTreeMap<String, String> = [(key.to_string(), "x".to_string())].into();
+        let e = io::to_bytes_with_metadata(&layers, &extra).unwrap_err();
+        assert!(e.to_string().contains(key), "{e}");
+    }
+}

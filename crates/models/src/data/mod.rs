@@ -344,6 +344,29 @@ fn open_either(dir: &Path, stem: &str) -> Result<IdxArray, DataError> {
     }
 }
 
+/// Unlabelled images from one IDX image file (`[n, rows, cols]` u8, plain or gzip), as an
+/// [`ImageSet`] of one channel whose labels are all 0 (for prediction).
+pub fn read_idx_images(path: &Path, classes: usize) -> Result<ImageSet, DataError> {
+    let images = read_idx(path)?;
+    if images.dims.len() != 3 {
+        return Err(DataError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "expected an image file [n, rows, cols], found {} dimension(s)",
+                images.dims.len()
+            ),
+        });
+    }
+    Ok(ImageSet {
+        images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
+        labels: vec![0; images.dims[0]],
+        channels: 1,
+        rows: images.dims[1],
+        cols: images.dims[2],
+        classes,
+    })
+}
+
 /// Loads one split of an MNIST-like data set from `dir` (10 classes, `u8` pixels).
 pub fn load_mnist_like(dir: &Path, split: Split) -> Result<ImageSet, DataError> {
     let (img_stem, lbl_stem) = IDX_FILES[match split {

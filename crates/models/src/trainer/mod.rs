@@ -176,6 +176,11 @@ impl Trainer {
             .collect()
     }
 
+    /// Per-channel `(mean, std)` of the training pixels, with which inputs are normalised.
+    pub fn normalization(&self) -> &[(f32, f32)] {
+        &self.norm
+    }
+
     /// Per-layer mask statistics.
     pub fn layer_stats(&self) -> Vec<LayerStats> {
         metrics::layer_stats(&self.masks())
@@ -183,20 +188,7 @@ impl Trainer {
 
     /// A normalised batch `[b, c, h, w]` and its labels.
     fn batch(&self, set: &ImageSet, idx: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
-        let d = set.image_len();
-        let hw = set.rows * set.cols;
-        let mut x = Vec::with_capacity(idx.len() * d);
-        for &i in idx {
-            let img = &set.images[i * d..(i + 1) * d];
-            for (c, &(mean, std)) in self.norm.iter().enumerate() {
-                x.extend(img[c * hw..(c + 1) * hw].iter().map(|p| (p - mean) / std));
-            }
-        }
-        let y: Vec<u32> = idx.iter().map(|&i| set.labels[i] as u32).collect();
-        Ok((
-            Tensor::from_vec(x, (idx.len(), set.channels, set.rows, set.cols), &self.dev)?,
-            Tensor::from_vec(y, idx.len(), &self.dev)?,
-        ))
+        crate::inference::normalized_batch(set, idx, &self.norm, &self.dev)
     }
 
     /// Cross-entropy with label smoothing ε: `(1−ε)·NLL + ε·mean_c(−log p_c)`.
@@ -214,23 +206,7 @@ impl Trainer {
     /// Loss (plain cross-entropy) and accuracy on `set`, in eval mode.
     /// A set without images is an error (an accuracy over nothing would read as 0).
     pub fn evaluate(&self, set: &ImageSet) -> Result<(f32, f32)> {
-        if set.is_empty() {
-            return Err(TrainError::Config {
-                field: "data",
-                reason: "the set to evaluate holds no images".into(),
-            });
-        }
-        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
-        let all: Vec<usize> = (0..set.len()).collect();
-        for chunk in all.chunks(1000) {
-            let (x, y) = self.batch(set, chunk)?;
-            let logits = self.net.forward_t(&x, false)?;
-            let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
-            loss_sum += l as f64 * chunk.len() as f64;
-            correct += correct_count(&logits, &y)? as f64;
-        }
-        let n = set.len() as f64;
-        Ok(((loss_sum / n) as f32, (correct / n) as f32))
+        crate::inference::evaluate_network(&self.net, set, &self.norm, &self.dev)
     }
 
     /// The shuffled order of epoch `epoch` (0-based), from its own derived stream.
@@ -452,6 +428,7 @@ impl Trainer {
             tensors: String::new(),
             config: self.cfg.clone(),
             history: self.history.clone(),
+            normalization: Some(self.norm.clone()),
         };
         checkpoint::save(dir, state, &tensors)?;
         Ok(())
@@ -461,6 +438,13 @@ impl Trainer {
     /// [`Trainer::resume`]).
     pub fn checkpoint_config(dir: &Path) -> Result<TrainConfig> {
         Ok(checkpoint::load(dir)?.0.config)
+    }
+
+    /// The input normalisation stored in the checkpoint folder `dir` (`None` for checkpoints
+    /// written before it was stored: then it comes from the training set,
+    /// [`ImageSet::channel_stats`]).
+    pub fn checkpoint_normalization(dir: &Path) -> Result<Option<Vec<(f32, f32)>>> {
+        Ok(checkpoint::load(dir)?.0.normalization)
     }
 
     /// Rebuilds the run saved in the checkpoint folder `dir` on `data` (the same data set the

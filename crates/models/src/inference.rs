@@ -1,0 +1,423 @@
+//! Inference from an exported file: [`SparseModel`] runs a trained network whose weight layers
+//! are stored in the file's sparse formats (condensed, N:M, CSR) on the sparse kernels, without
+//! the run folder or the training machinery.
+//!
+//! A model file is a sparse-formats safetensors file (`dst export` writes it) whose metadata
+//! also holds, under [`MODEL_KEY`], a [`ModelDescription`]: the architecture, the image shape,
+//! the classes and the per-channel input normalisation. Every variable of the network is in
+//! the file: weight layers in a sparse format (or dense when the method kept them dense),
+//! biases, BatchNorm and LayerNorm parameters and statistics, position embeddings as dense
+//! tensors (a condensed layer carries its bias).
+//!
+//! Linear layers run on the sparse kernels in the format they were exported in; convolutions
+//! run densely with their zeros (the sparse convolution is not built yet).
+//!
+//! ```no_run
+//! use models::inference::SparseModel;
+//! let model = SparseModel::load("model.safetensors".as_ref()).unwrap();
+//! let data = models::Datasets::load(&models::TrainConfig::default()).unwrap();
+//! let (loss, accuracy) = model.evaluate(&data.test).unwrap();
+//! println!("{accuracy} {loss}");
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use sparse_formats::{DenseTensor, Mask, SparseLayer};
+use sparse_kernels::ops::SparseStructure;
+
+use crate::data::{DatasetName, ImageSet};
+use crate::error::{file_err, Result, TrainError};
+use crate::nets::{LayerKind, ModelConfig, Network};
+
+/// Metadata key of the [`ModelDescription`] (JSON) in a model file.
+pub const MODEL_KEY: &str = "dst.model";
+
+/// Version of [`ModelDescription`] this build writes and reads.
+pub const MODEL_VERSION: u32 = 1;
+
+/// What a loader needs beside the layers to run a model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDescription {
+    /// [`MODEL_VERSION`] of the writer.
+    pub version: u32,
+    /// The architecture.
+    pub model: ModelConfig,
+    /// Input images `[channels, rows, cols]`.
+    pub image: [usize; 3],
+    /// Number of classes.
+    pub classes: usize,
+    /// The data set the model was trained on (where `dst eval FILE` finds its test set).
+    pub dataset: DatasetName,
+    /// Per-channel `(mean, std)` of the training pixels: inputs are `(p − mean) / std`.
+    pub normalization: Vec<(f32, f32)>,
+}
+
+impl ModelDescription {
+    /// The metadata entry holding this description.
+    pub fn to_metadata(&self) -> BTreeMap<String, String> {
+        let json = serde_json::to_string(self).expect("descriptions serialise");
+        [(MODEL_KEY.to_string(), json)].into()
+    }
+
+    /// The description in a file's metadata; `path` names the file in errors.
+    pub fn from_metadata(path: &Path, meta: &BTreeMap<String, String>) -> Result<Self> {
+        let json = meta.get(MODEL_KEY).ok_or_else(|| {
+            file_err(
+                path,
+                format!(
+                    "no model description (`{MODEL_KEY}`): not written by `dst export`, or by \
+                     a version before model files; export the run again"
+                ),
+            )
+        })?;
+        let d: ModelDescription = serde_json::from_str(json)
+            .map_err(|e| file_err(path, format!("`{MODEL_KEY}`: {e}")))?;
+        if d.version != MODEL_VERSION {
+            return Err(file_err(
+                path,
+                format!(
+                    "`{MODEL_KEY}`: version {} is not supported (this build reads {MODEL_VERSION})",
+                    d.version
+                ),
+            ));
+        }
+        let [c, h, w] = d.image;
+        let sizes_ok = (1..=4096).contains(&c)
+            && (1..=4096).contains(&h)
+            && (1..=4096).contains(&w)
+            && (1..=65536).contains(&d.classes);
+        if !sizes_ok {
+            return Err(file_err(
+                path,
+                format!(
+                    "`{MODEL_KEY}`: image {:?} / classes {} out of range (1..=4096 per side, \
+                     1..=65536 classes)",
+                    d.image, d.classes
+                ),
+            ));
+        }
+        let norm_ok = d.normalization.len() == c
+            && d.normalization
+                .iter()
+                .all(|&(m, s)| m.is_finite() && s.is_finite() && s > 0.0);
+        if !norm_ok {
+            return Err(file_err(
+                path,
+                format!(
+                    "`{MODEL_KEY}`: normalization must hold one (mean, std > 0) pair of finite \
+                     numbers per channel ({c})"
+                ),
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// A normalised batch `[b, c, h, w]` of `set`'s images `idx` and their labels: `(p − mean) /
+/// std` per channel with `norm`'s statistics (the one place the trainer and [`SparseModel`]
+/// prepare inputs).
+pub(crate) fn normalized_batch(
+    set: &ImageSet,
+    idx: &[usize],
+    norm: &[(f32, f32)],
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let d = set.image_len();
+    let hw = set.rows * set.cols;
+    let mut x = Vec::with_capacity(idx.len() * d);
+    for &i in idx {
+        let img = &set.images[i * d..(i + 1) * d];
+        for (c, &(mean, std)) in norm.iter().enumerate() {
+            x.extend(img[c * hw..(c + 1) * hw].iter().map(|p| (p - mean) / std));
+        }
+    }
+    let y: Vec<u32> = idx.iter().map(|&i| set.labels[i] as u32).collect();
+    Ok((
+        Tensor::from_vec(x, (idx.len(), set.channels, set.rows, set.cols), dev)?,
+        Tensor::from_vec(y, idx.len(), dev)?,
+    ))
+}
+
+/// Mean cross-entropy and accuracy of `net` on `set` (inference mode, batches of 1000).
+pub(crate) fn evaluate_network(
+    net: &Network,
+    set: &ImageSet,
+    norm: &[(f32, f32)],
+    dev: &Device,
+) -> Result<(f32, f32)> {
+    if set.is_empty() {
+        return Err(TrainError::Config {
+            field: "data",
+            reason: "the set to evaluate holds no images".into(),
+        });
+    }
+    let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+    let all: Vec<usize> = (0..set.len()).collect();
+    for chunk in all.chunks(1000) {
+        let (x, y) = normalized_batch(set, chunk, norm, dev)?;
+        let logits = net.forward_t(&x, false)?;
+        let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+        loss_sum += l as f64 * chunk.len() as f64;
+        correct += crate::metrics::correct_count(&logits, &y)? as f64;
+    }
+    let n = set.len() as f64;
+    Ok(((loss_sum / n) as f32, (correct / n) as f32))
+}
+
+/// A trained model loaded from a model file (see the module documentation).
+pub struct SparseModel {
+    desc: ModelDescription,
+    net: Network,
+    dev: Device,
+    /// Layers running on the sparse kernels, by weight name, with their format.
+    sparse: Vec<(String, &'static str)>,
+}
+
+impl SparseModel {
+    /// Loads a model file; weight layers stored sparse run on the sparse kernels.
+    pub fn load(path: &Path) -> Result<SparseModel> {
+        Self::load_as(path, false)
+    }
+
+    /// Loads a model file with every layer dense (the same model on dense kernels, to compare
+    /// speed with).
+    pub fn load_dense(path: &Path) -> Result<SparseModel> {
+        Self::load_as(path, true)
+    }
+
+    fn load_as(path: &Path, dense: bool) -> Result<SparseModel> {
+        let (layers, meta) = sparse_formats::io::load_with_metadata(path)?;
+        let desc = ModelDescription::from_metadata(path, &meta)?;
+        Self::from_layers(desc, layers, dense).map_err(|e| match e {
+            TrainError::Config { field, reason } => file_err(path, format!("{field}: {reason}")),
+            other => other,
+        })
+    }
+
+    /// Builds the model from a description and the named layers of a model file; `dense`
+    /// runs every layer densely.
+    pub fn from_layers(
+        desc: ModelDescription,
+        layers: Vec<(String, SparseLayer)>,
+        dense: bool,
+    ) -> Result<SparseModel> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let (net, built) = Network::build(
+            &desc.model,
+            desc.image,
+            desc.classes,
+            vb,
+            LayerKind::Engine,
+            0,
+        )
+        .map_err(|e| TrainError::Config {
+            field: "model",
+            reason: e.to_string(),
+        })?;
+        let mut file: HashMap<String, SparseLayer> = layers.into_iter().collect();
+        // Biases carried by condensed layers become tensors of their own.
+        let carried: Vec<(String, Vec<f32>)> = file
+            .iter()
+            .filter_map(|(name, l)| match l {
+                SparseLayer::Condensed(c) => c.bias().map(|b| {
+                    let base = name.strip_suffix(".weight").unwrap_or(name);
+                    (format!("{base}.bias"), b.to_vec())
+                }),
+                _ => None,
+            })
+            .collect();
+        for (name, b) in carried {
+            let t = SparseLayer::Dense(DenseTensor {
+                shape: vec![b.len()],
+                values: b,
+            });
+            if file.insert(name.clone(), t).is_some() {
+                return Err(TrainError::Config {
+                    field: "layers",
+                    reason: format!(
+                        "`{name}` is stored twice (as a tensor and in a condensed layer)"
+                    ),
+                });
+            }
+        }
+        let mut masks: HashMap<String, Mask> = HashMap::new();
+        let mut structures: HashMap<String, (SparseStructure, Vec<f32>, &'static str)> =
+            HashMap::new();
+        for (name, var) in crate::checkpoint::named_vars(&varmap) {
+            let layer = file.remove(&name).ok_or_else(|| TrainError::Config {
+                field: "layers",
+                reason: format!("`{name}` of model `{}` is missing", model_name(&desc.model)),
+            })?;
+            let shape = var.as_tensor().dims().to_vec();
+            let n: usize = shape.iter().product();
+            let wrong = |found: String| TrainError::Config {
+                field: "layers",
+                reason: format!("`{name}` has {found}, the model needs shape {shape:?}"),
+            };
+            let values = match &layer {
+                SparseLayer::Dense(t) => {
+                    if t.values.len() != n {
+                        return Err(wrong(format!("shape {:?}", t.shape)));
+                    }
+                    t.values.clone()
+                }
+                SparseLayer::Mask(_) => {
+                    return Err(wrong("a mask and no values".into()));
+                }
+                sparse => {
+                    let (rows, fan_in, dense_values, mask, structure, vals) = match sparse {
+                        SparseLayer::Condensed(c) => (
+                            c.rows(),
+                            c.fan_in(),
+                            c.to_dense(),
+                            c.to_mask(),
+                            SparseStructure::from(c.clone()),
+                            c.values().to_vec(),
+                        ),
+                        SparseLayer::Csr(c) => (
+                            c.rows(),
+                            c.fan_in(),
+                            c.to_dense(),
+                            c.to_mask(),
+                            SparseStructure::from(c.clone()),
+                            c.values().to_vec(),
+                        ),
+                        SparseLayer::Nm(m) => (
+                            m.rows(),
+                            m.fan_in(),
+                            m.to_dense(),
+                            m.to_mask(),
+                            SparseStructure::from(m.clone()),
+                            m.values().to_vec(),
+                        ),
+                        SparseLayer::Dense(_) | SparseLayer::Mask(_) => unreachable!("above"),
+                    };
+                    if rows * fan_in != n || shape.first() != Some(&rows) {
+                        return Err(wrong(format!(
+                            "[{rows}, {fan_in}] in {}",
+                            sparse.format_name()
+                        )));
+                    }
+                    structures.insert(name.clone(), (structure, vals, sparse.format_name()));
+                    masks.insert(name.clone(), mask);
+                    dense_values
+                }
+            };
+            var.set(&Tensor::from_vec(values, shape.as_slice(), &dev)?)?;
+        }
+        if let Some(stray) = file.keys().min() {
+            return Err(TrainError::Config {
+                field: "layers",
+                reason: format!(
+                    "`{stray}` is not a variable of model `{}`",
+                    model_name(&desc.model)
+                ),
+            });
+        }
+        // Masks of the weight layers (their weights are already zero outside them).
+        for p in &built.sparse {
+            if let Some(mask) = masks.remove(p.name()) {
+                let w = p.weights()?;
+                p.set(mask, w)?;
+            }
+        }
+        let mut sparse = Vec::new();
+        if !dense {
+            for e in &built.engine {
+                let name = e.param().name().to_string();
+                if let Some((structure, values, format)) = structures.remove(&name) {
+                    e.install(structure, values)?;
+                    sparse.push((name, format));
+                }
+            }
+        }
+        Ok(SparseModel {
+            desc,
+            net,
+            dev,
+            sparse,
+        })
+    }
+
+    /// The model's description.
+    pub fn description(&self) -> &ModelDescription {
+        &self.desc
+    }
+
+    /// The layers that run on the sparse kernels (weight name, format), in build order.
+    pub fn sparse_layers(&self) -> &[(String, &'static str)] {
+        &self.sparse
+    }
+
+    fn check_set(&self, set: &ImageSet) -> Result<()> {
+        let [c, h, w] = self.desc.image;
+        if (set.channels, set.rows, set.cols) != (c, h, w) {
+            return Err(TrainError::Config {
+                field: "data",
+                reason: format!(
+                    "images are {}×{}×{}, the model takes {c}×{h}×{w}",
+                    set.channels, set.rows, set.cols
+                ),
+            });
+        }
+        if let Some(&bad) = set
+            .labels
+            .iter()
+            .find(|&&l| l as usize >= self.desc.classes)
+        {
+            return Err(TrainError::Config {
+                field: "data",
+                reason: format!(
+                    "label {bad} outside the model's {} classes",
+                    self.desc.classes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Mean cross-entropy and accuracy on `set`.
+    pub fn evaluate(&self, set: &ImageSet) -> Result<(f32, f32)> {
+        self.check_set(set)?;
+        evaluate_network(&self.net, set, &self.desc.normalization, &self.dev)
+    }
+
+    /// Logits `[batch, classes]` of normalised images `x` `[batch, channels, rows, cols]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.net.forward_t(x, false)?)
+    }
+
+    /// Logits `[idx.len(), classes]` of `set`'s images `idx`.
+    pub fn logits(&self, set: &ImageSet, idx: &[usize]) -> Result<Tensor> {
+        self.check_set(set)?;
+        let (x, _) = normalized_batch(set, idx, &self.desc.normalization, &self.dev)?;
+        Ok(self.net.forward_t(&x, false)?)
+    }
+
+    /// The predicted class of every image of `set` (labels are ignored).
+    pub fn predict(&self, set: &ImageSet) -> Result<Vec<usize>> {
+        let mut out = Vec::with_capacity(set.len());
+        let all: Vec<usize> = (0..set.len()).collect();
+        for chunk in all.chunks(1000) {
+            let classes = self.logits(set, chunk)?.argmax(candle_core::D::Minus1)?;
+            out.extend(classes.to_vec1::<u32>()?.into_iter().map(|c| c as usize));
+        }
+        Ok(out)
+    }
+}
+
+fn model_name(m: &ModelConfig) -> &'static str {
+    match m {
+        ModelConfig::Mlp { .. } => "mlp",
+        ModelConfig::Lenet5 => "lenet5",
+        ModelConfig::Resnet18 { .. } => "resnet18",
+        ModelConfig::Vit { .. } => "vit",
+    }
+}
