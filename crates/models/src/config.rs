@@ -368,7 +368,7 @@ fn check_count(
 
 /// Every size of a model, bounded before anything is allocated (a config or a checkpoint can
 /// hold any number).
-fn check_model(m: &ModelConfig) -> std::result::Result<(), (&'static str, String)> {
+pub(crate) fn check_model(m: &ModelConfig) -> std::result::Result<(), (&'static str, String)> {
     match m {
         ModelConfig::Mlp { hidden } => {
             if hidden.len() > 64 {

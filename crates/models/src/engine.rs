@@ -101,6 +101,11 @@ impl EngineLayer {
         &self.param
     }
 
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
+    }
+
     /// The stored values the optimizer trains, once compressed.
     pub fn values(&self) -> Option<Var> {
         self.read().sparse.as_ref().map(|s| s.values.clone())

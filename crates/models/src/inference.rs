@@ -10,7 +10,11 @@
 //! tensors (a condensed layer carries its bias).
 //!
 //! Linear layers run on the sparse kernels in the format they were exported in; convolutions
-//! run densely with their zeros (the sparse convolution is not built yet).
+//! run densely with their zeros (the sparse convolution is not built yet). An MLP runs as a
+//! plan of kernel calls on slices ([`SparseModel::forward`]): at batch 1 candle's per-op cost
+//! (five ops a layer) outweighs a sparse layer's arithmetic, so the plan calls the kernels
+//! directly — the same values as the network's forward (bias added after the sparse product,
+//! dense layers as candle's dense linear, ReLU as `max(x, 0)`).
 //!
 //! ```no_run
 //! use models::inference::SparseModel;
@@ -86,6 +90,10 @@ impl ModelDescription {
                 ),
             ));
         }
+        // The same bounds as a training config's model.
+        crate::config::check_model(&d.model).map_err(|(field, reason)| {
+            file_err(path, format!("`{MODEL_KEY}` {field}: {reason}"))
+        })?;
         let [c, h, w] = d.image;
         let sizes_ok = (1..=4096).contains(&c)
             && (1..=4096).contains(&h)
@@ -150,6 +158,16 @@ pub(crate) fn evaluate_network(
     norm: &[(f32, f32)],
     dev: &Device,
 ) -> Result<(f32, f32)> {
+    evaluate_with(|x| Ok(net.forward_t(x, false)?), set, norm, dev)
+}
+
+/// Mean cross-entropy and accuracy of the logits `forward` gives on `set`'s normalised images.
+fn evaluate_with(
+    forward: impl Fn(&Tensor) -> Result<Tensor>,
+    set: &ImageSet,
+    norm: &[(f32, f32)],
+    dev: &Device,
+) -> Result<(f32, f32)> {
     if set.is_empty() {
         return Err(TrainError::Config {
             field: "data",
@@ -160,7 +178,7 @@ pub(crate) fn evaluate_network(
     let all: Vec<usize> = (0..set.len()).collect();
     for chunk in all.chunks(1000) {
         let (x, y) = normalized_batch(set, chunk, norm, dev)?;
-        let logits = net.forward_t(&x, false)?;
+        let logits = forward(&x)?;
         let l = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
         loss_sum += l as f64 * chunk.len() as f64;
         correct += crate::metrics::correct_count(&logits, &y)? as f64;
@@ -169,10 +187,68 @@ pub(crate) fn evaluate_network(
     Ok(((loss_sum / n) as f32, (correct / n) as f32))
 }
 
+/// One layer of an [`MlpPlan`].
+enum PlanLayer {
+    /// On the sparse kernels.
+    Sparse {
+        structure: SparseStructure,
+        values: Vec<f32>,
+    },
+    /// Dense, row-major `[rows, fan_in]`.
+    Dense { weight: Vec<f32> },
+}
+
+/// An MLP as kernel calls on slices (see the module documentation).
+struct MlpPlan {
+    /// (layer, rows, fan_in, bias), input layer first.
+    layers: Vec<(PlanLayer, usize, usize, Option<Vec<f32>>)>,
+}
+
+impl MlpPlan {
+    /// Logits `[batch, classes]` of flattened normalised images `x`.
+    fn run(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let exec = sparse_kernels::Exec::default();
+        let mut h = x.to_vec();
+        for (i, (layer, rows, fan_in, bias)) in self.layers.iter().enumerate() {
+            let mut y = match layer {
+                PlanLayer::Sparse { structure, values } => {
+                    let mut y =
+                        sparse_kernels::forward(structure.weight(), values, None, &h, batch, exec)
+                            .map_err(candle_core::Error::wrap)?;
+                    if let Some(b) = bias {
+                        for row in y.chunks_exact_mut(*rows) {
+                            for (v, &bb) in row.iter_mut().zip(b) {
+                                *v += bb;
+                            }
+                        }
+                    }
+                    y
+                }
+                PlanLayer::Dense { weight } => sparse_kernels::dense::linear_forward(
+                    &h,
+                    weight,
+                    bias.as_deref(),
+                    (batch, *rows, *fan_in),
+                    exec,
+                ),
+            };
+            if i + 1 < self.layers.len() {
+                for v in &mut y {
+                    *v = v.max(0.0);
+                }
+            }
+            h = y;
+        }
+        Ok(h)
+    }
+}
+
 /// A trained model loaded from a model file (see the module documentation).
 pub struct SparseModel {
     desc: ModelDescription,
     net: Network,
+    /// The MLP as a plan of kernel calls (MLPs only).
+    plan: Option<MlpPlan>,
     dev: Device,
     /// Layers running on the sparse kernels, by weight name, with their format.
     sparse: Vec<(String, &'static str)>,
@@ -329,18 +405,33 @@ impl SparseModel {
             }
         }
         let mut sparse = Vec::new();
-        if !dense {
-            for e in &built.engine {
-                let name = e.param().name().to_string();
-                if let Some((structure, values, format)) = structures.remove(&name) {
-                    e.install(structure, values)?;
+        let mut plan = Vec::new();
+        for e in &built.engine {
+            let name = e.param().name().to_string();
+            let var = e.param().var().as_tensor();
+            let (rows, fan_in) = var.dims2()?;
+            let bias = match e.bias() {
+                Some(b) => Some(b.as_tensor().to_vec1::<f32>()?),
+                None => None,
+            };
+            let layer = match structures.remove(&name) {
+                Some((structure, values, format)) if !dense => {
+                    e.install(structure.clone(), values.clone())?;
                     sparse.push((name, format));
+                    PlanLayer::Sparse { structure, values }
                 }
-            }
+                _ => PlanLayer::Dense {
+                    weight: var.flatten_all()?.to_vec1::<f32>()?,
+                },
+            };
+            plan.push((layer, rows, fan_in, bias));
         }
+        let plan =
+            matches!(desc.model, ModelConfig::Mlp { .. }).then_some(MlpPlan { layers: plan });
         Ok(SparseModel {
             desc,
             net,
+            plan,
             dev,
             sparse,
         })
@@ -386,19 +477,46 @@ impl SparseModel {
     /// Mean cross-entropy and accuracy on `set`.
     pub fn evaluate(&self, set: &ImageSet) -> Result<(f32, f32)> {
         self.check_set(set)?;
-        evaluate_network(&self.net, set, &self.desc.normalization, &self.dev)
+        evaluate_with(
+            |x| self.forward(x),
+            set,
+            &self.desc.normalization,
+            &self.dev,
+        )
     }
 
     /// Logits `[batch, classes]` of normalised images `x` `[batch, channels, rows, cols]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.plan {
+            Some(plan) => {
+                let batch = x.dim(0)?;
+                let logits = plan.run(&x.flatten_all()?.to_vec1::<f32>()?, batch)?;
+                Ok(Tensor::from_vec(
+                    logits,
+                    (batch, self.desc.classes),
+                    &self.dev,
+                )?)
+            }
+            None => Ok(self.net.forward_t(x, false)?),
+        }
+    }
+
+    /// Logits of the network's own forward pass (candle ops; what [`SparseModel::forward`]
+    /// equals, to rounding, for an MLP).
+    pub fn network_forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.net.forward_t(x, false)?)
+    }
+
+    /// The model's input `[idx.len(), channels, rows, cols]` for `set`'s images `idx`:
+    /// normalised with the description's statistics.
+    pub fn inputs(&self, set: &ImageSet, idx: &[usize]) -> Result<Tensor> {
+        self.check_set(set)?;
+        Ok(normalized_batch(set, idx, &self.desc.normalization, &self.dev)?.0)
     }
 
     /// Logits `[idx.len(), classes]` of `set`'s images `idx`.
     pub fn logits(&self, set: &ImageSet, idx: &[usize]) -> Result<Tensor> {
-        self.check_set(set)?;
-        let (x, _) = normalized_batch(set, idx, &self.desc.normalization, &self.dev)?;
-        Ok(self.net.forward_t(&x, false)?)
+        self.forward(&self.inputs(set, idx)?)
     }
 
     /// The predicted class of every image of `set` (labels are ignored).

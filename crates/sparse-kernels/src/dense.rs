@@ -143,6 +143,37 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     crate::contiguous_f32(s, l, "linear", what)
 }
 
+/// `y [batch, out] = x [batch, fan_in] · wᵀ (+ bias)` on slices, `w` row-major `[out, fan_in]`:
+/// the forward of [`linear`] without candle's tensors (the same values: the rows start at the
+/// bias and the product accumulates onto them). Panics if a slice is shorter than its shape.
+pub fn linear_forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (batch, out, fan_in): (usize, usize, usize),
+    exec: Exec,
+) -> Vec<f32> {
+    let mut y = vec![0f32; batch * out];
+    if let Some(b) = bias {
+        for row in y.chunks_mut(out.max(1)) {
+            row.copy_from_slice(b);
+        }
+    }
+    let t = threads(exec, batch * out * fan_in);
+    gemm(
+        (batch, out, fan_in),
+        &mut y,
+        out,
+        bias.is_some(),
+        x,
+        (1, fan_in),
+        w,
+        (fan_in, 1),
+        t,
+    );
+    y
+}
+
 /// GEMM threads for `work` multiply-adds.
 fn threads(exec: Exec, work: usize) -> usize {
     exec.threads_for(work)
@@ -155,20 +186,7 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &[f32], w: &[f32], batch: usize, out: usize, fan_in: usize) -> Vec<f32> {
-        let mut y = vec![0f32; batch * out];
-        let t = threads(self.exec, batch * out * fan_in);
-        gemm(
-            (batch, out, fan_in),
-            &mut y,
-            out,
-            false,
-            x,
-            (1, fan_in),
-            w,
-            (fan_in, 1),
-            t,
-        );
-        y
+        linear_forward(x, w, None, (batch, out, fan_in), self.exec)
     }
 
     fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
@@ -233,23 +251,8 @@ impl CustomOp3 for LinearBias {
         let (batch, fan_in) = xl.shape().dims2()?;
         let (out, _) = wl.shape().dims2()?;
         let b = slice(bs, bl, "bias")?;
-        let mut y = vec![0f32; batch * out];
-        for row in y.chunks_mut(out.max(1)) {
-            row.copy_from_slice(b);
-        }
-        let t = threads(self.0.exec, batch * out * fan_in);
         let (x, w) = (slice(xs, xl, "x")?, slice(ws, wl, "w")?);
-        gemm(
-            (batch, out, fan_in),
-            &mut y,
-            out,
-            true,
-            x,
-            (1, fan_in),
-            w,
-            (fan_in, 1),
-            t,
-        );
+        let y = linear_forward(x, w, Some(b), (batch, out, fan_in), self.0.exec);
         Ok((CpuStorage::F32(y), Shape::from((batch, out))))
     }
 

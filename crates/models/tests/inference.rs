@@ -1,0 +1,159 @@
+//! Model files: a trained network laid out as `dst export` lays it out, loaded by
+//! `SparseModel`, gives the trainer's accuracy; the MLP plan gives the network's logits; bad
+//! files are refused naming the tensor or field.
+
+mod common;
+use common::fixture;
+
+use models::inference::{ModelDescription, SparseModel, MODEL_VERSION};
+use models::{EngineKind, MethodName, Silent, TrainConfig, Trainer};
+use sparse_formats::{Condensed, DenseTensor, SparseLayer};
+
+fn trained() -> (Trainer, ModelDescription) {
+    let mut c = TrainConfig {
+        epochs: 2,
+        batch_size: 50,
+        engine: EngineKind::Sparse,
+        ..TrainConfig::default()
+    };
+    c.data.limit = Some(400);
+    c.method.name = MethodName::Srigl;
+    c.method.sparsity = 0.9;
+    c.method.delta_t = 5;
+    let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    t.run(&mut Silent).unwrap();
+    let desc = ModelDescription {
+        version: MODEL_VERSION,
+        model: c.model.clone(),
+        image: [1, 28, 28],
+        classes: 10,
+        dataset: c.data.name,
+        normalization: t.normalization().to_vec(),
+    };
+    (t, desc)
+}
+
+/// Every variable of `t`: masked weights condensed, everything else dense.
+fn layers(t: &Trainer) -> Vec<(String, SparseLayer)> {
+    let masks: std::collections::HashMap<_, _> = t.masks().into_iter().collect();
+    t.variables()
+        .unwrap()
+        .into_iter()
+        .map(|(name, v)| {
+            let values = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let layer = match masks.get(&name).filter(|m| m.nnz() < m.len()) {
+                Some(m) => SparseLayer::Condensed(
+                    Condensed::from_dense(m.rows(), m.fan_in(), &values, m, None).unwrap(),
+                ),
+                None => SparseLayer::Dense(DenseTensor {
+                    shape: v.dims().to_vec(),
+                    values,
+                }),
+            };
+            (name, layer)
+        })
+        .collect()
+}
+
+#[test]
+fn a_model_file_runs_to_the_trainers_accuracy() {
+    let (t, desc) = trained();
+    let test = &t.data().test;
+    let (loss, acc) = t.evaluate(test).unwrap();
+    let model = SparseModel::from_layers(desc.clone(), layers(&t), false).unwrap();
+    let names: Vec<&str> = model
+        .sparse_layers()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(names.contains(&"fc1.weight"), "{names:?}");
+    let (m_loss, m_acc) = model.evaluate(test).unwrap();
+    assert!(
+        (m_acc - acc).abs() <= 1.0 / test.len() as f32,
+        "{m_acc} vs {acc}"
+    );
+    assert!((m_loss - loss).abs() < 1e-4, "{m_loss} vs {loss}");
+    // The MLP plan (kernel calls on slices) gives the network's logits; the dense model too.
+    let idx: Vec<usize> = (0..64).collect();
+    let x = model.logits(test, &idx).unwrap();
+    let net = model
+        .network_forward(&model.inputs(test, &idx).unwrap())
+        .unwrap();
+    let dense = SparseModel::from_layers(desc, layers(&t), true).unwrap();
+    assert!(dense.sparse_layers().is_empty());
+    let d = dense.logits(test, &idx).unwrap();
+    for other in [&net, &d] {
+        let diff = (&x - other)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+    assert_eq!(
+        model.predict(test).unwrap().len(),
+        test.len(),
+        "one class per image"
+    );
+}
+
+#[test]
+fn bad_model_files_are_refused_naming_the_problem() {
+    let (t, desc) = trained();
+    let check = |desc: ModelDescription, layers: Vec<(String, SparseLayer)>, needle: &str| {
+        let e = SparseModel::from_layers(desc, layers, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(needle), "`{needle}` not in: {e}");
+    };
+    let mut missing = layers(&t);
+    missing.retain(|(n, _)| n != "fc2.bias");
+    check(desc.clone(), missing, "fc2.bias");
+    let mut stray = layers(&t);
+    stray.push((
+        "extra.weight".into(),
+        SparseLayer::Dense(DenseTensor {
+            shape: vec![1],
+            values: vec![0.0],
+        }),
+    ));
+    check(desc.clone(), stray, "extra.weight");
+    let mut wrong = layers(&t);
+    for (n, l) in &mut wrong {
+        if n == "fc3.bias" {
+            *l = SparseLayer::Dense(DenseTensor {
+                shape: vec![3],
+                values: vec![0.0; 3],
+            });
+        }
+    }
+    check(desc.clone(), wrong, "fc3.bias");
+    // The description is checked where it is read.
+    let path = std::path::Path::new("model.safetensors");
+    for (edit, needle) in [
+        ("\"version\":1", "version 7"),
+        ("\"classes\":10", "classes"),
+        ("\"normalization\":[[", "normalization"),
+    ] {
+        let json = serde_json::to_string(&desc).unwrap();
+        assert!(json.contains(edit), "{json}");
+        let bad = match edit {
+            "\"version\":1" => json.replace(edit, "\"version\":7"),
+            "\"classes\":10" => json.replace(edit, "\"classes\":0"),
+            _ => json.replace(edit, "\"normalization\":[[0.5,0.0],["),
+        };
+        let meta = [(models::inference::MODEL_KEY.to_string(), bad)].into();
+        let e = ModelDescription::from_metadata(path, &meta)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle) && e.contains("model.safetensors"), "{e}");
+    }
+    let e = ModelDescription::from_metadata(path, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dst.model"), "{e}");
+}
