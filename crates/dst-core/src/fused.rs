@@ -47,24 +47,8 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
         .enumerate()
         .map(|(ci, (m, wc))| {
             // Words of 64 entries: branch-free checks, counts and the word of active flags
-            // (vectorised), then a walk over its set bits — one step per active entry.
-            const B: usize = 64;
-            let (mut nonzero, mut broken) = (0usize, false);
-            let mut offsets: Vec<u32> = Vec::new();
-            for (b, (mb, wb)) in m.chunks(B).zip(wc.chunks(B)).enumerate() {
-                let (mut nz, mut bad, mut word) = (0u32, false, 0u64);
-                for (j, (&on, &v)) in mb.iter().zip(wb).enumerate() {
-                    nz += (on & (v != 0.0)) as u32;
-                    bad |= v.is_nan() | (!on & (v != 0.0));
-                    word |= (on as u64) << j;
-                }
-                nonzero += nz as usize;
-                broken |= bad;
-                while word != 0 {
-                    offsets.push((b * B) as u32 + word.trailing_zeros());
-                    word &= word - 1;
-                }
-            }
+            // (vectorised, `simd`), then a walk over its set bits — one step per active entry.
+            let (nonzero, broken, offsets) = crate::simd::active_chunk(m, wc);
             if broken {
                 return None;
             }

@@ -49,6 +49,7 @@ pub mod optim;
 pub mod rng;
 pub mod schedule;
 mod select;
+mod simd;
 mod sparsifier;
 pub mod sparsify;
 pub mod update;

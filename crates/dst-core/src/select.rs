@@ -202,8 +202,8 @@ fn row_sampled(keys: &[u32], k: usize) -> Option<Vec<usize>> {
 /// the `k` largest maxima hold `k` entries at least the `k`-th largest maximum `b`, so the
 /// `k`-th largest entry is ≥ `b`, and the blocks whose maximum is ≥ `b` hold every entry of the
 /// growth set (ties included). The maxima come
-/// from one branch-free pass over `|g|` as floats (vectorised); only the entries of those
-/// blocks get exact keys. When `k` is not small against the row (`32 k > n`: about as many
+/// from one branch-free pass over the row's keys (vectorised); only the entries of those
+/// blocks are keyed again. When `k` is not small against the row (`32 k > n`: about as many
 /// blocks would pass as there are) it is [`top_k_row`] on keys with the taken entries
 /// [`EXCLUDED`].
 pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> Vec<usize> {
@@ -222,26 +222,8 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
             .collect();
         return top_k_row(&keys, need);
     }
-    // A block's largest |g| as a float (NaN never wins a comparison; an all-NaN block stays
-    // at −1, below every magnitude), then as the key of that magnitude.
-    let maxima: Vec<u32> = g
-        .chunks(B)
-        .map(|c| {
-            let m = c.iter().fold(-1.0f32, |m, &v| {
-                let a = v.abs();
-                if a > m {
-                    a
-                } else {
-                    m
-                }
-            });
-            if m < 0.0 {
-                key(f32::NAN)
-            } else {
-                m.to_bits() | 0x8000_0000
-            }
-        })
-        .collect();
+    // Each block's largest key (`simd`: vectorised for the CPU).
+    let maxima = crate::simd::block_maxima(g);
     let mut ordered = maxima.clone();
     let (_, &mut bound, _) = ordered.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
     let mut pos: Vec<u32> = Vec::with_capacity(B * (k + 4));
@@ -323,7 +305,6 @@ pub(crate) fn top_k_sampled(
 /// packs the comparisons with the sample's bound of 64 magnitudes into a word at a time
 /// (vectorised) and walks its set bits: one step per collected entry, no branch per entry.
 pub(crate) fn top_k_abs(g: &[f32], k: usize) -> Vec<usize> {
-    const B: usize = 64;
     let n = g.len();
     if k >= n || k == 0 || n < 1 << 16 || k > n / 8 {
         return top_k_sampled(n, k, |i| abs_key(g[i]));
@@ -339,22 +320,7 @@ pub(crate) fn top_k_abs(g: &[f32], k: usize) -> Vec<usize> {
     let parts: Vec<Vec<(usize, u32)>> = g
         .par_chunks(CHUNK)
         .enumerate()
-        .map(|(c, gc)| {
-            let mut out = Vec::new();
-            for (b, block) in gc.chunks(B).enumerate() {
-                let mut word = block
-                    .iter()
-                    .enumerate()
-                    .fold(0u64, |w, (j, &v)| w | (((abs_key(v) >= t_lo) as u64) << j));
-                let base = c * CHUNK + b * B;
-                while word != 0 {
-                    let j = word.trailing_zeros() as usize;
-                    out.push((base + j, abs_key(block[j])));
-                    word &= word - 1;
-                }
-            }
-            out
-        })
+        .map(|(c, gc)| crate::simd::collect_abs(gc, t_lo, c * CHUNK))
         .collect();
     let collected: Vec<(usize, u32)> = parts.concat();
     if collected.len() < k {

@@ -398,27 +398,11 @@ pub(crate) fn srigl_general(input: &UpdateInput<'_>, p: &UpdateParams) -> Result
 /// update's contract, so on a layer this is a read of the weights and a few writes).
 pub fn apply_update(weights: &mut [f32], old: &Mask, new: &Mask) {
     const CHUNK: usize = 1 << 16;
-    const B: usize = 16;
     weights
         .par_chunks_mut(CHUNK)
         .zip(old.as_slice().par_chunks(CHUNK))
         .zip(new.as_slice().par_chunks(CHUNK))
-        .for_each(|((w, a), b)| {
-            // A branch-free test per block of 16 (vectorised); writes only in blocks with a
-            // nonzero weight to clear.
-            for ((w, a), b) in w.chunks_mut(B).zip(a.chunks(B)).zip(b.chunks(B)) {
-                let dirty = w.iter().zip(a).zip(b).fold(false, |d, ((w, &a), &b)| {
-                    d | (!(a & b) & (w.to_bits() != 0))
-                });
-                if dirty {
-                    for ((w, &a), &b) in w.iter_mut().zip(a).zip(b) {
-                        if !(a && b) {
-                            *w = 0.0;
-                        }
-                    }
-                }
-            }
-        });
+        .for_each(|((w, a), b)| crate::simd::clear_chunk(w, a, b));
 }
 
 /// A layer's new mask and the weights under it (see [`update_layer`]).
