@@ -19,6 +19,7 @@ const ARGS: &[(&str, &[&str])] = &[
         &["--data-dir", "{fixture}", "--epochs", "1"],
     ),
     ("fuzz_loaders", &["--time", "20"]),
+    ("model_file", &["--data-dir", "{fixture}", "--epochs", "2"]),
     (
         "nm_mask_study",
         &["--data-dir", "{fixture}", "--epochs", "2", "--lbc-t-f", "1"],

@@ -8,11 +8,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use models::data::ImageSet;
-use models::inference::{ModelDescription, SparseModel, MODEL_VERSION};
+use models::inference::{ModelDescription, SparseModel};
 use models::{Datasets, Trainer};
 use serde::Serialize;
-use sparse_formats::io::{DenseTensor, SparseLayer};
-use sparse_formats::{Condensed, Csr, LayerStats, Mask, NmPattern, NmSparse};
+use sparse_formats::io::SparseLayer;
+use sparse_formats::{Condensed, LayerStats, Mask, NmPattern, NmSparse};
 use sparse_kernels::{Exec, SparseWeight};
 
 /// `dst eval` flags.
@@ -240,29 +240,10 @@ fn bench_end_to_end(a: &BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Weight layers of a checkpoint: name, dense `[rows, fan_in]` values, mask, bias, N:M group
-/// stride (kh·kw).
-struct Trained {
-    name: String,
-    rows: usize,
-    fan_in: usize,
-    values: Vec<f32>,
-    mask: Mask,
-    bias: Option<Vec<f32>>,
-    stride: usize,
-}
-
-/// A trained run as `dst export` writes it: its weight layers, every other variable (dense)
-/// and the description a model file carries.
-struct TrainedRun {
-    cfg: models::TrainConfig,
-    layers: Vec<Trained>,
-    others: Vec<(String, DenseTensor)>,
-    description: ModelDescription,
-}
-
-fn trained_layers(run: &Path) -> Result<TrainedRun> {
-    let ck = checkpoint_dir(run)?;
+/// `dst export`: the run's checkpoint as a model file (`models::inference::export_layers` and
+/// the model description).
+pub fn export(a: ExportArgs) -> Result<ExitCode> {
+    let ck = checkpoint_dir(&a.run)?;
     let cfg = Trainer::checkpoint_config(&ck)?;
     let t = Trainer::resume(&ck, placeholder(&cfg)?)?;
     let normalization = match Trainer::checkpoint_normalization(&ck)? {
@@ -271,150 +252,25 @@ fn trained_layers(run: &Path) -> Result<TrainedRun> {
         None => Datasets::load(&cfg)
             .with_context(|| {
                 format!(
-                    "{}: the checkpoint predates stored input statistics, and the run's data                      set (needed for them) cannot be read",
+                    "{}: the checkpoint predates stored input statistics, and the run's data \
+                     set (needed for them) cannot be read",
                     ck.display()
                 )
             })?
             .train
             .channel_stats(),
     };
-    let [c, s, _] = cfg.data.name.image_shape();
-    let description = ModelDescription {
-        version: MODEL_VERSION,
-        model: cfg.model.clone(),
-        image: [c, s, s],
-        classes: 10,
-        dataset: cfg.data.name,
-        normalization,
+    let format = match a.format {
+        ExportFormat::Condensed => models::inference::ExportFormat::Condensed,
+        ExportFormat::Nm => models::inference::ExportFormat::Nm,
+        ExportFormat::Csr => models::inference::ExportFormat::Csr,
     };
-    let mut vars: std::collections::BTreeMap<String, Tensor> = t.variables()?.into_iter().collect();
-    let mut out = Vec::new();
-    for (name, mask) in t.masks() {
-        let w = vars
-            .remove(&name)
-            .with_context(|| format!("weight `{name}` missing from the checkpoint"))?;
-        let stride: usize = w.dims()[2..].iter().product();
-        let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
-        let bias = match vars.remove(&bias_name) {
-            Some(b) => Some(b.to_vec1::<f32>()?),
-            None => None,
-        };
-        out.push(Trained {
-            rows: mask.rows(),
-            fan_in: mask.fan_in(),
-            values: w.flatten_all()?.to_vec1::<f32>()?,
-            mask,
-            bias,
-            stride,
-            name,
-        });
-    }
-    let others = vars
-        .into_iter()
-        .map(|(name, t)| {
-            let tensor = DenseTensor {
-                shape: t.dims().to_vec(),
-                values: t.flatten_all()?.to_vec1::<f32>()?,
-            };
-            Ok((name, tensor))
-        })
-        .collect::<Result<_>>()?;
-    Ok(TrainedRun {
-        cfg,
-        layers: out,
-        others,
-        description,
-    })
-}
-
-/// A bias as a dense tensor named `<base>.bias`.
-fn dense_bias(base: &str, b: Vec<f32>) -> (String, SparseLayer) {
-    (
-        format!("{base}.bias"),
-        SparseLayer::Dense(DenseTensor {
-            shape: vec![b.len()],
-            values: b,
-        }),
-    )
-}
-
-/// `dst export`.
-pub fn export(a: ExportArgs) -> Result<ExitCode> {
-    let TrainedRun {
-        cfg,
-        layers,
-        others,
-        description,
-    } = trained_layers(&a.run)?;
-    if matches!(a.format, ExportFormat::Nm) && layers.iter().all(|l| l.mask.nnz() == l.mask.len()) {
-        anyhow::bail!(
-            "run `{}` has no N:M layer to export (every mask is dense; trained with {}): an N:M \
-             method writes N:M masks once its schedule has pruned them",
-            a.run.display(),
-            cfg.method.name.as_str()
-        );
-    }
-    let mut out: Vec<(String, SparseLayer)> = Vec::new();
-    for l in layers {
-        let dense = l.mask.nnz() == l.mask.len();
-        let base = l.name.trim_end_matches(".weight").to_string();
-        if dense {
-            out.push((
-                l.name.clone(),
-                SparseLayer::Dense(DenseTensor {
-                    shape: vec![l.rows, l.fan_in],
-                    values: l.values,
-                }),
-            ));
-            out.extend(l.bias.map(|b| dense_bias(&base, b)));
-            continue;
-        }
-        let layer = match a.format {
-            ExportFormat::Condensed => SparseLayer::Condensed(
-                Condensed::from_dense(l.rows, l.fan_in, &l.values, &l.mask, l.bias.as_deref())
-                    .with_context(|| {
-                        format!(
-                            "layer `{}`: cannot export to condensed (trained with {}; use \
-                             --format csr for unstructured masks)",
-                            l.name,
-                            cfg.method.name.as_str()
-                        )
-                    })?,
-            ),
-            ExportFormat::Nm => {
-                let pattern = NmPattern {
-                    group_stride: l.stride,
-                    ..NmPattern::new(cfg.method.n, cfg.method.m)
-                };
-                SparseLayer::Nm(
-                    NmSparse::from_dense(l.rows, l.fan_in, pattern, &l.values, &l.mask)
-                        .with_context(|| {
-                            format!(
-                                "layer `{}`: the mask is not {}:{} (trained with {})",
-                                l.name,
-                                cfg.method.n,
-                                cfg.method.m,
-                                cfg.method.name.as_str()
-                            )
-                        })?,
-                )
-            }
-            ExportFormat::Csr => {
-                SparseLayer::Csr(Csr::from_dense(l.rows, l.fan_in, &l.values, &l.mask)?)
-            }
-        };
-        out.push((l.name.clone(), layer));
-        if a.format != ExportFormat::Condensed {
-            // Condensed carries its bias; the other formats store it next to the weight.
-            out.extend(l.bias.map(|b| dense_bias(&base, b)));
-        }
-    }
-    // Every other variable (BatchNorm, LayerNorm, position embeddings...), so that the file
-    // runs on its own (`dst eval FILE`, `models::inference::SparseModel`).
-    out.extend(others.into_iter().map(|(n, t)| (n, SparseLayer::Dense(t))));
-    sparse_formats::io::save_with_metadata(&a.out, &out, &description.to_metadata())
+    let layers = models::inference::export_layers(&t, format)
+        .with_context(|| format!("run `{}`", a.run.display()))?;
+    let description = ModelDescription::of(&cfg, normalization);
+    sparse_formats::io::save_with_metadata(&a.out, &layers, &description.to_metadata())
         .with_context(|| format!("--out {}", a.out.display()))?;
-    println!("{} tensors → {}", out.len(), a.out.display());
+    println!("{} tensors → {}", layers.len(), a.out.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -30,12 +30,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
-use sparse_formats::{DenseTensor, Mask, SparseLayer};
+use sparse_formats::{Condensed, Csr, DenseTensor, Mask, NmPattern, NmSparse, SparseLayer};
 use sparse_kernels::ops::SparseStructure;
 
+use crate::config::TrainConfig;
 use crate::data::{DatasetName, ImageSet};
 use crate::error::{file_err, Result, TrainError};
 use crate::nets::{LayerKind, ModelConfig, Network};
+use crate::trainer::Trainer;
 
 /// Metadata key of the [`ModelDescription`] (JSON) in a model file.
 pub const MODEL_KEY: &str = "dst.model";
@@ -124,6 +126,119 @@ impl ModelDescription {
         }
         Ok(d)
     }
+}
+
+impl ModelDescription {
+    /// The description of a model trained with `cfg`, whose inputs were normalised with
+    /// `normalization` ([`Trainer::normalization`], or the checkpoint's).
+    pub fn of(cfg: &TrainConfig, normalization: Vec<(f32, f32)>) -> ModelDescription {
+        let [c, s, _] = cfg.data.name.image_shape();
+        ModelDescription {
+            version: MODEL_VERSION,
+            model: cfg.model.clone(),
+            image: [c, s, s],
+            classes: 10,
+            dataset: cfg.data.name,
+            normalization,
+        }
+    }
+}
+
+/// The layout a model file stores its sparse weight layers in (dense layers stay dense).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// Constant fan-in (SRigL's masks; fails for unequal rows).
+    Condensed,
+    /// N:M with the run's `n` and `m` (fails where a mask is not N:M).
+    Nm,
+    /// Compressed sparse rows (any mask).
+    Csr,
+}
+
+/// The layers of a model file for `t`'s network: every weight layer with a sparse mask in
+/// `format` (a condensed layer carries its bias), every other variable dense — what
+/// [`SparseModel::from_layers`] loads and `dst export` writes (with
+/// [`ModelDescription::to_metadata`]). Fails naming the layer a format cannot hold.
+pub fn export_layers(t: &Trainer, format: ExportFormat) -> Result<Vec<(String, SparseLayer)>> {
+    let cfg = t.config();
+    let bad = |reason: String| TrainError::Config {
+        field: "format",
+        reason,
+    };
+    let masks = t.masks();
+    if format == ExportFormat::Nm && masks.iter().all(|(_, m)| m.nnz() == m.len()) {
+        return Err(bad(format!(
+            "no N:M layer to export (every mask is dense; trained with {}): an N:M method \
+             writes N:M masks once its schedule has pruned them",
+            cfg.method.name.as_str()
+        )));
+    }
+    let mut vars: BTreeMap<String, Tensor> = t.variables()?.into_iter().collect();
+    let dense =
+        |shape: Vec<usize>, values: Vec<f32>| SparseLayer::Dense(DenseTensor { shape, values });
+    let mut out: Vec<(String, SparseLayer)> = Vec::new();
+    for (name, mask) in masks {
+        let w = vars
+            .remove(&name)
+            .ok_or_else(|| bad(format!("weight `{name}` is not a variable")))?;
+        let stride: usize = w.dims()[2..].iter().product();
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let bias_name = format!("{}.bias", name.strip_suffix(".weight").unwrap_or(&name));
+        let bias = match vars.remove(&bias_name) {
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (rows, fan_in) = (mask.rows(), mask.fan_in());
+        let method = cfg.method.name.as_str();
+        let layer = if mask.nnz() == mask.len() {
+            dense(w.dims().to_vec(), values)
+        } else {
+            match format {
+                ExportFormat::Condensed => {
+                    let c = Condensed::from_dense(rows, fan_in, &values, &mask, bias.as_deref())
+                        .map_err(|e| {
+                            bad(format!(
+                                "layer `{name}`: cannot export to condensed (trained with \
+                                 {method}; use CSR for unstructured masks): {e}"
+                            ))
+                        })?;
+                    out.push((name, SparseLayer::Condensed(c)));
+                    continue;
+                }
+                ExportFormat::Nm => {
+                    let pattern = NmPattern {
+                        group_stride: stride.max(1),
+                        ..NmPattern::new(cfg.method.n, cfg.method.m)
+                    };
+                    SparseLayer::Nm(
+                        NmSparse::from_dense(rows, fan_in, pattern, &values, &mask).map_err(
+                            |e| {
+                                bad(format!(
+                                    "layer `{name}`: the mask is not {}:{} (trained with \
+                                     {method}): {e}",
+                                    cfg.method.n, cfg.method.m
+                                ))
+                            },
+                        )?,
+                    )
+                }
+                ExportFormat::Csr => {
+                    SparseLayer::Csr(Csr::from_dense(rows, fan_in, &values, &mask)?)
+                }
+            }
+        };
+        out.push((name, layer));
+        if let Some(b) = bias {
+            out.push((bias_name, dense(vec![b.len()], b)));
+        }
+    }
+    // Every other variable (BatchNorm, LayerNorm, position embeddings...), so that the file
+    // runs on its own.
+    for (name, v) in vars {
+        let values = v.flatten_all()?.to_vec1::<f32>()?;
+        out.push((name, dense(v.dims().to_vec(), values)));
+    }
+    Ok(out)
 }
 
 /// A normalised batch `[b, c, h, w]` of `set`'s images `idx` and their labels: `(p − mean) /
