@@ -72,54 +72,16 @@ impl Condensed {
                 ),
             ));
         }
-        let counts = mask.row_counts();
-        let mut k = 0;
-        let mut first_row = 0;
-        for (r, &c) in counts.iter().enumerate() {
-            if c == 0 {
-                continue;
-            }
-            if k == 0 {
-                k = c;
-                first_row = r;
-            } else if c != k {
-                return Err(FormatError::FanInNotConstant {
-                    first_row,
-                    expected: k,
-                    row: r,
-                    found: c,
-                });
-            }
-        }
-        let active_rows: Vec<u32> = (0..rows)
-            .filter(|&r| counts[r] > 0)
-            .map(|r| r as u32)
-            .collect();
-        let mut values = Vec::with_capacity(active_rows.len() * k);
-        let mut cols = Vec::with_capacity(active_rows.len() * k);
-        for &r in &active_rows {
-            let r = r as usize;
-            for c in mask.row_indices(r) {
-                values.push(weights[r * fan_in + c]);
-                cols.push(c);
-            }
-        }
-        let indices = IndexVec::collect_for_fan_in(fan_in, cols);
-        Self::from_parts(
-            rows,
-            fan_in,
-            k,
-            active_rows,
-            values,
-            indices,
-            bias.map(<[f32]>::to_vec),
-        )
+        // The mask's active entries, as the positions constructor takes them.
+        let positions = mask.positions();
+        let values = positions.iter().map(|&p| weights[p]).collect();
+        Self::from_positions(rows, fan_in, &positions, values, bias.map(<[f32]>::to_vec))
     }
 
     /// Builds the layout from the flat positions `r · fan_in + c` of the active entries
-    /// (strictly ascending) and their values — O(active entries), where
-    /// [`Condensed::from_dense`] scans the whole mask. Fails like `from_dense` when the
-    /// non-empty rows' counts differ, and names `positions` or `values` when they are
+    /// (strictly ascending) and their values — O(active entries); [`Condensed::from_dense`]
+    /// lists a mask's positions and calls it. Fails with [`FormatError::FanInNotConstant`] when
+    /// the non-empty rows' counts differ, and names `positions` or `values` when they are
     /// malformed.
     ///
     /// ```

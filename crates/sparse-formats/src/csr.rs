@@ -55,29 +55,14 @@ impl Csr {
                 "fan-in exceeds the u32 range",
             ));
         }
-        let mut row_ptr = Vec::with_capacity(rows + 1);
-        row_ptr.push(0);
-        let mut col_indices = Vec::new();
-        let mut values = Vec::new();
-        for r in 0..rows {
-            for c in mask.row_indices(r) {
-                col_indices.push(c as u32);
-                values.push(weights[r * fan_in + c]);
-            }
-            row_ptr.push(values.len());
-        }
-        Ok(Csr {
-            rows,
-            fan_in,
-            row_ptr,
-            col_indices,
-            values,
-        })
+        let positions = mask.positions();
+        let values = positions.iter().map(|&p| weights[p]).collect();
+        Self::from_positions(rows, fan_in, &positions, values)
     }
 
     /// Builds the layout from the flat positions `r · fan_in + c` of the active entries
-    /// (strictly ascending) and their values — O(active entries), where [`Csr::from_dense`]
-    /// scans the whole mask; names `positions` or `values` when they are malformed.
+    /// (strictly ascending) and their values — O(active entries); [`Csr::from_dense`] lists a
+    /// mask's positions and calls it. Names `positions` or `values` when they are malformed.
     ///
     /// ```
     /// use sparse_formats::Csr;
