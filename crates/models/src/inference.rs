@@ -463,31 +463,23 @@ impl SparseModel {
                     return Err(wrong("a mask and no values".into()));
                 }
                 sparse => {
+                    // The three formats answer the same questions under different types.
+                    macro_rules! parts {
+                        ($l:expr) => {
+                            (
+                                $l.rows(),
+                                $l.fan_in(),
+                                $l.to_dense(),
+                                $l.to_mask(),
+                                SparseStructure::from($l.clone()),
+                                $l.values().to_vec(),
+                            )
+                        };
+                    }
                     let (rows, fan_in, dense_values, mask, structure, vals) = match sparse {
-                        SparseLayer::Condensed(c) => (
-                            c.rows(),
-                            c.fan_in(),
-                            c.to_dense(),
-                            c.to_mask(),
-                            SparseStructure::from(c.clone()),
-                            c.values().to_vec(),
-                        ),
-                        SparseLayer::Csr(c) => (
-                            c.rows(),
-                            c.fan_in(),
-                            c.to_dense(),
-                            c.to_mask(),
-                            SparseStructure::from(c.clone()),
-                            c.values().to_vec(),
-                        ),
-                        SparseLayer::Nm(m) => (
-                            m.rows(),
-                            m.fan_in(),
-                            m.to_dense(),
-                            m.to_mask(),
-                            SparseStructure::from(m.clone()),
-                            m.values().to_vec(),
-                        ),
+                        SparseLayer::Condensed(c) => parts!(c),
+                        SparseLayer::Csr(c) => parts!(c),
+                        SparseLayer::Nm(m) => parts!(m),
                         SparseLayer::Dense(_) | SparseLayer::Mask(_) => unreachable!("above"),
                     };
                     if rows * fan_in != n || shape.first() != Some(&rows) {
