@@ -120,21 +120,21 @@ pub fn conv2d_with(
 
 /// The shapes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    batch: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    out: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    spec: ConvSpec,
+pub(crate) struct Geometry {
+    pub(crate) batch: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) out: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    pub(crate) spec: ConvSpec,
 }
 
 impl Geometry {
-    fn new(x: &[usize], w: &[usize], spec: ConvSpec) -> Result<Self> {
+    pub(crate) fn new(x: &[usize], w: &[usize], spec: ConvSpec) -> Result<Self> {
         let (batch, c, h, wd) = (x[0], x[1], x[2], x[3]);
         let (out, wc, kh, kw) = (w[0], w[1], w[2], w[3]);
         if wc != c {
@@ -166,12 +166,12 @@ impl Geometry {
     }
 
     /// `in · kh · kw`.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.c * self.kh * self.kw
     }
 
     /// `oh · ow`.
-    fn l(&self) -> usize {
+    pub(crate) fn l(&self) -> usize {
         self.oh * self.ow
     }
 
@@ -183,7 +183,7 @@ impl Geometry {
     }
 
     /// The sample ranges of the chunks.
-    fn chunks(&self) -> Vec<std::ops::Range<usize>> {
+    pub(crate) fn chunks(&self) -> Vec<std::ops::Range<usize>> {
         let n = self.chunk();
         (0..self.batch)
             .step_by(n)
@@ -216,7 +216,11 @@ impl Geometry {
 
     /// The samples `r` of a batch-major `[batch, out, L]` tensor as `[out, n·L]` (what the
     /// chunk's GEMMs take); borrowed when the chunk is one sample.
-    fn channel_major<'t>(&self, t: &'t [f32], r: &std::ops::Range<usize>) -> Cow<'t, [f32]> {
+    pub(crate) fn channel_major<'t>(
+        &self,
+        t: &'t [f32],
+        r: &std::ops::Range<usize>,
+    ) -> Cow<'t, [f32]> {
         let (out, l, n) = (self.out, self.l(), r.len());
         let src = &t[r.start * out * l..][..n * out * l];
         if n == 1 {
@@ -232,7 +236,7 @@ impl Geometry {
     }
 
     /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`).
-    fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
+    pub(crate) fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
         let (l, n) = (self.l(), samples.len());
         let width = n * l;
         let plane = self.h * self.w;
@@ -273,7 +277,7 @@ impl Geometry {
     }
 
     /// col2im: adds `cols [K, n·L]` into `gx` (the chunk's samples, `[n, c, h, w]`).
-    fn col2im(&self, cols: &[f32], n: usize, gx: &mut [f32]) {
+    pub(crate) fn col2im(&self, cols: &[f32], n: usize, gx: &mut [f32]) {
         let l = self.l();
         let width = n * l;
         let plane = self.h * self.w;
@@ -342,7 +346,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     crate::contiguous_f32(s, l, "conv2d", what)
 }
 
-fn forward(g: &Geometry, x: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
+pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
     let (k, l, out) = (g.k(), g.l(), g.out);
     let mut y = vec![0f32; g.batch * out * l];
     let parts = split_chunks(g, &mut y, out * l);
@@ -375,7 +379,7 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
     y
 }
 
-fn input_grad(g: &Geometry, gy: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
+pub(crate) fn input_grad(g: &Geometry, gy: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
     let (k, l, out) = (g.k(), g.l(), g.out);
     let mut gx = vec![0f32; g.batch * g.c * g.h * g.w];
     let parts = split_chunks(g, &mut gx, g.c * g.h * g.w);
@@ -400,7 +404,7 @@ fn input_grad(g: &Geometry, gy: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
     gx
 }
 
-fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Vec<f32> {
+pub(crate) fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Vec<f32> {
     let (k, l, out) = (g.k(), g.l(), g.out);
     let chunks = g.chunks().len();
     if chunks == 0 {

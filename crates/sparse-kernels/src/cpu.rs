@@ -147,7 +147,7 @@ pub fn value_grad<'a>(
 }
 
 /// Copies `src [n, cols]` into batch tiles `[ceil(n / TB)][cols][TB]`, zero-padded.
-fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize) -> Vec<f32> {
     // Blocked over columns so that the TB source rows of a tile and the written block of the
     // slab both stay in L1 (the naive row-by-row scatter was most of a 99%-sparse forward).
     const CB: usize = 64;
@@ -179,6 +179,36 @@ fn from_tiles<const TB: usize>(tiles: &[f32], n: usize, cols: usize, dst: &mut [
     }
 }
 
+/// Copies `src [rows, width]` (feature-major: one row per feature, one column per batch
+/// entry, as an im2col buffer) into batch tiles `[ceil(width / TB)][rows][TB]`, zero-padded:
+/// the same layout [`to_tiles`] makes from a batch-major matrix, by contiguous runs of `TB`.
+pub(crate) fn rows_to_tiles<const TB: usize>(src: &[f32], rows: usize, width: usize) -> Vec<f32> {
+    let tiles = width.div_ceil(TB);
+    let mut dst = vec![0.0; tiles * rows * TB];
+    for (t, slab) in dst.chunks_exact_mut(rows * TB).enumerate() {
+        let (c0, n) = (t * TB, TB.min(width - t * TB));
+        for (r, run) in slab.chunks_exact_mut(TB).enumerate() {
+            run[..n].copy_from_slice(&src[r * width + c0..][..n]);
+        }
+    }
+    dst
+}
+
+/// Inverse of [`rows_to_tiles`]: writes the tiles back to `dst [rows, width]`.
+pub(crate) fn tiles_to_rows<const TB: usize>(
+    tiles: &[f32],
+    rows: usize,
+    width: usize,
+    dst: &mut [f32],
+) {
+    for (t, slab) in tiles.chunks_exact(rows * TB).enumerate() {
+        let (c0, n) = (t * TB, TB.min(width - t * TB));
+        for (r, run) in slab.chunks_exact(TB).enumerate() {
+            dst[r * width + c0..][..n].copy_from_slice(&run[..n]);
+        }
+    }
+}
+
 /// Runs `f(tile width)` with the tile width for a batch: the smallest of 8/16/32/64 that holds
 /// it, 64 beyond.
 macro_rules! with_tile {
@@ -191,6 +221,7 @@ macro_rules! with_tile {
         }
     };
 }
+pub(crate) use with_tile;
 
 /// Splits `0..n` into at most `parts` contiguous ranges of nearly equal size.
 fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
@@ -267,6 +298,34 @@ fn fwd_tiled_body<R: Rows, const TB: usize, const FMA: bool>(
 }
 multiversion!(fn fwd_tiled<R: Rows; const TB: usize>(r: &R, values: &[f32], xt: &[f32], batch: usize, fan_in: usize, a0: usize, out: &mut [f32]) => fwd_tiled_body);
 
+/// The batched forward on an input already in batch tiles (`xt [ceil(cols / TB)][fan_in][TB]`,
+/// see [`to_tiles`]): returns `acc [n_stored, cols]`, stored row `a`'s products with every
+/// column, computed on `threads` workers that split the stored rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_tiles<R: Rows, const TB: usize>(
+    isa: Isa,
+    r: &R,
+    values: &[f32],
+    xt: &[f32],
+    cols: usize,
+    fan_in: usize,
+    threads: usize,
+) -> Vec<f32> {
+    let n = r.n_stored();
+    let mut acc = vec![0.0f32; n * cols];
+    let ranges = split_ranges(n, threads);
+    let lens: Vec<usize> = ranges.iter().map(|g| g.len() * cols).collect();
+    let jobs: Vec<_> = ranges
+        .iter()
+        .map(|g| g.start)
+        .zip(split_lengths(&mut acc, &lens))
+        .collect();
+    run_parallel(jobs, threads, |(a0, out)| {
+        fwd_tiled::<R, TB>(isa, r, values, xt, cols, fan_in, a0, out)
+    });
+    acc
+}
+
 impl RowsVisitor for Forward<'_> {
     type Out = ();
     fn visit<R: Rows>(self, r: &R) {
@@ -283,29 +342,28 @@ impl RowsVisitor for Forward<'_> {
         let threads = exec.threads_for(values.len() * batch);
         let n = r.n_stored();
         // Per stored row, `batch` outputs (row-major by stored row), then scattered into y.
-        let mut acc = vec![0.0f32; n * batch];
-        let ranges = split_ranges(n, threads);
-        let lens: Vec<usize> = ranges.iter().map(|g| g.len() * batch).collect();
-        let jobs: Vec<_> = ranges
-            .iter()
-            .map(|g| g.start)
-            .zip(split_lengths(&mut acc, &lens))
-            .collect();
-        if batch == 1 {
+        let acc = if batch == 1 {
+            let mut acc = vec![0.0f32; n];
+            let ranges = split_ranges(n, threads);
+            let lens: Vec<usize> = ranges.iter().map(|g| g.len()).collect();
+            let jobs: Vec<_> = ranges
+                .iter()
+                .map(|g| g.start)
+                .zip(split_lengths(&mut acc, &lens))
+                .collect();
             run_parallel(jobs, threads, |(a0, out)| {
                 fwd_gather(isa, r, values, x, a0, out)
             });
+            acc
         } else {
             macro_rules! go {
                 ($tb:literal,) => {{
                     let xt = to_tiles::<$tb>(x, batch, fan_in);
-                    run_parallel(jobs, threads, |(a0, out)| {
-                        fwd_tiled::<R, $tb>(isa, r, values, &xt, batch, fan_in, a0, out)
-                    });
+                    forward_tiles::<R, $tb>(isa, r, values, &xt, batch, fan_in, threads)
                 }};
             }
-            with_tile!(batch, go!());
-        }
+            with_tile!(batch, go!())
+        };
         // A transpose of `acc [n, batch]` into the columns of `y [batch, rows]`, in blocks of
         // 16 stored rows so that the writes of one batch entry stay within a few cache lines
         // (row by row, every write touched a new line of `y`). Each `y` element still gets
@@ -363,6 +421,31 @@ fn igrad_tile_body<R: Rows, const TB: usize, const FMA: bool>(
 }
 multiversion!(fn igrad_tile<R: Rows; const TB: usize>(r: &R, values: &[f32], gys: &[f32], gxs: &mut [f32]) => igrad_tile_body);
 
+/// The batched input gradient on `∂y` already in batch tiles (`gyt [ceil(cols / TB)][rows][TB]`):
+/// returns `∂x` in batch tiles (`[ceil(cols / TB)][fan_in][TB]`), on `threads` workers that
+/// split the tiles.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn input_grad_tiles<R: Rows, const TB: usize>(
+    isa: Isa,
+    r: &R,
+    values: &[f32],
+    gyt: &[f32],
+    cols: usize,
+    fan_in: usize,
+    rows: usize,
+    threads: usize,
+) -> Vec<f32> {
+    let mut gxt = vec![0.0f32; cols.div_ceil(TB) * fan_in * TB];
+    let jobs: Vec<_> = gxt
+        .chunks_mut(fan_in * TB)
+        .zip(gyt.chunks(rows * TB))
+        .collect();
+    run_parallel(jobs, threads, |(gxs, gys)| {
+        igrad_tile::<R, TB>(isa, r, values, gys, gxs)
+    });
+    gxt
+}
+
 impl RowsVisitor for InputGrad<'_> {
     type Out = Vec<f32>;
     fn visit<R: Rows>(self, r: &R) -> Vec<f32> {
@@ -384,14 +467,8 @@ impl RowsVisitor for InputGrad<'_> {
         macro_rules! go {
             ($tb:literal,) => {{
                 let gyt = to_tiles::<$tb>(grad_y, batch, rows);
-                let mut gxt = vec![0.0f32; batch.div_ceil($tb) * fan_in * $tb];
-                let jobs: Vec<_> = gxt
-                    .chunks_mut(fan_in * $tb)
-                    .zip(gyt.chunks(rows * $tb))
-                    .collect();
-                run_parallel(jobs, threads, |(gxs, gys)| {
-                    igrad_tile::<R, $tb>(isa, r, values, gys, gxs)
-                });
+                let gxt =
+                    input_grad_tiles::<R, $tb>(isa, r, values, &gyt, batch, fan_in, rows, threads);
                 from_tiles::<$tb>(&gxt, batch, fan_in, &mut gx);
             }};
         }
@@ -473,13 +550,9 @@ impl RowsVisitor for ValueGrad<'_> {
         } = self;
         let isa = exec.isa();
         let threads = exec.threads_for(gv.len() * batch);
-        let ranges = split_ranges(r.n_stored(), threads);
-        let lens: Vec<usize> = ranges
-            .iter()
-            .map(|g| r.slots(g.end - 1).end - r.slots(g.start).start)
-            .collect();
-        let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(gv, &lens)).collect();
         if batch == 1 {
+            let (ranges, lens) = row_ranges(r, threads);
+            let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(gv, &lens)).collect();
             run_parallel(jobs, threads, |(g, out)| {
                 vgrad_single(isa, r, x, grad_y, g.start, g.len(), out)
             });
@@ -489,68 +562,88 @@ impl RowsVisitor for ValueGrad<'_> {
             ($tb:literal,) => {{
                 let xt = to_tiles::<$tb>(x, batch, fan_in);
                 let gyt = to_tiles::<$tb>(grad_y, batch, rows);
-                let tiles = batch.div_ceil($tb);
-                #[cfg(target_arch = "x86_64")]
-                if $tb >= 16 && isa == Isa::Avx512 {
-                    run_parallel(jobs, threads, |(g, out)| {
-                        // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU supports it
-                        // (`Exec`); the tiles have the layout the kernel documents.
-                        unsafe {
-                            crate::vgrad512::vgrad_tiled_avx512::<
-                                R,
-                                {
-                                    if $tb < 16 {
-                                        16
-                                    } else {
-                                        $tb
-                                    }
-                                },
-                            >(
-                                r, &xt, &gyt, tiles, fan_in, rows, g.start, g.len(), out
-                            )
-                        }
-                    });
-                    return;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx2 {
-                    run_parallel(jobs, threads, |(g, out)| {
-                        // SAFETY: `Isa::Avx2` reaches a kernel only when the CPU supports it
-                        // (`Exec`); the tiles have the layout the kernel documents.
-                        unsafe {
-                            crate::vgrad256::vgrad_tiled_avx2::<R, $tb>(
-                                r,
-                                &xt,
-                                &gyt,
-                                tiles,
-                                fan_in,
-                                rows,
-                                g.start,
-                                g.len(),
-                                out,
-                            )
-                        }
-                    });
-                    return;
-                }
-                run_parallel(jobs, threads, |(g, out)| {
-                    vgrad_tiled::<R, $tb>(
-                        isa,
-                        r,
-                        &xt,
-                        &gyt,
-                        tiles,
-                        fan_in,
-                        rows,
-                        g.start,
-                        g.len(),
-                        out,
-                    )
-                });
+                value_grad_tiles::<R, $tb>(isa, r, &xt, &gyt, batch, fan_in, rows, threads, gv);
             }};
         }
         with_tile!(batch, go!());
     }
+}
+
+/// The stored rows split into at most `threads` ranges, and the number of value slots of each.
+fn row_ranges<R: Rows>(r: &R, threads: usize) -> (Vec<std::ops::Range<usize>>, Vec<usize>) {
+    let ranges = split_ranges(r.n_stored(), threads);
+    let lens = ranges
+        .iter()
+        .map(|g| r.slots(g.end - 1).end - r.slots(g.start).start)
+        .collect();
+    (ranges, lens)
+}
+
+/// The batched value gradient on `x` and `∂y` already in batch tiles (`xt
+/// [ceil(cols / TB)][fan_in][TB]`, `gyt [ceil(cols / TB)][rows][TB]`), **added** to `gv` (one
+/// entry per stored value), on `threads` workers that split the stored rows. Each entry sums
+/// the tiles in order, so calling this once per chunk of columns, chunks in order, gives the
+/// same bits for any thread count.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn value_grad_tiles<R: Rows, const TB: usize>(
+    isa: Isa,
+    r: &R,
+    xt: &[f32],
+    gyt: &[f32],
+    cols: usize,
+    fan_in: usize,
+    rows: usize,
+    threads: usize,
+    gv: &mut [f32],
+) {
+    if r.n_stored() == 0 || cols == 0 {
+        return;
+    }
+    let tiles = cols.div_ceil(TB);
+    let (ranges, lens) = row_ranges(r, threads);
+    let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(gv, &lens)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if TB >= 16 && isa == Isa::Avx512 {
+        run_parallel(jobs, threads, |(g, out)| {
+            let (a0, n) = (g.start, g.len());
+            // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU supports it (`Exec`);
+            // the tiles have the layout the kernel documents, for the tile width `TB` that the
+            // match picks.
+            unsafe {
+                use crate::vgrad512::vgrad_tiled_avx512 as k;
+                match TB {
+                    16 => k::<R, 16>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+                    32 => k::<R, 32>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+                    _ => k::<R, 64>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+                }
+            }
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        run_parallel(jobs, threads, |(g, out)| {
+            // SAFETY: `Isa::Avx2` reaches a kernel only when the CPU supports it (`Exec`); the
+            // tiles have the layout the kernel documents.
+            unsafe {
+                crate::vgrad256::vgrad_tiled_avx2::<R, TB>(
+                    r,
+                    xt,
+                    gyt,
+                    tiles,
+                    fan_in,
+                    rows,
+                    g.start,
+                    g.len(),
+                    out,
+                )
+            }
+        });
+        return;
+    }
+    run_parallel(jobs, threads, |(g, out)| {
+        vgrad_tiled::<R, TB>(isa, r, xt, gyt, tiles, fan_in, rows, g.start, g.len(), out)
+    });
 }
 
 #[cfg(test)]

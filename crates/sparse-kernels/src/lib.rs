@@ -47,6 +47,7 @@ pub mod pool;
 pub mod reference;
 mod rows;
 mod simd;
+pub mod sparse_conv;
 pub mod storage;
 mod vgrad256;
 mod vgrad512;
@@ -76,6 +77,9 @@ pub enum KernelError {
     /// CUDA was asked for but cannot be used (see [`cuda`]).
     #[error("{0}")]
     Cuda(String),
+    /// A sparse convolution's shapes do not fit together (see [`sparse_conv`]).
+    #[error("sparse conv2d: {0}")]
+    Conv(String),
 }
 
 /// A borrowed sparse weight of any format the kernels run on.
