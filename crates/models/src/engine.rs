@@ -5,11 +5,13 @@
 //! - **dense-mask**: every weight is a dense variable multiplied by its mask (as every public
 //!   implementation does); the engine then holds no [`EngineLayer`] and only forwards to the
 //!   optimizer.
-//! - **sparse**: a linear layer's weight lives in a sparse layout (condensed when every active
-//!   row has the same fan-in, as SRigL's; CSR otherwise) between mask updates, so forward, input
-//!   gradient and value gradient run on the sparse-kernels kernels and the dense weight gradient
-//!   is never formed — except at the steps that need it (mask updates), where the backward pass
-//!   adds the one dense product `gyᵀ·x` for the dense variable.
+//! - **sparse**: a linear or conv layer's weight lives in a sparse layout (condensed when every
+//!   active row has the same fan-in, as SRigL's; CSR otherwise) between mask updates, so forward,
+//!   input gradient and value gradient run on the sparse-kernels kernels
+//!   (`sparse_kernels::ops::sparse_linear`, `sparse_kernels::sparse_conv::sparse_conv2d`: a conv
+//!   weight's rows are its filters, its fan-in `in · kh · kw`) and the dense weight gradient is
+//!   never formed — except at the steps that need it (mask updates), where the backward pass
+//!   adds the one dense weight-gradient product for the dense variable.
 //!
 //! The dense variable (the dst-core `SparseParam`) stays the layer's identity: the sparsifier
 //! reads and writes it at mask updates, checkpoints store it, and it is refreshed from the
@@ -25,7 +27,9 @@ use dst_core::optim::{MaskAware, OptimizerConfig};
 use dst_core::{SparseParam, Sparsify};
 use rayon::prelude::*;
 use sparse_formats::{Condensed, Csr};
+use sparse_kernels::conv::ConvSpec;
 use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
+use sparse_kernels::sparse_conv::{sparse_conv2d, sparse_conv2d_dense_grad};
 use sparse_kernels::storage::{with_f32, write_in_place};
 
 struct Sparse {
@@ -41,11 +45,20 @@ struct Inner {
     dense_step: bool,
 }
 
-/// A linear layer trained in sparse storage (see the module documentation).
+/// The shape of a conv layer's kernel and its settings (`groups` is 1).
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    kernel: (usize, usize),
+    spec: ConvSpec,
+}
+
+/// A linear or conv layer trained in sparse storage (see the module documentation).
 #[derive(Clone)]
 pub struct EngineLayer {
     param: SparseParam,
     bias: Option<Var>,
+    /// `None` for a linear layer.
+    conv: Option<Conv>,
     inner: Arc<RwLock<Inner>>,
 }
 
@@ -84,16 +97,55 @@ fn relayout_values(old: &[usize], values: &[f32], new: &[usize]) -> Vec<f32> {
 }
 
 impl EngineLayer {
-    /// Wraps a dst-core linear weight; it runs densely until [`EngineLayer::compress`].
+    /// Wraps a dst-core linear weight `[rows, fan_in]`; it runs densely until
+    /// [`EngineLayer::compress`].
     pub fn new(param: SparseParam, bias: Option<Var>) -> Self {
         EngineLayer {
             param,
             bias,
+            conv: None,
             inner: Arc::new(RwLock::new(Inner {
                 sparse: None,
                 dense_step: false,
             })),
         }
+    }
+
+    /// Wraps a dst-core conv weight `[out, in, kh, kw]` with its settings; it runs densely (the
+    /// GEMM convolution) until [`EngineLayer::compress`]. Fails for grouped convolutions, which
+    /// the sparse convolution does not cover (build those as dst-core conv layers).
+    pub fn conv(param: SparseParam, bias: Option<Var>, spec: ConvSpec) -> dst_core::Result<Self> {
+        let shape = param.shape();
+        let [_, _, kh, kw] = shape[..] else {
+            return Err(dst_core::DstError::Config {
+                field: "conv weight",
+                reason: format!(
+                    "`{}` has shape {shape:?}, expected [out, in, kh, kw]",
+                    param.name()
+                ),
+            });
+        };
+        if spec.groups != 1 {
+            return Err(dst_core::DstError::Config {
+                field: "conv groups",
+                reason: format!(
+                    "`{}`: the sparse engine runs convolutions with groups = 1, got {}",
+                    param.name(),
+                    spec.groups
+                ),
+            });
+        }
+        let mut layer = EngineLayer::new(param, bias);
+        layer.conv = Some(Conv {
+            kernel: (kh, kw),
+            spec,
+        });
+        Ok(layer)
+    }
+
+    /// Whether this is a conv layer.
+    pub fn is_conv(&self) -> bool {
+        self.conv.is_some()
     }
 
     /// The dense weight (the sparsifier's handle).
@@ -253,16 +305,31 @@ impl Module for EngineLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let inner = self.read();
         let bias = self.bias.as_ref().map(|b| b.as_tensor());
-        match (&inner.sparse, inner.dense_step) {
-            (Some(s), false) => sparse_linear(x, s.values.as_tensor(), &s.structure, bias),
-            (Some(s), true) => sparse_linear_dense_grad(
+        let dense = self.param.var().as_tensor();
+        match (&inner.sparse, inner.dense_step, self.conv) {
+            (Some(s), false, None) => sparse_linear(x, s.values.as_tensor(), &s.structure, bias),
+            (Some(s), true, None) => {
+                sparse_linear_dense_grad(x, s.values.as_tensor(), dense, &s.structure, bias)
+            }
+            (None, _, None) => sparse_kernels::dense::linear(x, dense, bias),
+            (Some(s), false, Some(c)) => sparse_conv2d(
                 x,
                 s.values.as_tensor(),
-                self.param.var().as_tensor(),
                 &s.structure,
+                c.kernel,
                 bias,
+                c.spec,
             ),
-            (None, _) => sparse_kernels::dense::linear(x, self.param.var().as_tensor(), bias),
+            (Some(s), true, Some(c)) => sparse_conv2d_dense_grad(
+                x,
+                s.values.as_tensor(),
+                dense,
+                &s.structure,
+                c.kernel,
+                bias,
+                c.spec,
+            ),
+            (None, _, Some(c)) => sparse_kernels::conv::conv2d(x, dense, bias, c.spec),
         }
     }
 }

@@ -516,7 +516,7 @@ impl SparseModel {
         for e in &built.engine {
             let name = e.param().name().to_string();
             let var = e.param().var().as_tensor();
-            let (rows, fan_in) = var.dims2()?;
+            let (rows, fan_in) = (e.param().rows(), e.param().fan_in());
             let bias = match e.bias() {
                 Some(b) => Some(b.as_tensor().to_vec1::<f32>()?),
                 None => None,

@@ -169,8 +169,8 @@ pub enum LayerKind {
     Dst,
     /// lbc N:M layers (masks from an `NmSparsifier`).
     Nm,
-    /// dst-core layers whose linear weights can be trained in sparse storage
-    /// ([`crate::engine::EngineLayer`]); convs are ordinary dst-core layers.
+    /// dst-core layers whose linear and conv weights can be trained in sparse storage
+    /// ([`crate::engine::EngineLayer`]; grouped convs stay ordinary dst-core layers).
     Engine,
 }
 
@@ -183,7 +183,7 @@ pub enum Layer {
     Conv(SparseConv2d),
     /// An lbc N:M layer (linear or conv).
     Nm(NmLayer),
-    /// A linear layer of the sparse training engine.
+    /// A linear or conv layer of the sparse training engine.
     Engine(EngineLayer),
 }
 
@@ -207,7 +207,7 @@ pub struct LayerFactory<'a> {
     pub sparse: Vec<SparseParam>,
     /// N:M layers built so far.
     pub nm: Vec<NmLayer>,
-    /// Sparse-engine linear layers built so far (their weights are in `sparse` too).
+    /// Sparse-engine linear and conv layers built so far (their weights are in `sparse` too).
     pub engine: Vec<EngineLayer>,
     /// Weight names built as dst-core layers even when `kind` is N:M (they stay dense).
     keep_dense: Vec<String>,
@@ -305,7 +305,15 @@ impl<'a> LayerFactory<'a> {
                 }
                 .map_err(candle_core::Error::wrap)?;
                 self.sparse.push(l.weight().clone());
-                Layer::Conv(l)
+                if self.kind_for(path) == LayerKind::Engine && cfg.groups == 1 {
+                    let spec = dst_core::layers::conv_spec(&cfg);
+                    let e = EngineLayer::conv(l.weight().clone(), l.bias().cloned(), spec)
+                        .map_err(candle_core::Error::wrap)?;
+                    self.engine.push(e.clone());
+                    Layer::Engine(e)
+                } else {
+                    Layer::Conv(l)
+                }
             }
             LayerKind::Nm => {
                 let l = if bias {
@@ -584,7 +592,7 @@ pub struct BuiltLayers {
     pub sparse: Vec<SparseParam>,
     /// N:M layers, in build order.
     pub nm: Vec<NmLayer>,
-    /// Sparse-engine linear layers, in build order.
+    /// Sparse-engine linear and conv layers, in build order.
     pub engine: Vec<EngineLayer>,
 }
 

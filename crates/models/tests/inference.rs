@@ -6,7 +6,7 @@ mod common;
 use common::fixture;
 
 use models::inference::{export_layers, ExportFormat, ModelDescription, SparseModel};
-use models::{EngineKind, MethodName, Silent, TrainConfig, Trainer};
+use models::{EngineKind, MethodName, ModelConfig, Silent, TrainConfig, Trainer};
 use sparse_formats::{DenseTensor, SparseLayer};
 
 fn trained() -> (Trainer, ModelDescription) {
@@ -74,6 +74,49 @@ fn a_model_file_runs_to_the_trainers_accuracy() {
         test.len(),
         "one class per image"
     );
+}
+
+/// A LeNet-5 file: its convolutions run on the sparse conv kernels too (condensed and CSR), to
+/// the trainer's accuracy and loss.
+#[test]
+fn a_lenet5_file_runs_its_convolutions_sparse() {
+    let mut c = TrainConfig {
+        epochs: 2,
+        batch_size: 50,
+        model: ModelConfig::Lenet5,
+        ..TrainConfig::default()
+    };
+    c.data.limit = Some(300);
+    c.method.name = MethodName::Srigl;
+    c.method.sparsity = 0.9;
+    c.method.delta_t = 3;
+    let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    t.run(&mut Silent).unwrap();
+    let desc = ModelDescription::of(&c, t.normalization().to_vec());
+    let test = &t.data().test;
+    let (loss, acc) = t.evaluate(test).unwrap();
+    for format in [ExportFormat::Condensed, ExportFormat::Csr] {
+        let layers = export_layers(&t, format).unwrap();
+        let model = SparseModel::from_layers(desc.clone(), layers, false).unwrap();
+        let names: Vec<&str> = model
+            .sparse_layers()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert!(
+            names.contains(&"conv1.weight") && names.contains(&"conv2.weight"),
+            "{format:?}: {names:?}"
+        );
+        let (m_loss, m_acc) = model.evaluate(test).unwrap();
+        assert!(
+            (m_acc - acc).abs() <= 1.0 / test.len() as f32,
+            "{format:?}: {m_acc} vs {acc}"
+        );
+        assert!(
+            (m_loss - loss).abs() < 1e-4,
+            "{format:?}: {m_loss} vs {loss}"
+        );
+    }
 }
 
 #[test]
