@@ -4,7 +4,8 @@
 //! overhead: every step is timed, an update's cost is its step's excess over the median step,
 //! and the overhead is that cost over ΔT = 100 steps plus one update. Then the conv nets
 //! (`train-conv` records): LeNet-5 on 1×28×28 and the CIFAR ResNet-18 on 3×32×32 images, batch
-//! 128, dense training and dense-mask SRigL at 90%.
+//! 128, dense training, dense-mask SRigL and sparse-engine SRigL (convolutions in sparse storage)
+//! at 90% (steps per second with the mask updates at the trainer's ΔT = 100 included).
 //!
 //! `cargo bench -p models --bench train -- [--quick] [--json FILE] [--model SUBSTRING]
 //! [--sparsity S] [--profile dense|dense-mask|sparse]` (`--model`/`--sparsity` run a subset,
@@ -23,8 +24,9 @@ use models::{
     Control, Datasets, EngineKind, Event, MethodName, ModelConfig, Silent, TrainConfig, Trainer,
 };
 
-/// The conv nets: dense training and dense-mask SRigL 90% steps per second (the sparse engine
-/// runs linear layers only, so a conv net's sparse training is dense-mask).
+/// The conv nets: dense training, dense-mask SRigL 90% and sparse-engine SRigL 90% steps per
+/// second; the sparse column is the median step plus one update spread over ΔT = 100 steps, as in
+/// the MLP suite.
 fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
     // (name, model, channels, side, warm-up steps, timed steps); the first steps of a run
     // fault in its memory, hence several warm-up steps where they are cheap.
@@ -47,7 +49,10 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
         ),
     ];
     let mut records = Vec::new();
-    println!("\n| conv net | dense steps/s | dense-mask SRigL 90% steps/s |\n|---|---|---|");
+    println!(
+        "\n| conv net | dense steps/s | dense-mask SRigL 90% steps/s | sparse SRigL 90% steps/s | \
+         sparse ÷ dense-mask |\n|---|---|---|---|---|"
+    );
     for (name, model, c, side, warm, steps) in nets {
         if only_model.is_some_and(|m| !name.contains(m)) {
             continue;
@@ -72,11 +77,24 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
         cfg.method.sparsity = 0.9;
         cfg.engine = EngineKind::DenseMask;
         let masked = time_steps(&cfg, &data, warm, steps).s_per_step;
-        println!("| {name} | {:.2} | {:.2} |", 1.0 / dense, 1.0 / masked);
+        // Updates every 2 steps so that the timed steps include some; their cost is spread over
+        // ΔT = 100 below.
+        cfg.engine = EngineKind::Sparse;
+        cfg.method.delta_t = 2;
+        let t = time_steps(&cfg, &data, warm, steps);
+        let sparse = t.median_step + t.update_extra / 100.0;
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2}× |",
+            1.0 / dense,
+            1.0 / masked,
+            1.0 / sparse,
+            masked / sparse
+        );
         records.push(serde_json::json!({
             "suite": "train-conv", "model": name, "batch": 128, "sparsity": 0.9,
             "threads": rayon::current_num_threads(), "steps": steps,
             "dense_s_per_step": dense, "dense_mask_s_per_step": masked,
+            "sparse_s_per_step": sparse, "sparse_update_overhead": t.overhead_at(100),
         }));
     }
     records

@@ -498,15 +498,21 @@ impl TrainConfig {
     }
 
     /// The engine this run trains with: `Auto` resolved by what the train bench measured
-    /// (docs/benchmarks.md) — SRigL's constant fan-in layers in condensed storage beat dense
-    /// training from 90% sparsity on MLPs of width 300 to 3072; below that, for other methods
-    /// (RigL's CSR layers are not measured to pay) and for convolutional models (the engine
-    /// covers linear layers only), masking dense weights is the default.
+    /// (docs/benchmarks.md): SRigL at ≥ 90% sparsity trains faster in the sparse engine than
+    /// dense-mask on the MLPs (width 300 to 3072), LeNet-5 and ResNet-18 (its constant fan-in
+    /// layers in condensed storage, each layer denser than
+    /// [`crate::engine::MAX_SPARSE_DENSITY`] kept dense-mask); below that, for other methods
+    /// (RigL's CSR layers are not measured to pay) and for the ViT (not measured), masking dense
+    /// weights is the default.
     pub fn engine_for_run(&self) -> EngineKind {
         match self.engine {
             EngineKind::Auto => {
-                let mlp = matches!(self.model, ModelConfig::Mlp { .. });
-                if mlp && self.method.name == MethodName::Srigl && self.method.sparsity >= 0.9 {
+                let measured = matches!(
+                    self.model,
+                    ModelConfig::Mlp { .. } | ModelConfig::Lenet5 | ModelConfig::Resnet18 { .. }
+                );
+                if measured && self.method.name == MethodName::Srigl && self.method.sparsity >= 0.9
+                {
                     EngineKind::Sparse
                 } else {
                     EngineKind::DenseMask

@@ -334,6 +334,15 @@ impl Module for EngineLayer {
     }
 }
 
+/// The densest a layer's mask may be for the sparse engine to keep the layer in sparse storage;
+/// denser layers of a sparse-engine run stay dense weights with their masks applied (the
+/// dense-mask path, GEMM products). Measured on the development machine (docs/benchmarks.md,
+/// "Sparse engine: which layers"): a 3×3 conv's forward and backward on the sparse kernels
+/// against the GEMM conv is 2.0–2.3× faster at density 0.1, 1.1–1.3× at 0.3 and 0.74–1.15× at
+/// 0.4; a linear layer's batched kernels beat the GEMM below density ≈ 0.4. SRigL and RigL keep
+/// each layer's density fixed, so the choice made when the run starts holds for the whole run.
+pub const MAX_SPARSE_DENSITY: f64 = 0.3;
+
 /// The storage engine of a run (see the module documentation): the optimizer, and the layers
 /// kept in sparse storage (none for the dense-mask engine). As a [`MaskAware`] it is the
 /// optimizer the method sees: masks of sparse-storage layers are not handed on (their stored
@@ -349,8 +358,8 @@ pub struct Engine {
 
 impl Engine {
     /// Builds the engine of a run: of `candidates` (sparse-engine layers; none for the
-    /// dense-mask engine), those whose mask under `method` is sparse are laid out in sparse
-    /// storage; the optimizer is built over `vars` (every variable of the model) with those
+    /// dense-mask engine), those whose mask under `method` has density at most
+    /// [`MAX_SPARSE_DENSITY`] are laid out in sparse storage; the optimizer is built over `vars` (every variable of the model) with those
     /// layers' stored values in place of their dense variables, and is handed the method's masks.
     pub fn new(
         candidates: Vec<EngineLayer>,
@@ -361,9 +370,9 @@ impl Engine {
         let masks = method.masks();
         let mut layers = Vec::new();
         for e in candidates {
-            let sparse = masks
-                .iter()
-                .any(|(n, m)| n == e.param().name() && m.nnz() < m.len());
+            let sparse = masks.iter().any(|(n, m)| {
+                n == e.param().name() && m.nnz() as f64 <= MAX_SPARSE_DENSITY * m.len() as f64
+            });
             if sparse {
                 e.compress(&[])?;
                 layers.push(e);

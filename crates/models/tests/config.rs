@@ -80,7 +80,15 @@ fn auto_engine_resolution() {
     assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
     c.method.name = MethodName::Srigl;
     c.model = ModelConfig::Lenet5;
-    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
+    assert_eq!(
+        c.engine_for_run(),
+        EngineKind::Sparse,
+        "convs run sparse too"
+    );
+    c.model = ModelConfig::resnet18();
+    assert_eq!(c.engine_for_run(), EngineKind::Sparse);
+    c.model = serde_json::from_str(r#"{"kind": "vit"}"#).unwrap();
+    assert_eq!(c.engine_for_run(), EngineKind::DenseMask, "not measured");
     c.model = ModelConfig::lenet_300_100();
     c.engine = EngineKind::DenseMask;
     assert_eq!(c.engine_for_run(), EngineKind::DenseMask);

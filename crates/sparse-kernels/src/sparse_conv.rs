@@ -15,9 +15,11 @@
 //! - value gradient: `∂v[slot] = Σ_s Σ_l ∂y_s[row, l] · cols(x_s)[col, l]` at the stored
 //!   positions only, the dense weight gradient never formed.
 //!
-//! Chunks depend only on the shapes and are walked in order; within a chunk the kernels split
-//! stored rows or tiles over threads with each output summed by one thread in a fixed order, so
-//! results are bit-identical for any thread count. Grouped convolutions are not supported (the
+//! Chunks depend only on the shapes. They run in parallel when there are several (each writes
+//! its own samples of `y` or `∂x`; the value gradient keeps one partial sum per chunk and adds
+//! them in chunk order); a lone chunk's kernels split stored rows or tiles over the threads
+//! instead, each output summed by one thread in a fixed order. So results are bit-identical for
+//! any thread count. Grouped convolutions are not supported (the
 //! error says so); f32 on the CPU.
 //!
 //! ```
@@ -43,6 +45,7 @@
 //! ```
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::conv::{ConvSpec, Geometry};
 use crate::cpu::{
@@ -98,15 +101,42 @@ impl SparseConvShape {
     }
 }
 
-/// The sample ranges of the chunks of `g`.
-fn chunks(g: &Geometry) -> Vec<std::ops::Range<usize>> {
-    let n = SPARSE_CHUNK_COLUMNS
+/// Samples per chunk: enough for [`SPARSE_CHUNK_COLUMNS`] output positions.
+fn chunk_samples(g: &Geometry) -> usize {
+    SPARSE_CHUNK_COLUMNS
         .div_ceil(g.l().max(1))
-        .clamp(1, g.batch.max(1));
+        .clamp(1, g.batch.max(1))
+}
+
+/// The sample ranges of the chunks of `g` (from the shapes alone).
+fn chunks(g: &Geometry) -> Vec<std::ops::Range<usize>> {
+    let n = chunk_samples(g);
     (0..g.batch)
         .step_by(n)
         .map(|s| s..(s + n).min(g.batch))
         .collect()
+}
+
+/// Runs `job(part, chunk, threads)` for each chunk with its part of the output: chunks in
+/// parallel when there are several and the work (`nnz · batch · L` products) asks for more than
+/// one thread, each chunk's kernels then getting the threads left over (a chunk's results do not
+/// depend on its thread count, so neither does anything here).
+fn for_chunks<T: Send>(
+    g: &Geometry,
+    exec: Exec,
+    nnz: usize,
+    parts: Vec<T>,
+    job: impl Fn(T, std::ops::Range<usize>, usize) + Sync + Send,
+) {
+    let chunks = chunks(g);
+    let threads = exec.threads_for(nnz * g.batch * g.l());
+    let items: Vec<_> = parts.into_iter().zip(chunks).collect();
+    if threads > 1 && items.len() > 1 {
+        let inner = (threads / items.len()).max(1);
+        items.into_par_iter().for_each(|(p, c)| job(p, c, inner));
+    } else {
+        items.into_iter().for_each(|(p, c)| job(p, c, threads));
+    }
 }
 
 fn check(
@@ -225,13 +255,12 @@ impl RowsVisitor for Forward<'_> {
             return y;
         }
         let isa = exec.isa();
-        let mut cols = Vec::new();
-        for c in chunks(g) {
-            let (s0, n) = (c.start, c.len());
+        let parts: Vec<&mut [f32]> = y.chunks_mut(chunk_samples(g) * out * l).collect();
+        for_chunks(g, exec, values.len(), parts, |ys, c, threads| {
+            let n = c.len();
             let width = n * l;
-            cols.resize(k * width, 0.0);
+            let mut cols = vec![0f32; k * width];
             g.im2col(x, c, &mut cols);
-            let threads = exec.threads_for(values.len() * width);
             macro_rules! go {
                 ($tb:literal,) => {{
                     let xt = rows_to_tiles::<$tb>(&cols, k, width);
@@ -242,13 +271,13 @@ impl RowsVisitor for Forward<'_> {
             for a in 0..r.n_stored() {
                 let o = r.out_row(a);
                 for si in 0..n {
-                    let dst = &mut y[((s0 + si) * out + o) * l..][..l];
+                    let dst = &mut ys[(si * out + o) * l..][..l];
                     for (d, v) in dst.iter_mut().zip(&acc[a * width + si * l..][..l]) {
                         *d += v;
                     }
                 }
             }
-        }
+        });
         y
     }
 }
@@ -276,13 +305,12 @@ impl RowsVisitor for InputGrad<'_> {
             return gx;
         }
         let isa = exec.isa();
-        let mut cols = Vec::new();
-        for c in chunks(g) {
-            let (s0, n) = (c.start, c.len());
+        let parts: Vec<&mut [f32]> = gx.chunks_mut(chunk_samples(g) * per_sample).collect();
+        for_chunks(g, exec, values.len(), parts, |gxs, c, threads| {
+            let n = c.len();
             let width = n * l;
-            cols.resize(k * width, 0.0);
+            let mut cols = vec![0f32; k * width];
             let gyc = g.channel_major(grad_y, &c);
-            let threads = exec.threads_for(values.len() * width);
             macro_rules! go {
                 ($tb:literal,) => {{
                     let gyt = rows_to_tiles::<$tb>(&gyc, out, width);
@@ -292,8 +320,8 @@ impl RowsVisitor for InputGrad<'_> {
                 }};
             }
             with_tile!(width, go!());
-            g.col2im(&cols, n, &mut gx[s0 * per_sample..]);
-        }
+            g.col2im(&cols, n, gxs);
+        });
         gx
     }
 }
@@ -321,21 +349,29 @@ impl RowsVisitor for ValueGrad<'_> {
             return;
         }
         let isa = exec.isa();
-        let mut cols = Vec::new();
-        for c in chunks(g) {
+        // One partial gradient per chunk, summed in chunk order below (the same order for any
+        // thread count).
+        let n_chunks = chunks(g).len();
+        let mut partials = vec![0f32; n_chunks * gv.len()];
+        let parts: Vec<&mut [f32]> = partials.chunks_mut(gv.len()).collect();
+        for_chunks(g, exec, gv.len(), parts, |p, c, threads| {
             let width = c.len() * l;
-            cols.resize(k * width, 0.0);
+            let mut cols = vec![0f32; k * width];
             g.im2col(x, c.clone(), &mut cols);
             let gyc = g.channel_major(grad_y, &c);
-            let threads = exec.threads_for(gv.len() * width);
             macro_rules! go {
                 ($tb:literal,) => {{
                     let xt = rows_to_tiles::<$tb>(&cols, k, width);
                     let gyt = rows_to_tiles::<$tb>(&gyc, out, width);
-                    value_grad_tiles::<R, $tb>(isa, r, &xt, &gyt, width, k, out, threads, gv);
+                    value_grad_tiles::<R, $tb>(isa, r, &xt, &gyt, width, k, out, threads, p);
                 }};
             }
             with_tile!(width, go!());
+        });
+        for p in partials.chunks(gv.len()) {
+            for (a, b) in gv.iter_mut().zip(p) {
+                *a += b;
+            }
         }
     }
 }
