@@ -216,11 +216,7 @@ impl Geometry {
 
     /// The samples `r` of a batch-major `[batch, out, L]` tensor as `[out, n·L]` (what the
     /// chunk's GEMMs take); borrowed when the chunk is one sample.
-    pub(crate) fn channel_major<'t>(
-        &self,
-        t: &'t [f32],
-        r: &std::ops::Range<usize>,
-    ) -> Cow<'t, [f32]> {
+    fn channel_major<'t>(&self, t: &'t [f32], r: &std::ops::Range<usize>) -> Cow<'t, [f32]> {
         let (out, l, n) = (self.out, self.l(), r.len());
         let src = &t[r.start * out * l..][..n * out * l];
         if n == 1 {
@@ -237,38 +233,50 @@ impl Geometry {
 
     /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`).
     pub(crate) fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
-        let (l, n) = (self.l(), samples.len());
-        let width = n * l;
+        let width = samples.len() * self.l();
+        self.im2col_to(x, samples, &mut RowMajor { buf: cols, width });
+    }
+
+    /// im2col of samples `samples` of `x`, written through `out` one run of `ow` positions of
+    /// one row `r = (ci·kh + ki)·kw + kj` at a time (any layout of the `[K, n·L]` matrix).
+    pub(crate) fn im2col_to(
+        &self,
+        x: &[f32],
+        samples: std::ops::Range<usize>,
+        out: &mut impl SegmentsOut,
+    ) {
+        let l = self.l();
         let plane = self.h * self.w;
         for ci in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
                     let r = (ci * self.kh + ki) * self.kw + kj;
-                    let row = &mut cols[r * width..(r + 1) * width];
                     let (lo, hi) = self.valid_cols(kj);
                     for (si, s) in samples.clone().enumerate() {
                         let img = &x[(s * self.c + ci) * plane..][..plane];
                         for oy in 0..self.oh {
-                            let dst = &mut row[si * l + oy * self.ow..][..self.ow];
-                            let Some(iy) = self.src(oy, ki, self.h) else {
-                                dst.fill(0.0);
-                                continue;
-                            };
-                            let src = &img[iy * self.w..][..self.w];
-                            dst[..lo].fill(0.0);
-                            dst[hi..].fill(0.0);
-                            if lo == hi {
-                                continue;
-                            }
-                            let ix0 =
-                                lo * self.spec.stride + kj * self.spec.dilation - self.spec.padding;
-                            if self.spec.stride == 1 {
-                                dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
-                            } else {
-                                for (j, d) in dst[lo..hi].iter_mut().enumerate() {
-                                    *d = src[ix0 + j * self.spec.stride];
+                            let j0 = si * l + oy * self.ow;
+                            let dst = out.segment(r, j0, self.ow);
+                            match self.src(oy, ki, self.h) {
+                                None => dst.fill(0.0),
+                                Some(iy) => {
+                                    let src = &img[iy * self.w..][..self.w];
+                                    dst[..lo].fill(0.0);
+                                    dst[hi..].fill(0.0);
+                                    if lo < hi {
+                                        let ix0 = lo * self.spec.stride + kj * self.spec.dilation
+                                            - self.spec.padding;
+                                        if self.spec.stride == 1 {
+                                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                                        } else {
+                                            for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                                                *d = src[ix0 + j * self.spec.stride];
+                                            }
+                                        }
+                                    }
                                 }
                             }
+                            out.commit(r, j0, self.ow);
                         }
                     }
                 }
@@ -278,25 +286,30 @@ impl Geometry {
 
     /// col2im: adds `cols [K, n·L]` into `gx` (the chunk's samples, `[n, c, h, w]`).
     pub(crate) fn col2im(&self, cols: &[f32], n: usize, gx: &mut [f32]) {
+        let width = n * self.l();
+        self.col2im_from(&mut RowMajorIn { buf: cols, width }, n, gx);
+    }
+
+    /// col2im reading the `[K, n·L]` matrix through `cols`, one run of `ow` positions of one
+    /// row at a time.
+    pub(crate) fn col2im_from(&self, cols: &mut impl SegmentsIn, n: usize, gx: &mut [f32]) {
         let l = self.l();
-        let width = n * l;
         let plane = self.h * self.w;
         for ci in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
                     let r = (ci * self.kh + ki) * self.kw + kj;
-                    let row = &cols[r * width..(r + 1) * width];
                     let (lo, hi) = self.valid_cols(kj);
+                    if lo == hi {
+                        continue;
+                    }
                     for si in 0..n {
                         let img = &mut gx[(si * self.c + ci) * plane..][..plane];
                         for oy in 0..self.oh {
                             let Some(iy) = self.src(oy, ki, self.h) else {
                                 continue;
                             };
-                            if lo == hi {
-                                continue;
-                            }
-                            let src = &row[si * l + oy * self.ow..][..self.ow];
+                            let src = cols.segment(r, si * l + oy * self.ow, self.ow);
                             let dst = &mut img[iy * self.w..][..self.w];
                             let ix0 =
                                 lo * self.spec.stride + kj * self.spec.dilation - self.spec.padding;
@@ -308,6 +321,49 @@ impl Geometry {
                 }
             }
         }
+    }
+}
+
+/// Where [`Geometry::im2col_to`] writes: `segment(r, j0, len)` is the place for positions
+/// `j0 .. j0 + len` of row `r` of the `[K, n·L]` matrix, filled by the caller, then `commit`ted.
+pub(crate) trait SegmentsOut {
+    /// A buffer of `len` floats for positions `j0 ..` of row `r`.
+    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &mut [f32];
+    /// The segment last handed out is filled.
+    fn commit(&mut self, r: usize, j0: usize, len: usize) {
+        let _ = (r, j0, len);
+    }
+}
+
+/// Where [`Geometry::col2im_from`] reads: positions `j0 .. j0 + len` of row `r`.
+pub(crate) trait SegmentsIn {
+    /// Positions `j0 .. j0 + len` of row `r`.
+    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32];
+}
+
+/// A row-major `[K, width]` buffer (the dense conv's `cols`).
+struct RowMajor<'b> {
+    buf: &'b mut [f32],
+    width: usize,
+}
+
+impl SegmentsOut for RowMajor<'_> {
+    #[inline]
+    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &mut [f32] {
+        &mut self.buf[r * self.width + j0..][..len]
+    }
+}
+
+/// A row-major `[K, width]` buffer, read.
+struct RowMajorIn<'b> {
+    buf: &'b [f32],
+    width: usize,
+}
+
+impl SegmentsIn for RowMajorIn<'_> {
+    #[inline]
+    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32] {
+        &self.buf[r * self.width + j0..][..len]
     }
 }
 

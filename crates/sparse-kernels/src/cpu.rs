@@ -179,39 +179,6 @@ fn from_tiles<const TB: usize>(tiles: &[f32], n: usize, cols: usize, dst: &mut [
     }
 }
 
-/// Copies `src [rows, width]` (feature-major: one row per feature, one column per batch
-/// entry, as an im2col buffer) into batch tiles `[ceil(width / TB)][rows][TB]`, zero-padded:
-/// the same layout [`to_tiles`] makes from a batch-major matrix, by contiguous runs of `TB`.
-pub(crate) fn rows_to_tiles<const TB: usize>(src: &[f32], rows: usize, width: usize) -> Vec<f32> {
-    // Built by appending (no zero-fill of what is then overwritten: that memset was a tenth of
-    // a LeNet-5 step).
-    let tiles = width.div_ceil(TB);
-    let mut dst = Vec::with_capacity(tiles * rows * TB);
-    for t in 0..tiles {
-        let (c0, n) = (t * TB, TB.min(width - t * TB));
-        for r in 0..rows {
-            dst.extend_from_slice(&src[r * width + c0..][..n]);
-            dst.extend(std::iter::repeat_n(0.0, TB - n));
-        }
-    }
-    dst
-}
-
-/// Inverse of [`rows_to_tiles`]: writes the tiles back to `dst [rows, width]`.
-pub(crate) fn tiles_to_rows<const TB: usize>(
-    tiles: &[f32],
-    rows: usize,
-    width: usize,
-    dst: &mut [f32],
-) {
-    for (t, slab) in tiles.chunks_exact(rows * TB).enumerate() {
-        let (c0, n) = (t * TB, TB.min(width - t * TB));
-        for (r, run) in slab.chunks_exact(TB).enumerate() {
-            dst[r * width + c0..][..n].copy_from_slice(&run[..n]);
-        }
-    }
-}
-
 /// Runs `f(tile width)` with the tile width for a batch: the smallest of 8/16/32/64 that holds
 /// it, 64 beyond.
 macro_rules! with_tile {

@@ -4,9 +4,10 @@
 //! does), with autograd for the input, the stored values and the bias: [`sparse_conv2d`].
 //!
 //! A sparse convolution is an im2col followed by the sparse product. Per chunk of samples
-//! (at least [`SPARSE_CHUNK_COLUMNS`] output positions), `x`'s im2col buffer `cols [K, n·L]`
-//! (`K = in·kh·kw`, `L = oh·ow`, the same im2col as the dense [`crate::conv`] op) is cut into
-//! batch tiles of output positions, the layout the linear kernels of [`crate::cpu`] use, and:
+//! (at least [`SPARSE_CHUNK_COLUMNS`] output positions), `x`'s im2col matrix `cols [K, n·L]`
+//! (`K = in·kh·kw`, `L = oh·ow`, the same im2col as the dense [`crate::conv`] op) is written
+//! straight into batch tiles of output positions, the layout the linear kernels of
+//! [`crate::cpu`] use (as is `∂y`, and col2im reads `∂x`'s tiles), and:
 //!
 //! - forward: `y_s [out, L] = W · cols(x_s)`, the linear forward with output positions as the
 //!   batch;
@@ -47,10 +48,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::{ConvSpec, Geometry};
-use crate::cpu::{
-    forward_tiles, input_grad_tiles, rows_to_tiles, tiles_to_rows, value_grad_tiles, with_tile,
-};
+use crate::conv::{ConvSpec, Geometry, SegmentsIn, SegmentsOut};
+use crate::cpu::{forward_tiles, input_grad_tiles, value_grad_tiles, with_tile};
 use crate::ops::SparseStructure;
 use crate::rows::{Rows, RowsVisitor};
 use crate::{Exec, KernelError, SparseWeight};
@@ -137,6 +136,93 @@ fn for_chunks<T: Send>(
     } else {
         items.into_iter().for_each(|(p, c)| job(p, c, threads));
     }
+}
+
+/// Batch tiles `[ceil(width / TB)][rows][TB]` (the layout of the tiled kernels, position `j` in
+/// tile `j / TB`, lane `j % TB`) written a run of positions at a time.
+struct TilesOut<'b, const TB: usize> {
+    tiles: &'b mut [f32],
+    rows: usize,
+    stage: Vec<f32>,
+}
+
+impl<const TB: usize> TilesOut<'_, TB> {
+    /// Writes `vals` at positions `j0 ..` of row `r`.
+    fn put(&mut self, r: usize, j0: usize, vals: &[f32]) {
+        let (mut j, mut off) = (j0, 0);
+        while off < vals.len() {
+            let (t, lane) = (j / TB, j % TB);
+            let n = (TB - lane).min(vals.len() - off);
+            self.tiles[(t * self.rows + r) * TB + lane..][..n].copy_from_slice(&vals[off..off + n]);
+            j += n;
+            off += n;
+        }
+    }
+}
+
+impl<const TB: usize> SegmentsOut for TilesOut<'_, TB> {
+    fn segment(&mut self, _r: usize, _j0: usize, len: usize) -> &mut [f32] {
+        self.stage.resize(len, 0.0);
+        &mut self.stage[..len]
+    }
+    fn commit(&mut self, r: usize, j0: usize, len: usize) {
+        let stage = std::mem::take(&mut self.stage);
+        self.put(r, j0, &stage[..len]);
+        self.stage = stage;
+    }
+}
+
+/// Batch tiles read a run of positions at a time.
+struct TilesIn<'b, const TB: usize> {
+    tiles: &'b [f32],
+    rows: usize,
+    stage: Vec<f32>,
+}
+
+impl<const TB: usize> SegmentsIn for TilesIn<'_, TB> {
+    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32] {
+        self.stage.clear();
+        let mut j = j0;
+        while self.stage.len() < len {
+            let (t, lane) = (j / TB, j % TB);
+            let n = (TB - lane).min(len - self.stage.len());
+            self.stage
+                .extend_from_slice(&self.tiles[(t * self.rows + r) * TB + lane..][..n]);
+            j += n;
+        }
+        &self.stage
+    }
+}
+
+/// im2col of samples `c` of `x` straight into batch tiles (zero-padded past `width`).
+fn im2col_tiles<const TB: usize>(g: &Geometry, x: &[f32], c: std::ops::Range<usize>) -> Vec<f32> {
+    let width = c.len() * g.l();
+    let mut tiles = vec![0f32; width.div_ceil(TB) * g.k() * TB];
+    let mut out = TilesOut::<TB> {
+        tiles: &mut tiles,
+        rows: g.k(),
+        stage: Vec::new(),
+    };
+    g.im2col_to(x, c, &mut out);
+    tiles
+}
+
+/// Samples `c` of `∂y [batch, out, L]` as batch tiles `[ceil(n·L / TB)][out][TB]`.
+fn grad_tiles<const TB: usize>(g: &Geometry, gy: &[f32], c: std::ops::Range<usize>) -> Vec<f32> {
+    let (l, out) = (g.l(), g.out);
+    let width = c.len() * l;
+    let mut tiles = vec![0f32; width.div_ceil(TB) * out * TB];
+    let mut t = TilesOut::<TB> {
+        tiles: &mut tiles,
+        rows: out,
+        stage: Vec::new(),
+    };
+    for (si, s) in c.enumerate() {
+        for o in 0..out {
+            t.put(o, si * l, &gy[(s * out + o) * l..][..l]);
+        }
+    }
+    tiles
 }
 
 fn check(
@@ -259,11 +345,9 @@ impl RowsVisitor for Forward<'_> {
         for_chunks(g, exec, values.len(), parts, |ys, c, threads| {
             let n = c.len();
             let width = n * l;
-            let mut cols = vec![0f32; k * width];
-            g.im2col(x, c, &mut cols);
             macro_rules! go {
                 ($tb:literal,) => {{
-                    let xt = rows_to_tiles::<$tb>(&cols, k, width);
+                    let xt = im2col_tiles::<$tb>(g, x, c);
                     forward_tiles::<R, $tb>(isa, r, values, &xt, width, k, threads)
                 }};
             }
@@ -309,18 +393,20 @@ impl RowsVisitor for InputGrad<'_> {
         for_chunks(g, exec, values.len(), parts, |gxs, c, threads| {
             let n = c.len();
             let width = n * l;
-            let mut cols = vec![0f32; k * width];
-            let gyc = g.channel_major(grad_y, &c);
             macro_rules! go {
                 ($tb:literal,) => {{
-                    let gyt = rows_to_tiles::<$tb>(&gyc, out, width);
+                    let gyt = grad_tiles::<$tb>(g, grad_y, c);
                     let gxt =
                         input_grad_tiles::<R, $tb>(isa, r, values, &gyt, width, k, out, threads);
-                    tiles_to_rows::<$tb>(&gxt, k, width, &mut cols);
+                    let mut cols = TilesIn::<$tb> {
+                        tiles: &gxt,
+                        rows: k,
+                        stage: Vec::new(),
+                    };
+                    g.col2im_from(&mut cols, n, gxs);
                 }};
             }
             with_tile!(width, go!());
-            g.col2im(&cols, n, gxs);
         });
         gx
     }
@@ -356,13 +442,10 @@ impl RowsVisitor for ValueGrad<'_> {
         let parts: Vec<&mut [f32]> = partials.chunks_mut(gv.len()).collect();
         for_chunks(g, exec, gv.len(), parts, |p, c, threads| {
             let width = c.len() * l;
-            let mut cols = vec![0f32; k * width];
-            g.im2col(x, c.clone(), &mut cols);
-            let gyc = g.channel_major(grad_y, &c);
             macro_rules! go {
                 ($tb:literal,) => {{
-                    let xt = rows_to_tiles::<$tb>(&cols, k, width);
-                    let gyt = rows_to_tiles::<$tb>(&gyc, out, width);
+                    let xt = im2col_tiles::<$tb>(g, x, c.clone());
+                    let gyt = grad_tiles::<$tb>(g, grad_y, c);
                     value_grad_tiles::<R, $tb>(isa, r, &xt, &gyt, width, k, out, threads, p);
                 }};
             }
