@@ -77,10 +77,10 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
         cfg.method.sparsity = 0.9;
         cfg.engine = EngineKind::DenseMask;
         let masked = time_steps(&cfg, &data, warm, steps).s_per_step;
-        // Updates every 2 steps so that the timed steps include some; their cost is spread over
-        // ΔT = 100 below.
+        // Updates every third of the timed steps (at least every 2) so that the timed steps
+        // include some; their cost is spread over ΔT = 100 below.
         cfg.engine = EngineKind::Sparse;
-        cfg.method.delta_t = 2;
+        cfg.method.delta_t = (steps / 3).max(2);
         let t = time_steps(&cfg, &data, warm, steps);
         let sparse = t.median_step + t.update_extra / 100.0;
         println!(

@@ -255,6 +255,93 @@ fn convs(
     out
 }
 
+/// `sparse_kernels::sparse_conv::sparse_conv2d` (a condensed conv weight, constant fan-in per
+/// filter) against the GEMM `conv2d` of the same shape, forward + backward (input gradient and
+/// the stored values' or the kernel's gradient), batch 32, ResNet-18's stage convs at densities
+/// 0.1 to 0.5: where the sparse conv stops paying, which `models::engine::MAX_SPARSE_DENSITY`
+/// is set from.
+fn sparse_convs(
+    quick: bool,
+    rng: &mut Rng,
+    threads: usize,
+    (reps, warm_ms, sample_ms): (usize, f64, f64),
+) -> Vec<serde_json::Value> {
+    use candle_core::Var;
+    use sparse_kernels::conv::{conv2d, ConvSpec};
+    use sparse_kernels::ops::SparseStructure;
+    use sparse_kernels::sparse_conv::sparse_conv2d;
+    let dev = Device::Cpu;
+    let all: &[(usize, usize)] = &[(64, 32), (128, 16), (256, 8)];
+    let shapes = if quick { &all[1..2] } else { all };
+    let densities: &[f64] = if quick {
+        &[0.1, 0.3, 0.5]
+    } else {
+        &[0.1, 0.2, 0.3, 0.4, 0.5]
+    };
+    let batch = 32;
+    let spec = ConvSpec {
+        padding: 1,
+        ..ConvSpec::default()
+    };
+    let mut out = Vec::new();
+    let mut scratch = Vec::new();
+    for &(c, side) in shapes {
+        let fan_in = c * 9;
+        let x = Var::from_vec(
+            rng.vec(batch * c * side * side),
+            (batch, c, side, side),
+            &dev,
+        )
+        .unwrap();
+        let w = Var::from_vec(rng.vec(c * fan_in), (c, c, 3, 3), &dev).unwrap();
+        for &density in densities {
+            let k = ((fan_in as f64 * density).round() as usize).max(1);
+            let mut positions = Vec::with_capacity(c * k);
+            for r in 0..c {
+                let cols = rng.choose(fan_in, k, &mut scratch);
+                positions.extend(cols.iter().map(|&col| r * fan_in + col));
+            }
+            let vals = rng.vec(positions.len());
+            let cd = Condensed::from_positions(c, fan_in, &positions, vals.clone(), None).unwrap();
+            let structure = SparseStructure::from(cd);
+            let values = Var::from_vec(vals, positions.len(), &dev).unwrap();
+            let run = |y: Tensor| {
+                black_box(y.sum_all().unwrap().backward().unwrap());
+            };
+            let (s, d) = measure(
+                reps,
+                warm_ms,
+                sample_ms,
+                &mut || {
+                    run(sparse_conv2d(
+                        x.as_tensor(),
+                        values.as_tensor(),
+                        &structure,
+                        (3, 3),
+                        None,
+                        spec,
+                    )
+                    .unwrap())
+                },
+                &mut || run(conv2d(x.as_tensor(), w.as_tensor(), None, spec).unwrap()),
+            );
+            let shape = format!("{c}→{c} {side}×{side} 3×3");
+            eprintln!(
+                "   sparse conv fwd+bwd {shape:<20} density {density:.1} b={batch}  sparse {:>8.2} ms  GEMM conv {:>8.2} ms  x{:.2}",
+                s / 1e6,
+                d / 1e6,
+                d / s
+            );
+            out.push(serde_json::json!({
+                "suite": "sparse-conv", "op": "forward+backward", "shape": shape,
+                "batch": batch, "density": density, "threads": threads,
+                "median_ns": s.round(), "dense_median_ns": d.round(), "speedup_vs_dense": d / s,
+            }));
+        }
+    }
+    out
+}
+
 /// The two rates that bound a batch-1 sparse forward on this machine, measured here so that
 /// `docs/benchmarks.md` can show them next to the kernels: random reads of an L1-resident input
 /// (what every stored weight costs) and streaming reads of a dense weight that does not fit in
@@ -502,6 +589,14 @@ fn main() {
     }
     if only_op.is_none() || only_op.as_deref() == Some("conv") {
         records.extend(convs(quick, &mut rng, threads, (reps, warm_ms, sample_ms)));
+    }
+    if only_op.is_none() || only_op.as_deref() == Some("sparse-conv") {
+        records.extend(sparse_convs(
+            quick,
+            &mut rng,
+            threads,
+            (reps, warm_ms, sample_ms),
+        ));
     }
     records.extend(ceilings(&mut rng, threads, isa));
     if let Some(path) = json_out {

@@ -161,14 +161,25 @@ impl<const TB: usize> TilesOut<'_, TB> {
 }
 
 impl<const TB: usize> SegmentsOut for TilesOut<'_, TB> {
-    fn segment(&mut self, _r: usize, _j0: usize, len: usize) -> &mut [f32] {
-        self.stage.resize(len, 0.0);
-        &mut self.stage[..len]
+    /// In place when the run lies within one tile (most runs), else a staging buffer that
+    /// `commit` scatters.
+    #[inline]
+    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &mut [f32] {
+        let (t, lane) = (j0 / TB, j0 % TB);
+        if lane + len <= TB {
+            &mut self.tiles[(t * self.rows + r) * TB + lane..][..len]
+        } else {
+            self.stage.resize(len, 0.0);
+            &mut self.stage[..len]
+        }
     }
+    #[inline]
     fn commit(&mut self, r: usize, j0: usize, len: usize) {
-        let stage = std::mem::take(&mut self.stage);
-        self.put(r, j0, &stage[..len]);
-        self.stage = stage;
+        if j0 % TB + len > TB {
+            let stage = std::mem::take(&mut self.stage);
+            self.put(r, j0, &stage[..len]);
+            self.stage = stage;
+        }
     }
 }
 
@@ -180,7 +191,13 @@ struct TilesIn<'b, const TB: usize> {
 }
 
 impl<const TB: usize> SegmentsIn for TilesIn<'_, TB> {
+    /// In place when the run lies within one tile, else gathered into a staging buffer.
+    #[inline]
     fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32] {
+        let (t, lane) = (j0 / TB, j0 % TB);
+        if lane + len <= TB {
+            return &self.tiles[(t * self.rows + r) * TB + lane..][..len];
+        }
         self.stage.clear();
         let mut j = j0;
         while self.stage.len() < len {
