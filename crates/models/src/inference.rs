@@ -9,8 +9,10 @@
 //! biases, BatchNorm and LayerNorm parameters and statistics, position embeddings as dense
 //! tensors (a condensed layer carries its bias).
 //!
-//! Linear layers run on the sparse kernels in the format they were exported in; convolutions
-//! run densely with their zeros (the sparse convolution is not built yet). An MLP runs as a
+//! Linear and conv layers run on the sparse kernels in the format they were exported in
+//! (`sparse_kernels::sparse_conv` for convolutions), except layers denser than
+//! [`MAX_SPARSE_DENSITY`], which run dense with their zeros (the sparse kernels are slower
+//! there, as in training; e.g. LeNet-5's conv1 and output layer under ERK). An MLP runs as a
 //! plan of kernel calls on slices ([`SparseModel::forward`]): at batch 1 candle's per-op cost
 //! (five ops a layer) outweighs a sparse layer's arithmetic, so the plan calls the kernels
 //! directly — the same values as the network's forward (bias added after the sparse product,
@@ -35,6 +37,7 @@ use sparse_kernels::ops::SparseStructure;
 
 use crate::config::TrainConfig;
 use crate::data::{DatasetName, ImageSet};
+use crate::engine::MAX_SPARSE_DENSITY;
 use crate::error::{file_err, Result, TrainError};
 use crate::nets::{LayerKind, ModelConfig, Network};
 use crate::trainer::Trainer;
@@ -370,7 +373,8 @@ pub struct SparseModel {
 }
 
 impl SparseModel {
-    /// Loads a model file; weight layers stored sparse run on the sparse kernels.
+    /// Loads a model file; weight layers stored sparse run on the sparse kernels, except those
+    /// denser than [`crate::engine::MAX_SPARSE_DENSITY`], which run dense (faster there).
     pub fn load(path: &Path) -> Result<SparseModel> {
         Self::load_as(path, false)
     }
@@ -391,7 +395,8 @@ impl SparseModel {
     }
 
     /// Builds the model from a description and the named layers of a model file; `dense`
-    /// runs every layer densely.
+    /// runs every layer densely (otherwise layers stored sparse with density at most
+    /// [`crate::engine::MAX_SPARSE_DENSITY`] run on the sparse kernels).
     pub fn from_layers(
         desc: ModelDescription,
         layers: Vec<(String, SparseLayer)>,
@@ -521,8 +526,12 @@ impl SparseModel {
                 Some(b) => Some(b.as_tensor().to_vec1::<f32>()?),
                 None => None,
             };
+            let sparse_enough = |s: &SparseStructure| {
+                let w = s.weight();
+                w.nnz() as f64 <= MAX_SPARSE_DENSITY * (w.rows() * w.fan_in()) as f64
+            };
             let layer = match structures.remove(&name) {
-                Some((structure, values, format)) if !dense => {
+                Some((structure, values, format)) if !dense && sparse_enough(&structure) => {
                     e.install(structure.clone(), values.clone())?;
                     sparse.push((name, format));
                     PlanLayer::Sparse { structure, values }
