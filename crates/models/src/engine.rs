@@ -337,10 +337,11 @@ impl Module for EngineLayer {
 /// The densest a layer's mask may be for the sparse engine to keep the layer in sparse storage;
 /// denser layers of a sparse-engine run stay dense weights with their masks applied (the
 /// dense-mask path, GEMM products). Measured on the development machine (docs/benchmarks.md,
-/// "Sparse engine: which layers"): a 3×3 conv's forward and backward on the sparse kernels
-/// against the GEMM conv is 2.0–2.3× faster at density 0.1, 1.1–1.3× at 0.3 and 0.74–1.15× at
-/// 0.4; a linear layer's batched kernels beat the GEMM below density ≈ 0.4. SRigL and RigL keep
-/// each layer's density fixed, so the choice made when the run starts holds for the whole run.
+/// "Sparse engine on conv nets", the kernel bench's `--op sparse-conv`): a 3×3 conv's forward
+/// and backward on the sparse kernels against the GEMM conv is 2.2–2.4× faster at density 0.1,
+/// 1.1–1.4× at 0.3, 0.94–1.11× at 0.4 and 0.77–0.97× at 0.5; a linear layer's batched kernels
+/// beat the GEMM below density ≈ 0.4 ("Reading the targets"). SRigL and RigL keep each layer's
+/// density fixed, so the choice made when the run starts holds for the whole run.
 pub const MAX_SPARSE_DENSITY: f64 = 0.3;
 
 /// The storage engine of a run (see the module documentation): the optimizer, and the layers
