@@ -662,7 +662,10 @@ pub fn render_markdown(doc: &Value) -> String {
         }
         s.push('\n');
     }
-    let sconv: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "sparse-conv").collect();
+    let sconv: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["suite"] == "sparse-conv")
+        .collect();
     if !sconv.is_empty() {
         s.push_str(
             "### Sparse conv vs the GEMM conv (forward + backward, batch 32; condensed)\n\n\

@@ -830,11 +830,14 @@ mod tests {
     /// A random layout of each format for a `[rows, fan_in]` weight, with its dense
     /// (zero-filled) equivalent and its stored positions: condensed with `k` kept per filter and
     /// every third filter ablated (empty), CSR with about a quarter kept, 2:4 when the fan-in
-    /// splits into groups of 4.
+    /// splits into groups of 4, and 2:4 across input channels (groups of 4 channels at one
+    /// kernel position, `group_stride = kh·kw = area`, as lbc's conv layers) when the channels
+    /// do.
     fn layouts(
         rows: usize,
         fan_in: usize,
         k: usize,
+        area: usize,
         seed: &mut u64,
     ) -> Vec<(&'static str, SparseStructure, Vec<f32>, Vec<usize>)> {
         let mut next = |n: usize| {
@@ -869,7 +872,27 @@ mod tests {
                 nm_pos.extend([g * 4 + a, g * 4 + b]);
             }
         }
-        for (name, p) in [("condensed", pos), ("csr", csr_pos), ("2:4", nm_pos)] {
+        let mut strided_pos = Vec::new();
+        if fan_in.is_multiple_of(4 * area) {
+            for r in 0..rows {
+                for b in 0..fan_in / (4 * area) {
+                    for t in 0..area {
+                        let a = next(4);
+                        let c = (a + 1 + next(3)) % 4;
+                        for p in [a.min(c), a.max(c)] {
+                            strided_pos.push(r * fan_in + (b * 4 + p) * area + t);
+                        }
+                    }
+                }
+            }
+            strided_pos.sort();
+        }
+        for (name, p) in [
+            ("condensed", pos),
+            ("csr", csr_pos),
+            ("2:4", nm_pos),
+            ("2:4 across channels", strided_pos),
+        ] {
             if p.is_empty() {
                 continue;
             }
@@ -887,9 +910,12 @@ mod tests {
                 }
                 _ => {
                     let mask = sparse_formats::Mask::from_dense(rows, fan_in, &dense).unwrap();
+                    let pattern = NmPattern {
+                        group_stride: if name == "2:4" { 1 } else { area },
+                        ..NmPattern::new(2, 4)
+                    };
                     SparseStructure::from(
-                        NmSparse::from_dense(rows, fan_in, NmPattern::new(2, 4), &dense, &mask)
-                            .unwrap(),
+                        NmSparse::from_dense(rows, fan_in, pattern, &dense, &mask).unwrap(),
                     )
                 }
             };
@@ -972,7 +998,7 @@ mod tests {
             let x = random(b * c * h * wd, &mut seed);
             let gy = random(b * out * g.l(), &mut seed);
             let bias = random(out, &mut seed);
-            for (name, s, dense, _) in layouts(out, fan_in, keep.min(fan_in), &mut seed) {
+            for (name, s, dense, _) in layouts(out, fan_in, keep.min(fan_in), k * k, &mut seed) {
                 let e1 = Exec::default().with_threads(1);
                 let mut ry = crate::conv::forward(&g, &x, &dense, e1);
                 for (i, plane) in ry.chunks_mut(g.l()).enumerate() {
@@ -1022,7 +1048,7 @@ mod tests {
             ..ConvSpec::default()
         };
         let (c, out, k) = (3, 5, 3);
-        for (name, s, dense, _) in layouts(out, c * k * k, 4, &mut seed) {
+        for (name, s, dense, _) in layouts(out, c * k * k, 4, k * k, &mut seed) {
             let xv = Var::from_vec(random(2 * c * 9 * 9, &mut seed), (2, c, 9, 9), &dev)?;
             let values = Var::from_vec(values_of(&s), s.weight().nnz(), &dev)?;
             let wv = Var::from_vec(dense.clone(), (out, c, k, k), &dev)?;
@@ -1094,7 +1120,7 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors_naming_what_is_wrong() {
         let mut seed = 5u64;
-        let (_, s, _, _) = layouts(4, 18, 3, &mut seed).remove(0);
+        let (_, s, _, _) = layouts(4, 18, 3, 9, &mut seed).remove(0);
         let v = values_of(&s);
         let x = vec![0f32; 2 * 5 * 5];
         let grouped = SparseConvShape {
