@@ -1,8 +1,10 @@
 //! A mutation fuzzer for every loader of the workspace, on the stable toolchain, in process:
 //! safetensors layer files (`sparse_formats::io::from_bytes`), training checkpoints
-//! (`models::Trainer::resume` on a mutated `checkpoint.json` or state file), IDX files (plain
-//! and gzip, `models::data::decode_idx`), CIFAR-10 binary files (`models::data::parse_cifar10`)
-//! and configs (`TrainConfig::from_toml` / `from_json` + `validate`).
+//! (`models::Trainer::resume` on a mutated `checkpoint.json` or state file), model files
+//! (`sparse_formats::io::from_bytes_with_metadata`, `ModelDescription::from_metadata`,
+//! `SparseModel::from_layers`: what `SparseModel::load` does), IDX files (plain and gzip,
+//! `models::data::decode_idx`), CIFAR-10 binary files (`models::data::parse_cifar10`) and
+//! configs (`TrainConfig::from_toml` / `from_json` + `validate`).
 //!
 //! Each input is a seed (valid files made here, or the committed fixture) changed by a few
 //! random edits — bit flips, interesting bytes, extreme 32/64-bit integers, truncation,
@@ -260,7 +262,7 @@ fn config_target(bytes: &[u8]) {
 
 /// A tiny run's checkpoint (1 epoch of a small MLP on a few synthetic images) and the data it
 /// resumes on.
-fn checkpoint_fixture(dir: &Path) -> Result<(Datasets, Vec<u8>, Vec<u8>, String)> {
+fn checkpoint_fixture(dir: &Path) -> Result<(Datasets, Vec<u8>, Vec<u8>, String, Vec<u8>)> {
     let set = |n: usize| ImageSet {
         images: (0..n * 64).map(|i| (i % 7) as f32 / 7.0).collect(),
         labels: (0..n).map(|i| (i % 10) as u8).collect(),
@@ -283,7 +285,27 @@ fn checkpoint_fixture(dir: &Path) -> Result<(Datasets, Vec<u8>, Vec<u8>, String)
     let state: serde_json::Value = serde_json::from_slice(&json)?;
     let tensors = state["tensors"].as_str().context("tensors")?.to_string();
     let st = std::fs::read(ck.join(&tensors))?;
-    Ok((data, json, st, tensors))
+    Ok((data, json, st, tensors, model_file_seed(&t)?))
+}
+
+/// A model file (`dst export --format condensed` of the tiny run) as bytes.
+fn model_file_seed(t: &Trainer) -> Result<Vec<u8>> {
+    use models::inference::{export_layers, ExportFormat, ModelDescription};
+    let layers = export_layers(t, ExportFormat::Condensed)?;
+    let desc = ModelDescription::of(t.config(), t.normalization().to_vec());
+    Ok(io::to_bytes_with_metadata(&layers, &desc.to_metadata())?)
+}
+
+/// Loads a model file from bytes as `SparseModel::load` loads one from disk.
+fn model_file_target(bytes: &[u8]) {
+    use models::inference::{ModelDescription, SparseModel};
+    let Ok((layers, meta)) = io::from_bytes_with_metadata(bytes) else {
+        return;
+    };
+    let Ok(desc) = ModelDescription::from_metadata(Path::new("fuzzed.safetensors"), &meta) else {
+        return;
+    };
+    let _ = SparseModel::from_layers(desc, layers, false);
 }
 
 fn main() -> Result<()> {
@@ -308,7 +330,8 @@ fn main() -> Result<()> {
     let fixture = root.join("crates/models/tests/fixtures/fashion-mnist-tiny");
 
     let work = tempfile::tempdir()?;
-    let (data, ck_json, ck_state, ck_tensors) = checkpoint_fixture(&work.path().join("run"))?;
+    let (data, ck_json, ck_state, ck_tensors, model_file) =
+        checkpoint_fixture(&work.path().join("run"))?;
     let ck_dir = work.path().join("fuzzed-checkpoint");
     std::fs::create_dir_all(&ck_dir)?;
     let resume = move |json: &[u8], state: &[u8]| {
@@ -329,6 +352,12 @@ fn main() -> Result<()> {
             run: Box::new(|b| {
                 let _ = io::from_bytes(b);
             }),
+        },
+        Target {
+            name: "model-file",
+            seeds: vec![model_file],
+            json: true,
+            run: Box::new(model_file_target),
         },
         Target {
             name: "idx",
@@ -435,14 +464,15 @@ fn main() -> Result<()> {
             for _ in 0..per_round {
                 let s = &t.seeds[rng.below(t.seeds.len())];
                 let input = if t.json && rng.below(3) == 0 {
-                    let edited = if t.name == "safetensors" || t.name == "checkpoint-state" {
-                        mutate_safetensors_header(&mut rng, s)
-                    } else {
-                        std::str::from_utf8(s)
-                            .ok()
-                            .and_then(|text| mutate_json_number(&mut rng, text))
-                            .map(String::into_bytes)
-                    };
+                    let edited =
+                        if matches!(t.name, "safetensors" | "checkpoint-state" | "model-file") {
+                            mutate_safetensors_header(&mut rng, s)
+                        } else {
+                            std::str::from_utf8(s)
+                                .ok()
+                                .and_then(|text| mutate_json_number(&mut rng, text))
+                                .map(String::into_bytes)
+                        };
                     edited.unwrap_or_else(|| mutate_bytes(&mut rng, s))
                 } else {
                     mutate_bytes(&mut rng, s)

@@ -402,6 +402,24 @@ impl SparseModel {
         layers: Vec<(String, SparseLayer)>,
         dense: bool,
     ) -> Result<SparseModel> {
+        // Every variable the description asks for must come from the file. A description that
+        // needs far more numbers than the file holds is refused before the network is allocated
+        // (a mutated description could otherwise ask for gigabytes); smaller mismatches are left
+        // to the checks below, which name the missing or mis-shaped tensor.
+        let wanted = desc.model.variable_count(desc.image, desc.classes);
+        let held: u128 = layers.iter().map(|(_, l)| dense_numbers(l)).sum();
+        if wanted > 2 * held + (1 << 20) {
+            return Err(TrainError::Config {
+                field: "model",
+                reason: format!(
+                    "the description (`{}`, image {:?}, {} classes) needs {wanted} numbers, \
+                     the file holds {held}",
+                    model_name(&desc.model),
+                    desc.image,
+                    desc.classes
+                ),
+            });
+        }
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -644,6 +662,21 @@ impl SparseModel {
             out.extend(classes.to_vec1::<u32>()?.into_iter().map(|c| c as usize));
         }
         Ok(out)
+    }
+}
+
+/// How many numbers a file's layer stands for in the network: its dense size (a condensed
+/// layer's carried bias included).
+fn dense_numbers(l: &SparseLayer) -> u128 {
+    let area = |r: usize, f: usize| r as u128 * f as u128;
+    match l {
+        SparseLayer::Dense(t) => t.values.len() as u128,
+        SparseLayer::Mask(m) => area(m.rows(), m.fan_in()),
+        SparseLayer::Condensed(c) => {
+            area(c.rows(), c.fan_in()) + c.bias().map_or(0, |b| b.len() as u128)
+        }
+        SparseLayer::Nm(n) => area(n.rows(), n.fan_in()),
+        SparseLayer::Csr(c) => area(c.rows(), c.fan_in()),
     }
 }
 

@@ -123,6 +123,75 @@ impl ModelConfig {
         }
     }
 
+    /// How many numbers the network's variables hold (weights, biases, BatchNorm parameters and
+    /// running statistics, position embeddings) for `image` = `[channels, rows, cols]` and
+    /// `classes`, computed from the description without building anything — what a model file
+    /// must carry, so a loader can refuse a description that asks for more than its file holds
+    /// before allocating (a test checks it against [`Network::build`] for every architecture).
+    /// Saturates instead of overflowing.
+    pub fn variable_count(&self, image: [usize; 3], classes: usize) -> u128 {
+        let [c, h, w] = image.map(|v| v as u128);
+        let classes = classes as u128;
+        let linear = |i: u128, o: u128| i * o + o;
+        let conv = |i: u128, o: u128, k: u128, bias: bool| o * i * k * k + if bias { o } else { 0 };
+        let bn = |ch: u128| 4 * ch;
+        match self {
+            ModelConfig::Mlp { hidden } => {
+                let mut widths = vec![c.saturating_mul(h).saturating_mul(w)];
+                widths.extend(hidden.iter().map(|&v| v as u128));
+                widths.push(classes);
+                widths
+                    .windows(2)
+                    .fold(0u128, |acc, wd| acc.saturating_add(linear(wd[0], wd[1])))
+            }
+            ModelConfig::Lenet5 => {
+                conv(c, 6, 5, true)
+                    + conv(6, 16, 5, true)
+                    + linear(16 * 5 * 5, 120)
+                    + linear(120, 84)
+                    + linear(84, classes)
+            }
+            ModelConfig::Resnet18 { width } => {
+                let width = *width as u128;
+                let mut n = conv(c, width, 3, false) + bn(width);
+                let mut in_c = width;
+                for (stage, mult) in [1u128, 2, 4, 8].into_iter().enumerate() {
+                    let out_c = width * mult;
+                    for b in 0..2 {
+                        let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                        n += conv(in_c, out_c, 3, false) + bn(out_c);
+                        n += conv(out_c, out_c, 3, false) + bn(out_c);
+                        if stride != 1 || in_c != out_c {
+                            n += conv(in_c, out_c, 1, false) + bn(out_c);
+                        }
+                        in_c = out_c;
+                    }
+                }
+                n + linear(in_c, classes)
+            }
+            ModelConfig::Vit {
+                patch,
+                dim,
+                depth,
+                mlp_dim,
+                ..
+            } => {
+                let (p, dim, mlp) = (*patch as u128, *dim as u128, *mlp_dim as u128);
+                let tokens = if p == 0 { 0 } else { (h / p) * (w / p) };
+                let block = 2 * dim
+                    + linear(dim, 3 * dim)
+                    + linear(dim, dim)
+                    + 2 * dim
+                    + linear(dim, mlp)
+                    + linear(mlp, dim);
+                linear(c * p * p, dim)
+                    .saturating_add(tokens.saturating_mul(dim))
+                    .saturating_add((*depth as u128).saturating_mul(block))
+                    .saturating_add(2 * dim + linear(dim, classes))
+            }
+        }
+    }
+
     /// ResNet-18 at the paper's width (64).
     pub fn resnet18() -> Self {
         ModelConfig::Resnet18 { width: 64 }

@@ -153,6 +153,13 @@ fn bad_model_files_are_refused_naming_the_problem() {
         }
     }
     check(desc.clone(), wrong, "fc3.bias");
+    // A description asking for a far larger network than the file holds is refused before
+    // anything is allocated (60000² weights would be 14 GB).
+    let mut huge = desc.clone();
+    huge.model = ModelConfig::Mlp {
+        hidden: vec![60_000, 60_000],
+    };
+    check(huge, layers(&t), "numbers, the file holds");
     // The description is checked where it is read.
     let path = std::path::Path::new("model.safetensors");
     for (edit, needle) in [

@@ -1,5 +1,6 @@
-//! Every architecture builds with both layer kinds, maps `[b, c, h, w]` to `[b, classes]`, and
-//! back-propagates to every weight; bad shapes are errors naming the model.
+//! Every architecture builds with both layer kinds, holds `ModelConfig::variable_count` numbers,
+//! maps `[b, c, h, w]` to `[b, classes]`, and back-propagates to every weight; bad shapes are
+//! errors naming the model.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -14,6 +15,16 @@ fn check(cfg: &ModelConfig, image: [usize; 3], kind: LayerKind, weights: usize) 
         LayerKind::Nm => built.nm.len(),
     };
     assert_eq!(n, weights, "{cfg:?}");
+    // The count a model-file loader checks before building equals what was built (N:M layers
+    // add their learned scores, which files do not carry).
+    if kind != LayerKind::Nm {
+        let built_count: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
+        assert_eq!(
+            cfg.variable_count(image, 10),
+            built_count as u128,
+            "{cfg:?} {image:?}"
+        );
+    }
     let [c, h, w] = image;
     let vals: Vec<f32> = (0..2 * c * h * w)
         .map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5)
