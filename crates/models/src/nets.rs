@@ -177,7 +177,10 @@ impl ModelConfig {
                 ..
             } => {
                 let (p, dim, mlp) = (*patch as u128, *dim as u128, *mlp_dim as u128);
-                let tokens = if p == 0 { 0 } else { (h / p) * (w / p) };
+                let tokens = h
+                    .checked_div(p)
+                    .zip(w.checked_div(p))
+                    .map_or(0, |(a, b)| a * b);
                 let block = 2 * dim
                     + linear(dim, 3 * dim)
                     + linear(dim, dim)
