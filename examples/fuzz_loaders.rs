@@ -260,9 +260,19 @@ fn config_target(bytes: &[u8]) {
     }
 }
 
-/// A tiny run's checkpoint (1 epoch of a small MLP on a few synthetic images) and the data it
-/// resumes on.
-fn checkpoint_fixture(dir: &Path) -> Result<(Datasets, Vec<u8>, Vec<u8>, String, Vec<u8>)> {
+/// The tiny run's data, its `checkpoint.json`, state file and state file name, and its model
+/// file.
+struct Fixture {
+    data: Datasets,
+    json: Vec<u8>,
+    state: Vec<u8>,
+    state_name: String,
+    model_file: Vec<u8>,
+}
+
+/// A tiny run's checkpoint (1 epoch of a small MLP on a few synthetic images), the data it
+/// resumes on, and its model file.
+fn checkpoint_fixture(dir: &Path) -> Result<Fixture> {
     let set = |n: usize| ImageSet {
         images: (0..n * 64).map(|i| (i % 7) as f32 / 7.0).collect(),
         labels: (0..n).map(|i| (i % 10) as u8).collect(),
@@ -285,7 +295,13 @@ fn checkpoint_fixture(dir: &Path) -> Result<(Datasets, Vec<u8>, Vec<u8>, String,
     let state: serde_json::Value = serde_json::from_slice(&json)?;
     let tensors = state["tensors"].as_str().context("tensors")?.to_string();
     let st = std::fs::read(ck.join(&tensors))?;
-    Ok((data, json, st, tensors, model_file_seed(&t)?))
+    Ok(Fixture {
+        data,
+        json,
+        state: st,
+        state_name: tensors,
+        model_file: model_file_seed(&t)?,
+    })
 }
 
 /// A model file (`dst export --format condensed` of the tiny run) as bytes.
@@ -330,8 +346,13 @@ fn main() -> Result<()> {
     let fixture = root.join("crates/models/tests/fixtures/fashion-mnist-tiny");
 
     let work = tempfile::tempdir()?;
-    let (data, ck_json, ck_state, ck_tensors, model_file) =
-        checkpoint_fixture(&work.path().join("run"))?;
+    let Fixture {
+        data,
+        json: ck_json,
+        state: ck_state,
+        state_name: ck_tensors,
+        model_file,
+    } = checkpoint_fixture(&work.path().join("run"))?;
     let ck_dir = work.path().join("fuzzed-checkpoint");
     std::fs::create_dir_all(&ck_dir)?;
     let resume = move |json: &[u8], state: &[u8]| {
