@@ -375,9 +375,19 @@ fn for_chunks<T: Send>(
     parts: Vec<T>,
     job: impl Fn(T, std::ops::Range<usize>, usize) + Sync + Send,
 ) {
-    let chunks = g.chunks();
     let work = g.batch * g.out * g.k() * g.l();
-    let threads = exec.threads_for(work);
+    run_chunks(g.chunks(), exec.threads_for(work), parts, job);
+}
+
+/// Runs `job(part, chunk, threads)` for each chunk with its part of the output: chunks in
+/// parallel when there are several and `threads > 1`, each chunk then getting the threads left
+/// over for its own products (shared by the dense and the sparse convolution).
+pub(crate) fn run_chunks<T: Send>(
+    chunks: Vec<std::ops::Range<usize>>,
+    threads: usize,
+    parts: Vec<T>,
+    job: impl Fn(T, std::ops::Range<usize>, usize) + Sync + Send,
+) {
     let inner = (threads / chunks.len().max(1)).max(1);
     let items: Vec<_> = parts.into_iter().zip(chunks).collect();
     if threads > 1 && items.len() > 1 {

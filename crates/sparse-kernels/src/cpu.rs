@@ -23,7 +23,7 @@ use crate::{Exec, KernelError, SparseWeight};
 
 type Result<T> = std::result::Result<T, KernelError>;
 
-fn check(what: &'static str, found: usize, expected: usize) -> Result<()> {
+pub(crate) fn check(what: &'static str, found: usize, expected: usize) -> Result<()> {
     if found == expected {
         Ok(())
     } else {
@@ -147,7 +147,7 @@ pub fn value_grad<'a>(
 }
 
 /// Copies `src [n, cols]` into batch tiles `[ceil(n / TB)][cols][TB]`, zero-padded.
-pub(crate) fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize) -> Vec<f32> {
+fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize) -> Vec<f32> {
     // Blocked over columns so that the TB source rows of a tile and the written block of the
     // slab both stay in L1 (the naive row-by-row scatter was most of a 99%-sparse forward).
     const CB: usize = 64;
@@ -283,17 +283,24 @@ pub(crate) fn forward_tiles<R: Rows, const TB: usize>(
 ) -> Vec<f32> {
     let n = r.n_stored();
     let mut acc = vec![0.0f32; n * cols];
+    run_parallel(
+        row_jobs(n, cols, threads, &mut acc),
+        threads,
+        |(a0, out)| fwd_tiled::<R, TB>(isa, r, values, xt, cols, fan_in, a0, out),
+    );
+    acc
+}
+
+/// `buf` (`per` outputs for each of `n` stored rows) split for at most `threads` workers:
+/// (first stored row, its outputs) per job.
+fn row_jobs(n: usize, per: usize, threads: usize, buf: &mut [f32]) -> Vec<(usize, &mut [f32])> {
     let ranges = split_ranges(n, threads);
-    let lens: Vec<usize> = ranges.iter().map(|g| g.len() * cols).collect();
-    let jobs: Vec<_> = ranges
+    let lens: Vec<usize> = ranges.iter().map(|g| g.len() * per).collect();
+    ranges
         .iter()
         .map(|g| g.start)
-        .zip(split_lengths(&mut acc, &lens))
-        .collect();
-    run_parallel(jobs, threads, |(a0, out)| {
-        fwd_tiled::<R, TB>(isa, r, values, xt, cols, fan_in, a0, out)
-    });
-    acc
+        .zip(split_lengths(buf, &lens))
+        .collect()
 }
 
 impl RowsVisitor for Forward<'_> {
@@ -314,14 +321,7 @@ impl RowsVisitor for Forward<'_> {
         // Per stored row, `batch` outputs (row-major by stored row), then scattered into y.
         let acc = if batch == 1 {
             let mut acc = vec![0.0f32; n];
-            let ranges = split_ranges(n, threads);
-            let lens: Vec<usize> = ranges.iter().map(|g| g.len()).collect();
-            let jobs: Vec<_> = ranges
-                .iter()
-                .map(|g| g.start)
-                .zip(split_lengths(&mut acc, &lens))
-                .collect();
-            run_parallel(jobs, threads, |(a0, out)| {
+            run_parallel(row_jobs(n, 1, threads, &mut acc), threads, |(a0, out)| {
                 fwd_gather(isa, r, values, x, a0, out)
             });
             acc

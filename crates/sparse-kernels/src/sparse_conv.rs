@@ -46,10 +46,9 @@
 //! ```
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::conv::{ConvSpec, Geometry, SegmentsIn, SegmentsOut};
-use crate::cpu::{forward_tiles, input_grad_tiles, value_grad_tiles, with_tile};
+use crate::cpu::{check, forward_tiles, input_grad_tiles, value_grad_tiles, with_tile};
 use crate::ops::SparseStructure;
 use crate::rows::{Rows, RowsVisitor};
 use crate::{Exec, KernelError, SparseWeight};
@@ -116,10 +115,8 @@ fn chunks(g: &Geometry) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// Runs `job(part, chunk, threads)` for each chunk with its part of the output: chunks in
-/// parallel when there are several and the work (`nnz · batch · L` products) asks for more than
-/// one thread, each chunk's kernels then getting the threads left over (a chunk's results do not
-/// depend on its thread count, so neither does anything here).
+/// Runs `job(part, chunk, threads)` for each chunk of `g` with its part of the output (see
+/// `crate::conv::run_chunks`; the work is `nnz · batch · L` products).
 fn for_chunks<T: Send>(
     g: &Geometry,
     exec: Exec,
@@ -127,15 +124,8 @@ fn for_chunks<T: Send>(
     parts: Vec<T>,
     job: impl Fn(T, std::ops::Range<usize>, usize) + Sync + Send,
 ) {
-    let chunks = chunks(g);
     let threads = exec.threads_for(nnz * g.batch * g.l());
-    let items: Vec<_> = parts.into_iter().zip(chunks).collect();
-    if threads > 1 && items.len() > 1 {
-        let inner = (threads / items.len()).max(1);
-        items.into_par_iter().for_each(|(p, c)| job(p, c, inner));
-    } else {
-        items.into_iter().for_each(|(p, c)| job(p, c, threads));
-    }
+    crate::conv::run_chunks(chunks(g), threads, parts, job);
 }
 
 /// Batch tiles `[ceil(width / TB)][rows][TB]` (the layout of the tiled kernels, position `j` in
@@ -240,22 +230,6 @@ fn grad_tiles<const TB: usize>(g: &Geometry, gy: &[f32], c: std::ops::Range<usiz
         }
     }
     tiles
-}
-
-fn check(
-    what: &'static str,
-    found: usize,
-    expected: usize,
-) -> std::result::Result<(), KernelError> {
-    if found == expected {
-        Ok(())
-    } else {
-        Err(KernelError::Shape {
-            what,
-            expected,
-            found,
-        })
-    }
 }
 
 /// `y = conv2d(x, W) + bias` on slices: `x [batch, in, h, w]`, `values` in the layout's slot
