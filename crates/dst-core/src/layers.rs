@@ -352,11 +352,6 @@ impl SparseConv2d {
     pub fn bias(&self) -> Option<&Var> {
         self.bias.as_ref()
     }
-
-    /// Padding, stride, dilation and groups.
-    pub fn config(&self) -> &Conv2dConfig {
-        &self.cfg
-    }
 }
 
 impl Module for SparseConv2d {

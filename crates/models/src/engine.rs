@@ -143,11 +143,6 @@ impl EngineLayer {
         Ok(layer)
     }
 
-    /// Whether this is a conv layer.
-    pub fn is_conv(&self) -> bool {
-        self.conv.is_some()
-    }
-
     /// The dense weight (the sparsifier's handle).
     pub fn param(&self) -> &SparseParam {
         &self.param
