@@ -269,9 +269,13 @@ impl NmSparsifier {
                 group_stride,
                 ..pattern
             };
-            pattern
-                .validate(fan_in)
-                .map_err(|e| LbcError::Shape(format!("layer `{}`: {e}", layer.name)))?;
+            pattern.validate(fan_in).map_err(|e| {
+                LbcError::Shape(format!(
+                    "layer `{}`: {e} (keep it dense: `--dense-layer {}`, config \
+                         `method.dense_layers`)",
+                    layer.name, layer.name
+                ))
+            })?;
             let lbc = match method {
                 NmMethod::Lbc { max_scores, .. } => {
                     Some(lbc_state(rows, fan_in, pattern, max_scores)?)
