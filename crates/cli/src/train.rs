@@ -50,7 +50,7 @@ pub struct TrainArgs {
     /// Mask updates stop at this fraction of the run.
     #[arg(long)]
     t_end_fraction: Option<f64>,
-    /// SRigL's γ_sal.
+    /// SRigL's γ_sal (≥ 0; 0 turns neuron ablation off, as in the reference).
     #[arg(long)]
     gamma_sal: Option<f64>,
     /// Turn SRigL's dynamic neuron ablation off.

@@ -147,7 +147,7 @@ fn finish(
     // The n_keep largest |W| among active entries (indices into `active`).
     let by_weight = top_k_keys(&active.keys, n_keep);
     let mut ablated = vec![false; rows];
-    if p.srigl.ablation && !input.protected && rows > 0 {
+    if p.srigl.ablates() && !input.protected && rows > 0 {
         let salient_w: Vec<usize> = by_weight.iter().map(|&a| active.pos[a]).collect();
         let salient_g = top_k_abs(g, n_drop);
         let counts = union_counts(&salient_w, &salient_g, rows, fan_in);

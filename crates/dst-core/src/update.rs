@@ -43,10 +43,19 @@ pub enum Method {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SriglParams {
     /// γ_sal: a neuron with fewer salient weights than `max(1, int(γ_sal · B / rows))` is
-    /// ablated (γ_sal ≥ 1 is an absolute count). Default 0.3 (the paper's CNNs; 0.95 for ViT).
+    /// ablated (γ_sal ≥ 1 is an absolute count; 0 turns ablation off, as the reference's
+    /// `min_salient_weights_per_neuron ≠ 0` check does). Default 0.3 (the paper's CNNs; 0.95
+    /// for ViT).
     pub gamma_sal: f64,
     /// Dynamic neuron ablation on/off.
     pub ablation: bool,
+}
+
+impl SriglParams {
+    /// Whether dynamic neuron ablation runs: switched on and γ_sal > 0.
+    pub fn ablates(&self) -> bool {
+        self.ablation && self.gamma_sal > 0.0
+    }
 }
 
 impl Default for SriglParams {
@@ -323,7 +332,7 @@ pub(crate) fn srigl_general(input: &UpdateInput<'_>, p: &UpdateParams) -> Result
 
     // 1. Dynamic neuron ablation, recomputed from scratch at every update.
     let mut ablated = vec![false; rows];
-    if p.srigl.ablation && !input.protected && rows > 0 {
+    if p.srigl.ablates() && !input.protected && rows > 0 {
         let mut salient = vec![false; mask.len()];
         let (by_weight, by_grad) = rayon::join(
             || top_k_all(&ds, mask, n_keep),
@@ -629,6 +638,18 @@ mod tests {
         .unwrap();
         assert!(u.ablated.is_empty());
         assert_eq!(u.mask.row_counts(), vec![2, 2, 2, 2]);
+        // γ_sal = 0 turns ablation off (the reference's check): the same as ablation = false.
+        let mut off = params(0.25);
+        off.srigl.gamma_sal = 0.0;
+        let u0 = update_mask(Method::Srigl, &input, &off).unwrap();
+        assert!(u0.ablated.is_empty());
+        assert_eq!(u0.mask.row_counts(), vec![2, 2, 2, 2]);
+        let mut no_ablation = params(0.25);
+        no_ablation.srigl.ablation = false;
+        assert_eq!(
+            u0,
+            update_mask(Method::Srigl, &input, &no_ablation).unwrap()
+        );
     }
 
     #[test]
