@@ -339,6 +339,12 @@ impl Module for EngineLayer {
 /// density fixed, so the choice made when the run starts holds for the whole run.
 pub const MAX_SPARSE_DENSITY: f64 = 0.3;
 
+/// Whether a weight with `nnz` of `len` entries active goes to sparse storage: density at most
+/// [`MAX_SPARSE_DENSITY`] (the rule of the sparse engine and of `SparseModel` inference).
+pub fn stored_sparse(nnz: usize, len: usize) -> bool {
+    nnz as f64 <= MAX_SPARSE_DENSITY * len as f64
+}
+
 /// The storage engine of a run (see the module documentation): the optimizer, and the layers
 /// kept in sparse storage (none for the dense-mask engine). As a [`MaskAware`] it is the
 /// optimizer the method sees: masks of sparse-storage layers are not handed on (their stored
@@ -366,9 +372,9 @@ impl Engine {
         let masks = method.masks();
         let mut layers = Vec::new();
         for e in candidates {
-            let sparse = masks.iter().any(|(n, m)| {
-                n == e.param().name() && m.nnz() as f64 <= MAX_SPARSE_DENSITY * m.len() as f64
-            });
+            let sparse = masks
+                .iter()
+                .any(|(n, m)| n == e.param().name() && stored_sparse(m.nnz(), m.len()));
             if sparse {
                 e.compress(&[])?;
                 layers.push(e);

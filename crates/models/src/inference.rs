@@ -11,7 +11,7 @@
 //!
 //! Linear and conv layers run on the sparse kernels in the format they were exported in
 //! (`sparse_kernels::sparse_conv` for convolutions), except layers denser than
-//! [`MAX_SPARSE_DENSITY`], which run dense with their zeros (the sparse kernels are slower
+//! [`crate::engine::MAX_SPARSE_DENSITY`], which run dense with their zeros (the sparse kernels are slower
 //! there, as in training; e.g. LeNet-5's conv1 and output layer under ERK). An MLP runs as a
 //! plan of kernel calls on slices ([`SparseModel::forward`]): at batch 1 candle's per-op cost
 //! (five ops a layer) outweighs a sparse layer's arithmetic, so the plan calls the kernels
@@ -37,7 +37,7 @@ use sparse_kernels::ops::SparseStructure;
 
 use crate::config::TrainConfig;
 use crate::data::{DatasetName, ImageSet};
-use crate::engine::MAX_SPARSE_DENSITY;
+use crate::engine::stored_sparse;
 use crate::error::{file_err, Result, TrainError};
 use crate::nets::{LayerKind, ModelConfig, Network};
 use crate::trainer::Trainer;
@@ -544,12 +544,13 @@ impl SparseModel {
                 Some(b) => Some(b.as_tensor().to_vec1::<f32>()?),
                 None => None,
             };
-            let sparse_enough = |s: &SparseStructure| {
-                let w = s.weight();
-                w.nnz() as f64 <= MAX_SPARSE_DENSITY * (w.rows() * w.fan_in()) as f64
-            };
             let layer = match structures.remove(&name) {
-                Some((structure, values, format)) if !dense && sparse_enough(&structure) => {
+                Some((structure, values, format))
+                    if !dense && {
+                        let w = structure.weight();
+                        stored_sparse(w.nnz(), w.rows() * w.fan_in())
+                    } =>
+                {
                     e.install(structure.clone(), values.clone())?;
                     sparse.push((name, format));
                     PlanLayer::Sparse { structure, values }

@@ -160,7 +160,7 @@ fn sparse_engine_matches_dense_mask_for_srigl_on_lenet5() {
     let expected = a
         .masks()
         .iter()
-        .filter(|(_, m)| m.nnz() as f64 <= models::engine::MAX_SPARSE_DENSITY * m.len() as f64)
+        .filter(|(_, m)| models::engine::stored_sparse(m.nnz(), m.len()))
         .count();
     assert_eq!(expected, 3);
     assert_eq!(b.engine().sparse_layers(), expected);
@@ -189,7 +189,7 @@ fn sparse_engine_matches_dense_mask_for_srigl_on_resnet18() {
     let sparse_masks = a
         .masks()
         .iter()
-        .filter(|(_, m)| m.nnz() as f64 <= models::engine::MAX_SPARSE_DENSITY * m.len() as f64)
+        .filter(|(_, m)| models::engine::stored_sparse(m.nnz(), m.len()))
         .count();
     assert!(sparse_masks >= 8, "{sparse_masks} sparse weights");
     assert_eq!(
