@@ -11,7 +11,7 @@ use dst_core::optim::{OptimizerConfig, OptimizerKind};
 use dst_core::Distribution;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::{
-    Control, DatasetName, Datasets, EngineKind, Event, LrKind, MethodName, ModelConfig,
+    Control, DatasetName, Datasets, EngineKind, Event, InitKind, LrKind, MethodName, ModelConfig,
     TrainConfig, Trainer,
 };
 use sparse_formats::io::SparseLayer;
@@ -56,6 +56,11 @@ pub struct TrainArgs {
     /// Turn SRigL's dynamic neuron ablation off.
     #[arg(long)]
     no_ablation: bool,
+    /// Initialisation of the kept weights (dst methods): sparse-he (N(0, 2/k), k the row's
+    /// active fan-in) or dense (the layer's dense init, masked). Default: sparse-he for srigl,
+    /// dense for rigl, set and static, as their references do.
+    #[arg(long, value_enum)]
+    init: Option<InitArg>,
     /// Keep this weight dense (repeatable), e.g. --dense-layer fc1.weight.
     #[arg(long = "dense-layer", value_name = "WEIGHT")]
     dense_layers: Vec<String>,
@@ -142,6 +147,12 @@ enum DistributionArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum InitArg {
+    SparseHe,
+    Dense,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineArg {
     Auto,
     DenseMask,
@@ -210,6 +221,12 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
     }
     if a.no_ablation {
         me.ablation = false;
+    }
+    if let Some(i) = a.init {
+        me.init = Some(match i {
+            InitArg::SparseHe => InitKind::SparseHe,
+            InitArg::Dense => InitKind::Dense,
+        });
     }
     if !a.dense_layers.is_empty() {
         me.dense_layers = a.dense_layers.clone();

@@ -45,12 +45,14 @@ pub struct SparsifierConfig {
     /// Std of seeded noise on drop scores (0 = deterministic index tie-break only).
     pub tie_noise: f32,
     /// Re-initialise the active weights with sparse He init `N(0, 2/k)` when the masks are
-    /// first set (otherwise the layers' dense initialisation is kept, masked).
+    /// first set (otherwise the layers' dense initialisation is kept, masked). Default: as the
+    /// method's reference does ([`Method::reference_sparse_init`]: SRigL only).
     pub sparse_init: bool,
 }
 
 impl SparsifierConfig {
-    /// Defaults of the SRigL paper (ERK, ΔT = 100, α = 0.3 cosine, γ_sal = 0.3) for a run of
+    /// Defaults of the SRigL paper (ERK, ΔT = 100, α = 0.3 cosine, γ_sal = 0.3; the
+    /// initialisation of `method`'s reference) for a run of
     /// `total_steps` optimiser steps (T_end at [`T_END_FRACTION`](crate::schedule::T_END_FRACTION)).
     pub fn new(method: Method, sparsity: f64, total_steps: usize) -> Self {
         SparsifierConfig {
@@ -63,7 +65,7 @@ impl SparsifierConfig {
             protected_layers: None,
             srigl: SriglParams::default(),
             tie_noise: 0.0,
-            sparse_init: true,
+            sparse_init: method.reference_sparse_init(),
         }
     }
 }

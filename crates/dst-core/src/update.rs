@@ -39,6 +39,16 @@ pub enum Method {
     Srigl,
 }
 
+impl Method {
+    /// Whether the method's reference re-initialises the kept weights with sparse He
+    /// `N(0, 2/k)` (SRigL) rather than masking the dense initialisation (RigL, SET, Static):
+    /// the default of [`SparsifierConfig::sparse_init`](crate::SparsifierConfig::sparse_init)
+    /// (docs/algorithms.md §6.2).
+    pub fn reference_sparse_init(self) -> bool {
+        self == Method::Srigl
+    }
+}
+
 /// SRigL's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SriglParams {

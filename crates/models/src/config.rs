@@ -201,6 +201,27 @@ impl std::str::FromStr for MethodName {
     }
 }
 
+/// How a dst method initialises the weights its initial masks keep (docs/algorithms.md §6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitKind {
+    /// Sparse He: every kept weight redrawn from `N(0, 2/k)`, `k` its row's active fan-in (the
+    /// SRigL reference's sparse initialisation, with its std fixed to `√(2/k)`).
+    SparseHe,
+    /// The layer's dense initialisation, masked (what the RigL, SET and Static references do).
+    Dense,
+}
+
+impl InitKind {
+    /// The kebab-case name used in configs and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitKind::SparseHe => "sparse-he",
+            InitKind::Dense => "dense",
+        }
+    }
+}
+
 /// The method and its parameters; fields that do not apply to the chosen method are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -221,6 +242,9 @@ pub struct MethodConfig {
     pub gamma_sal: f64,
     /// SRigL's dynamic neuron ablation.
     pub ablation: bool,
+    /// Initialisation of the kept weights (dst methods; `None`: the method's reference,
+    /// [`MethodConfig::init_for_method`]).
+    pub init: Option<InitKind>,
     /// Weight names kept dense (e.g. `fc1.weight`). Dst methods count them in the global
     /// budget; N:M methods build them as ordinary dense layers (needed for a stem whose fan-in
     /// has no N:M groups, e.g. ResNet-18's `conv1.weight` on 3 input channels).
@@ -256,6 +280,7 @@ impl Default for MethodConfig {
             t_end_fraction: dst_core::schedule::T_END_FRACTION,
             gamma_sal: srigl.gamma_sal,
             ablation: srigl.ablation,
+            init: None,
             dense_layers: Vec::new(),
             protected_layers: None,
             n: 2,
@@ -265,6 +290,18 @@ impl Default for MethodConfig {
             lbc_power: removal.power,
             srste_lambda: 2e-4,
         }
+    }
+}
+
+impl MethodConfig {
+    /// The initialisation this run uses: `init` if set, else the method's reference — sparse He
+    /// for SRigL (its reference re-initialises sparsely), the dense initialisation masked for
+    /// RigL, SET and Static (their references), irrelevant to the others.
+    pub fn init_for_method(&self) -> InitKind {
+        self.init.unwrap_or(match self.name.dst() {
+            Some(d) if d.reference_sparse_init() => InitKind::SparseHe,
+            _ => InitKind::Dense,
+        })
     }
 }
 
@@ -558,6 +595,7 @@ impl TrainConfig {
         sc.protected_layers = m.protected_layers.clone();
         sc.srigl.gamma_sal = m.gamma_sal;
         sc.srigl.ablation = m.ablation;
+        sc.sparse_init = m.init_for_method() == InitKind::SparseHe;
     }
 
     /// LBC's removal schedule of this run.

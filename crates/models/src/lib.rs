@@ -39,7 +39,7 @@ pub mod nets;
 pub mod trainer;
 
 pub use config::{
-    DataConfig, EngineKind, LrKind, LrSchedule, MethodConfig, MethodName, TrainConfig,
+    DataConfig, EngineKind, InitKind, LrKind, LrSchedule, MethodConfig, MethodName, TrainConfig,
 };
 pub use data::{DatasetName, Datasets};
 pub use engine::Engine;
