@@ -1,6 +1,7 @@
 //! 2:4 sparse training with LBC in a candle loop, export to the N:M layout (and the NVIDIA 2:4
 //! format), and inference with the sparse-kernels N:M kernels. Synthetic data, runs in seconds.
-//! Swap `NmMethod::Lbc` for `NmMethod::SrSte { lambda_w: 2e-4 }` or `NmMethod::OneShot`, and
+//! Swap `NmMethod::Lbc` for `NmMethod::SrSte { lambda_w: 2e-4 }` or
+//! `NmMethod::OneShot { prune_epoch }` (ASP: dense until `prune_epoch`, then pruned once), and
 //! `NmPattern::new(2, 4)` for any N:M.
 //!
 //! Run: `cargo run --release -p examples --example lbc_nm`

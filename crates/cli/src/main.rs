@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model (dense, Static, SET, RigL, SRigL, LBC, SR-STE, one-shot N:M).
+    /// Train a model (dense, Static, SET, RigL, SRigL, LBC, SR-STE, one-shot N:M as ASP).
     #[command(after_help = "Examples:\n  \
         dst train --model lenet-300-100 --method srigl --sparsity 0.9 --distribution erk \
         --epochs 20 --seed 1 --out runs/srigl90\n  \

@@ -74,6 +74,11 @@ pub struct TrainArgs {
     /// (default: ¾ of the epochs, within that range).
     #[arg(long)]
     lbc_t_f: Option<usize>,
+    /// nm-magnitude (ASP): epochs of dense training before the one-shot prune, then
+    /// fine-tuning with the mask fixed, a fresh optimizer and the LR schedule restarted;
+    /// 0 ≤ E ≤ epochs − 1, 0 prunes the initialisation (default: half the epochs).
+    #[arg(long, value_name = "E")]
+    nm_prune_epoch: Option<usize>,
     /// Epochs.
     #[arg(long)]
     epochs: Option<usize>,
@@ -218,6 +223,9 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
          gamma_sal => me.gamma_sal, n => me.n, m => me.m);
     if let Some(t) = a.lbc_t_f {
         me.lbc_t_f = Some(t);
+    }
+    if let Some(p) = a.nm_prune_epoch {
+        me.nm_prune_epoch = Some(p);
     }
     if a.no_ablation {
         me.ablation = false;

@@ -1,5 +1,5 @@
-//! The baselines sharing LBC's groups and export: SR-STE and one-shot magnitude N:M
-//! (docs/algorithms.md §8).
+//! The baselines sharing LBC's groups and export: SR-STE and one-shot magnitude N:M as NVIDIA's
+//! ASP runs it (docs/algorithms.md §8).
 
 use sparse_formats::{Mask, NmPattern};
 
@@ -15,11 +15,19 @@ fn check(rows: usize, fan_in: usize, pattern: NmPattern, len: usize) -> Result<(
     Ok(())
 }
 
+/// ASP's prune epoch for a run of `epochs` epochs when none is configured: half of them, at
+/// least 1 and at most `epochs − 1`. ASP trains the dense model, prunes it once and fine-tunes
+/// with the original schedule again (about 2× the dense budget); within one run of `epochs`
+/// epochs that is half dense, half fine-tuning. A 1-epoch run prunes at initialisation.
+pub fn default_prune_epoch(epochs: usize) -> usize {
+    (epochs / 2).max(1).min(epochs.saturating_sub(1))
+}
+
 /// The N:M magnitude mask: in every group, the N largest `|W|` (ties: smaller position).
 ///
 /// This is SR-STE's mask, recomputed from the dense weights at every forward pass, and the
-/// one-shot magnitude pruning of NVIDIA's ASP recipe (prune once, then fine-tune with the mask
-/// fixed).
+/// one-shot magnitude pruning of NVIDIA's ASP recipe (train dense, prune once, then fine-tune
+/// with the mask fixed).
 pub fn magnitude_mask(
     weights: &[f32],
     rows: usize,

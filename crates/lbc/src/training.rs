@@ -7,7 +7,10 @@
 //! - LBC: scores step on `W ⊙ ∂L/∂W̃` (straight-through for the scores), weight gradient
 //!   `B ⊙ ∂L/∂W̃` (no straight-through for weights, docs/algorithms.md §7.3);
 //! - SR-STE: `∂L/∂W̃ + λ_W (1 − E) ⊙ W` to every weight, mask recomputed before every forward;
-//! - one-shot magnitude: the mask chosen once from `|W|` and kept, gradient `B ⊙ ∂L/∂W̃`.
+//! - one-shot magnitude (ASP): dense training until the prune epoch, then the mask chosen once
+//!   from the trained `|W|` and kept, gradient `B ⊙ ∂L/∂W̃` (the optimizer reset and the
+//!   learning-rate restart of ASP's fine-tuning are the training loop's: models' trainer does
+//!   both).
 //!
 //! Call [`NmSparsifier::before_forward`] with the epoch before each step, `after_backward` on
 //! the gradients, then the optimizer (any: a plain momentum SGD reproduces the references).
@@ -204,14 +207,21 @@ pub enum NmMethod {
         /// Decay on pruned weights.
         lambda_w: f32,
     },
-    /// One-shot magnitude N:M (ASP): prune at the first step, then train the survivors.
-    OneShot,
+    /// One-shot magnitude N:M as NVIDIA's ASP runs it: dense training for `prune_epoch`
+    /// epochs, then the trained weights pruned once to N:M by magnitude and the survivors
+    /// fine-tuned with the mask fixed. `prune_epoch = 0` prunes the initialisation (magnitude
+    /// pruning at init, not ASP). Default: [`crate::baselines::default_prune_epoch`].
+    OneShot {
+        /// The epoch (0-based) before whose first forward pass the weights are pruned.
+        prune_epoch: usize,
+    },
 }
 
 /// A checkpointable snapshot of an [`NmSparsifier`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct NmState {
-    /// Whether the first forward pass has happened (one-shot masks are chosen then).
+    /// Whether the masks have been chosen: the first forward pass happened (LBC, SR-STE), or
+    /// the one-shot prune did.
     pub started: bool,
     /// Per managed layer, in order.
     pub layers: Vec<NmLayerState>,
@@ -324,7 +334,7 @@ impl NmSparsifier {
                 (NmMethod::SrSte { .. }, _) => {
                     magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, l.pattern)?
                 }
-                (NmMethod::OneShot, _) if !self.started => {
+                (NmMethod::OneShot { prune_epoch }, _) if !self.started && epoch >= prune_epoch => {
                     magnitude_mask(&weights_of(&l.layer.weight)?, rows, fan_in, l.pattern)?
                 }
                 _ => continue,
@@ -332,7 +342,10 @@ impl NmSparsifier {
             l.layer.set_mask(&new)?;
             l.mask = new;
         }
-        self.started = true;
+        self.started = match self.method {
+            NmMethod::OneShot { prune_epoch } => self.started || epoch >= prune_epoch,
+            _ => true,
+        };
         Ok(())
     }
 
@@ -358,7 +371,7 @@ impl NmSparsifier {
                         .collect()
                 }
                 NmMethod::SrSte { lambda_w } => srste_grad(&w, &g, &l.mask, lambda_w)?,
-                NmMethod::OneShot => g
+                NmMethod::OneShot { .. } => g
                     .iter()
                     .zip(l.mask.as_slice())
                     .map(|(&g, &b)| if b { g } else { 0.0 })

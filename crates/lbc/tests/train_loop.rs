@@ -1,5 +1,6 @@
 //! A tiny end-to-end candle loop on synthetic data: LBC, SR-STE and one-shot magnitude at 2:4
-//! reach a dense-like loss and end exactly 2:4.
+//! (pruned at initialisation, and ASP's dense → prune → fine-tune) reach a dense-like loss and
+//! end exactly 2:4; ASP's schedule step by step.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{loss, VarBuilder, VarMap};
@@ -120,7 +121,11 @@ fn two_four_methods_reach_a_dense_like_loss() {
             },
         ),
         ("sr-ste", NmMethod::SrSte { lambda_w: 2e-4 }),
-        ("one-shot", NmMethod::OneShot),
+        ("magnitude at init", NmMethod::OneShot { prune_epoch: 0 }),
+        (
+            "asp (dense 5 epochs, prune, fine-tune 5)",
+            NmMethod::OneShot { prune_epoch: 5 },
+        ),
     ];
     for (name, m) in methods {
         let (l, acc, sp) = run(Some(m));
@@ -229,4 +234,86 @@ fn lbc_on_a_conv_layer_groups_input_channels() {
             }
         }
     }
+}
+
+/// ASP's schedule in the sparsifier: the mask stays dense (all ones, gradients untouched) before
+/// the prune epoch, is the N:M magnitude mask of the weights as trained up to then at the prune
+/// epoch's first forward pass, and never changes afterwards, whatever the weights do; the
+/// "started" flag that a checkpoint carries says whether the prune happened.
+#[test]
+fn asp_trains_dense_prunes_the_trained_weights_once_then_keeps_the_mask() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let layer = nm_linear(16, 6, 7, vb.pp("fc")).unwrap();
+    let pattern = NmPattern::new(2, 4);
+    let mut sp = NmSparsifier::new(
+        vec![layer.clone()],
+        pattern,
+        NmMethod::OneShot { prune_epoch: 2 },
+    )
+    .unwrap();
+    let mut rng = Rng::new(11);
+    let mut redraw = || {
+        let w: Vec<f32> = (0..96).map(|_| rng.normal() as f32).collect();
+        layer
+            .weight()
+            .set(&Tensor::from_vec(w.clone(), (6, 16), &Device::Cpu).unwrap())
+            .unwrap();
+        w
+    };
+    for epoch in 0..2 {
+        redraw();
+        sp.before_forward(epoch).unwrap();
+        assert!(!sp.state().started, "epoch {epoch}");
+        assert_eq!(
+            sp.masks()[0].1.density(),
+            1.0,
+            "dense before the prune epoch"
+        );
+        // Gradients pass untouched while dense.
+        let x = Tensor::ones((3, 16), DType::F32, &Device::Cpu).unwrap();
+        let mut g = layer
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let before = g
+            .get(layer.weight())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        sp.after_backward(&mut g).unwrap();
+        let after = g
+            .get(layer.weight())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(before, after);
+    }
+    let trained = redraw();
+    sp.before_forward(2).unwrap();
+    let expect = lbc::baselines::magnitude_mask(&trained, 6, 16, pattern).unwrap();
+    assert!(sp.state().started);
+    assert_eq!(
+        sp.masks()[0].1,
+        expect,
+        "pruned from the weights trained so far"
+    );
+    for epoch in 3..6 {
+        redraw();
+        sp.before_forward(epoch).unwrap();
+        assert_eq!(
+            sp.masks()[0].1,
+            expect,
+            "fixed while fine-tuning (epoch {epoch})"
+        );
+    }
+    assert_eq!(lbc::baselines::default_prune_epoch(20), 10);
+    assert_eq!(lbc::baselines::default_prune_epoch(1), 0);
 }

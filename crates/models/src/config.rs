@@ -135,7 +135,7 @@ pub enum MethodName {
     Lbc,
     /// SR-STE N:M.
     Srste,
-    /// One-shot magnitude N:M.
+    /// One-shot magnitude N:M as NVIDIA's ASP runs it: dense, prune once, fine-tune.
     NmMagnitude,
 }
 
@@ -264,6 +264,12 @@ pub struct MethodConfig {
     pub lbc_power: f64,
     /// SR-STE's λ_W.
     pub srste_lambda: f32,
+    /// nm-magnitude (ASP): epochs of dense training before the trained weights are pruned once
+    /// to N:M by magnitude; the remaining epochs fine-tune with the mask fixed, the optimizer
+    /// state reset and the learning-rate schedule restarted, as ASP does. 0 prunes the
+    /// initialisation (magnitude pruning at init). `None`: half the epochs
+    /// ([`lbc::baselines::default_prune_epoch`]).
+    pub nm_prune_epoch: Option<usize>,
 }
 
 impl Default for MethodConfig {
@@ -289,6 +295,7 @@ impl Default for MethodConfig {
             lbc_t_f: None,
             lbc_power: removal.power,
             srste_lambda: 2e-4,
+            nm_prune_epoch: None,
         }
     }
 }
@@ -486,6 +493,17 @@ impl TrainConfig {
             _ => removal.validate(),
         }
         .map_err(|(f, r)| (method_field(f), r))?;
+        if let (MethodName::NmMagnitude, Some(p)) = (m.name, m.nm_prune_epoch) {
+            if p >= self.epochs {
+                return Err((
+                    "method.nm_prune_epoch",
+                    format!(
+                        "{p} is not before the end of the run: 0 ≤ nm_prune_epoch ≤ epochs − 1 = {}",
+                        self.epochs - 1
+                    ),
+                ));
+            }
+        }
         check_range(
             "method.srste_lambda",
             m.srste_lambda.into(),
@@ -598,6 +616,41 @@ impl TrainConfig {
         sc.sparse_init = m.init_for_method() == InitKind::SparseHe;
     }
 
+    /// nm-magnitude's (ASP's) prune epoch of this run; `None` for other methods.
+    pub fn nm_prune_epoch(&self) -> Option<usize> {
+        (self.method.name == MethodName::NmMagnitude).then(|| {
+            self.method
+                .nm_prune_epoch
+                .unwrap_or_else(|| lbc::baselines::default_prune_epoch(self.epochs))
+        })
+    }
+
+    /// The first step (0-based count of completed steps) of the phase holding `step` and the
+    /// phase's length, in a run of `total_steps` steps of `steps_per_epoch`: one phase, or for
+    /// nm-magnitude (ASP) the dense phase and the fine-tuning phase, each with the whole
+    /// learning-rate schedule and (the trainer resets it) a fresh optimizer.
+    pub fn phase(&self, step: usize, steps_per_epoch: usize, total_steps: usize) -> (usize, usize) {
+        match self.nm_prune_epoch() {
+            Some(p) if p > 0 => {
+                let split = (p * steps_per_epoch).min(total_steps);
+                if step < split {
+                    (0, split)
+                } else {
+                    (split, total_steps - split)
+                }
+            }
+            _ => (0, total_steps),
+        }
+    }
+
+    /// The learning rate of the optimizer step that follows `step` completed steps: the
+    /// schedule over the step's [`TrainConfig::phase`].
+    pub fn lr_at(&self, step: usize, steps_per_epoch: usize, total_steps: usize) -> f64 {
+        let (start, len) = self.phase(step, steps_per_epoch, total_steps);
+        self.lr_schedule
+            .lr(self.peak_lr(), step - start, steps_per_epoch, len)
+    }
+
     /// LBC's removal schedule of this run.
     pub fn removal_schedule(&self) -> RemovalSchedule {
         let m = &self.method;
@@ -653,7 +706,9 @@ impl TrainConfig {
             MethodName::Srste => NmMethod::SrSte {
                 lambda_w: m.srste_lambda,
             },
-            _ => NmMethod::OneShot,
+            _ => NmMethod::OneShot {
+                prune_epoch: self.nm_prune_epoch().unwrap_or(0),
+            },
         };
         let nm = NmSparsifier::new(built.nm.clone(), NmPattern::new(m.n, m.m), method)
             .map_err(|e| config_err("method.m", e))?;

@@ -399,6 +399,25 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Zeroes the optimizer state of every variable of `vars` it manages and its step count:
+    /// the optimizer as freshly built (ASP's fine-tuning phase starts so).
+    pub fn reset_state(&mut self, vars: &[Var]) -> dst_core::Result<()> {
+        for v in vars {
+            if !self.opt.manages(v) {
+                continue;
+            }
+            let zeros = self
+                .opt
+                .state(v)
+                .iter()
+                .map(|t| t.zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            self.opt.set_state(v, zeros)?;
+        }
+        self.opt.set_steps(0);
+        Ok(())
+    }
+
     /// Layers in sparse storage (0 for the dense-mask engine).
     pub fn sparse_layers(&self) -> usize {
         self.layers.len()

@@ -75,7 +75,17 @@ fn seeded_metrics_of_every_method_and_engine_are_pinned() {
         ("srigl sparse", small(Srigl, Sparse)),
         ("lbc 2:4", small(Lbc, DenseMask)),
         ("srste 2:4", small(Srste, DenseMask)),
-        ("nm-magnitude 2:4", small(NmMagnitude, DenseMask)),
+        ("nm-magnitude 2:4", {
+            // Pinned when nm-magnitude pruned the initialisation; ASP's schedule is now the
+            // default (the line after names it).
+            let mut c = small(NmMagnitude, DenseMask);
+            c.method.nm_prune_epoch = Some(0);
+            c
+        }),
+        (
+            "nm-magnitude 2:4, ASP default (prune epoch 1 of 3)",
+            small(NmMagnitude, DenseMask),
+        ),
     ];
     let mut adam = small(Srigl, DenseMask);
     adam.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());

@@ -10,7 +10,7 @@
 mod common;
 use common::fixture;
 
-use dst_core::optim::{AdamWConfig, OptimizerConfig};
+use dst_core::optim::{AdamWConfig, MaskAware, OptimizerConfig};
 use models::{
     Control, Datasets, EngineKind, Event, LrKind, MethodName, Silent, TrainConfig, Trainer,
 };
@@ -504,4 +504,84 @@ fn initialisation_follows_the_method_and_the_init_field() {
             }
         }
     }
+}
+
+/// nm-magnitude as ASP runs it (3 dense epochs, prune, 3 fine-tuning epochs, AdamW): dense
+/// (sparsity 0) before the prune epoch, exactly 2:4 after, the mask the N:M magnitude mask of
+/// the weights trained up to the prune; the cosine learning rate runs its whole schedule in each
+/// phase; the optimizer starts fresh for the fine-tuning (AdamW's step counter restarts, and
+/// after one step its moments are (1−β1)·g and (1−β2)·g², so m²/v = 0.01/0.001 = 10 wherever
+/// g ≠ 0). A prune epoch outside the run is refused naming the field.
+#[test]
+fn nm_magnitude_is_asp_dense_then_prune_then_fine_tune() {
+    let mut c = small(MethodName::NmMagnitude);
+    c.epochs = 6;
+    c.method.nm_prune_epoch = Some(3);
+    c.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+    let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    let spe = t.total_steps() / 6;
+    t.run_until(3 * spe, &mut Silent).unwrap();
+    assert_eq!(t.engine().steps() as usize, 3 * spe);
+    let vars: std::collections::HashMap<_, _> = t.variables().unwrap().into_iter().collect();
+    let expect: Vec<_> = t
+        .masks()
+        .iter()
+        .map(|(name, m)| {
+            assert_eq!(m.density(), 1.0, "{name} dense before the prune");
+            let w = vars[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let p = sparse_formats::NmPattern::new(2, 4);
+            lbc::baselines::magnitude_mask(&w, m.rows(), m.fan_in(), p).unwrap()
+        })
+        .collect();
+    t.run_until(3 * spe + 1, &mut Silent).unwrap();
+    assert_eq!(t.engine().steps(), 1, "fresh optimizer for the fine-tuning");
+    let dir = tempfile::tempdir().unwrap();
+    t.save_checkpoint(dir.path()).unwrap();
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let st = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let (m, v) = (
+        st["opt.fc1.bias.0"].to_vec1::<f32>().unwrap(),
+        st["opt.fc1.bias.1"].to_vec1::<f32>().unwrap(),
+    );
+    let mut checked = 0;
+    for (m, v) in m.iter().zip(&v) {
+        if *v > 1e-20 {
+            assert!((m * m / v / 10.0 - 1.0).abs() < 1e-3, "m {m} v {v}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "{checked}");
+    let s = t.run(&mut Silent).unwrap();
+    let got: Vec<_> = t.masks().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(
+        got, expect,
+        "the mask is the magnitude mask at the prune, kept"
+    );
+    let sparsity: Vec<f64> = s.history.iter().map(|m| m.sparsity).collect();
+    assert_eq!(&sparsity[..3], &[0.0; 3]);
+    assert!(
+        sparsity[3..].iter().all(|&x| (x - 0.5).abs() < 1e-9),
+        "{sparsity:?}"
+    );
+    // Cosine over each 3-epoch phase: the rate after epoch 1 and after epoch 4 are equal.
+    let lr: Vec<f64> = s.history.iter().map(|m| m.lr).collect();
+    assert!(
+        (lr[0] - lr[3]).abs() < 1e-12 && (lr[1] - lr[4]).abs() < 1e-12,
+        "{lr:?}"
+    );
+    assert!(lr[2] < 0.1 * lr[0], "{lr:?}");
+
+    c.method.nm_prune_epoch = Some(6);
+    let err = Trainer::new(c.clone(), fixture(&c))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("method.nm_prune_epoch") && err.contains("epochs − 1 = 5"),
+        "{err}"
+    );
 }

@@ -338,12 +338,17 @@ impl Trainer {
         idx: &[usize],
         epoch: usize,
     ) -> Result<(f32, f64, Option<UpdateReport>)> {
-        let lr = self.cfg.lr_schedule.lr(
-            self.cfg.peak_lr(),
-            self.step,
-            self.steps_per_epoch,
-            self.total_steps,
-        );
+        let lr = self
+            .cfg
+            .lr_at(self.step, self.steps_per_epoch, self.total_steps);
+        let (phase_start, _) = self
+            .cfg
+            .phase(self.step, self.steps_per_epoch, self.total_steps);
+        if phase_start > 0 && phase_start == self.step {
+            // ASP's fine-tuning starts from a fresh optimizer (its recipe resets the state).
+            let vars = self.varmap.all_vars();
+            self.engine.reset_state(&vars)?;
+        }
         let step = self.step + 1;
         self.engine.set_learning_rate(lr);
         self.method.before_forward(step, epoch, lr)?;
