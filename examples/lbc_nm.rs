@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{loss, VarBuilder, VarMap};
 use dst_core::optim::{MaskAware, MaskedSgd, SgdConfig};
 use dst_core::Rng;
-use lbc::lbc::ScoreSgd;
+use lbc::lbc::{ScoreOpt, ScoreSgd};
 use lbc::schedule::RemovalSchedule;
 use lbc::training::{nm_linear, NmMethod, NmSparsifier};
 use sparse_formats::NmPattern;
@@ -29,11 +29,13 @@ fn main() -> Result<()> {
             t_f: 8,
             power: 3.0,
         },
-        score_sgd: ScoreSgd {
+        scores: ScoreOpt::Sgd(ScoreSgd {
             lr: 0.05,
             momentum: 0.9,
             weight_decay: 1e-4,
-        },
+            nesterov: false,
+        }),
+        freeze_scores: true,
         max_scores: 1 << 24,
     };
     let mut sp = NmSparsifier::new(vec![fc1.clone(), fc2.clone()], NmPattern::new(2, 4), method)?;

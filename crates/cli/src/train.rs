@@ -71,7 +71,7 @@ pub struct TrainArgs {
     #[arg(long)]
     m: Option<usize>,
     /// LBC: epoch (0-based) from which one combination is left, 0 ≤ t_f ≤ epochs − 1
-    /// (default: ¾ of the epochs, within that range).
+    /// (default: half the epochs, as the reference's README command: 60 of 120).
     #[arg(long)]
     lbc_t_f: Option<usize>,
     /// nm-magnitude (ASP): epochs of dense training before the one-shot prune, then

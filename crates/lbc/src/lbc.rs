@@ -19,7 +19,9 @@ use sparse_formats::{Mask, NmPattern};
 use crate::combinations::{binomial, combinations, initial_score};
 use crate::LbcError;
 
-/// SGD settings of the scores (the reference uses the weights' own: lr, momentum 0.9, wd 1e-4).
+/// SGD settings of the scores, PyTorch's rule: `d = g + λ·α`, `b = μ·b + d`, then `α -= lr·d'`
+/// with `d' = d + μ·b` (Nesterov) or `d' = b`. The reference's ResNet runs use the weights'
+/// SGD (momentum 0.9, wd 1e-4).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoreSgd {
     /// Learning rate.
@@ -28,6 +30,75 @@ pub struct ScoreSgd {
     pub momentum: f32,
     /// L2 weight decay on the scores.
     pub weight_decay: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+/// AdamW settings of the scores (the reference's DeiT runs train them with the weights'
+/// AdamW): decoupled decay `α -= lr·λ·α`, then `α -= lr·m̂/(√v̂ + ε)` with bias-corrected moments,
+/// as `dst_core::optim::MaskedAdamW` does for weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreAdamW {
+    /// Learning rate.
+    pub lr: f32,
+    /// β1.
+    pub beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+/// The optimizer of the scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreOpt {
+    /// SGD with momentum (both formulations; the accumulated one is exact only for SGD).
+    Sgd(ScoreSgd),
+    /// AdamW (direct score tables only).
+    AdamW(ScoreAdamW),
+}
+
+impl ScoreOpt {
+    /// Sets the learning rate (the scores follow the weights' schedule).
+    pub fn set_lr(&mut self, lr: f32) {
+        match self {
+            ScoreOpt::Sgd(s) => s.lr = lr,
+            ScoreOpt::AdamW(a) => a.lr = lr,
+        }
+    }
+}
+
+impl From<ScoreSgd> for ScoreOpt {
+    fn from(s: ScoreSgd) -> Self {
+        ScoreOpt::Sgd(s)
+    }
+}
+
+impl ScoreSgd {
+    /// One step of one value `x` with momentum buffer `b` and gradient `g` (f64 for the
+    /// accumulated formulation's shared term).
+    #[inline]
+    fn apply(&self, x: f64, b: &mut f64, g: f64) -> f64 {
+        let (mu, wd) = (self.momentum as f64, self.weight_decay as f64);
+        let d = g + wd * x;
+        *b = mu * *b + d;
+        let d = if self.nesterov { d + mu * *b } else { *b };
+        x - self.lr as f64 * d
+    }
+
+    #[inline]
+    fn apply32(&self, x: &mut f32, b: &mut f32, g: f32) {
+        let d = g + self.weight_decay * *x;
+        *b = self.momentum * *b + d;
+        let d = if self.nesterov {
+            d + self.momentum * *b
+        } else {
+            *b
+        };
+        *x -= self.lr * d;
+    }
 }
 
 /// What both formulations offer to a training loop.
@@ -38,11 +109,19 @@ pub trait LbcState {
     fn shape(&self) -> (usize, usize);
     /// The current mask: in each group, the union of the positions of its alive combinations.
     fn mask(&self) -> Mask;
-    /// One SGD step of the scores from `weights` and the gradient of the **masked** weight
-    /// `g_W̃` (both `[rows, fan_in]`): `∂L/∂α[g,k] = Σ_{j∈k} W_j · g_W̃,j` for alive
-    /// combinations (the straight-through estimator of docs/algorithms.md §7.3).
-    fn step(&mut self, weights: &[f32], grad_masked: &[f32], sgd: ScoreSgd)
-        -> Result<(), LbcError>;
+    /// One optimizer step of the alive scores from `weights` and the gradient of the
+    /// **masked** weight `g_W̃` (both `[rows, fan_in]`): `∂L/∂α[g,k] = Σ_{j∈k} W_j · g_W̃,j`
+    /// (the straight-through estimator of docs/algorithms.md §7.3). With `freeze`, a state with
+    /// one combination left per group no longer steps (the reference's ResNet script; its DeiT
+    /// script keeps training the scores — here that changes no mask, removals being permanent).
+    /// The accumulated formulation refuses AdamW.
+    fn step(
+        &mut self,
+        weights: &[f32],
+        grad_masked: &[f32],
+        opt: ScoreOpt,
+        freeze: bool,
+    ) -> Result<(), LbcError>;
     /// Keeps, in every group, the `k` alive combinations with the largest signed score (ties:
     /// smaller combination index); removals are permanent.
     fn remove_to(&mut self, k: usize);
@@ -207,7 +286,12 @@ fn keep_top(scores: impl Fn(usize) -> f64, alive: &mut [bool], k: usize) {
 pub struct DirectScores {
     layout: Layout,
     scores: Vec<f32>,
+    /// SGD's momentum buffer, or AdamW's first moment.
     momentum: Vec<f32>,
+    /// AdamW's second moment (empty until AdamW steps).
+    second: Vec<f32>,
+    /// AdamW steps taken (bias correction).
+    adam_t: u64,
     alive: Vec<bool>,
 }
 
@@ -232,6 +316,8 @@ impl DirectScores {
         Ok(DirectScores {
             scores: vec![initial_score(pattern.m, pattern.n); n],
             momentum: vec![0.0; n],
+            second: Vec::new(),
+            adam_t: 0,
             alive: vec![true; n],
             layout,
         })
@@ -274,24 +360,55 @@ impl LbcState for DirectScores {
         let c = self.layout.combos.len();
         self.layout.mask_from(|gi, k| self.alive[gi * c + k])
     }
-    fn step(&mut self, weights: &[f32], grad_masked: &[f32], s: ScoreSgd) -> Result<(), LbcError> {
+    fn step(
+        &mut self,
+        weights: &[f32],
+        grad_masked: &[f32],
+        opt: ScoreOpt,
+        freeze: bool,
+    ) -> Result<(), LbcError> {
         self.layout.check("weights", weights.len())?;
         self.layout.check("gradient", grad_masked.len())?;
-        if self.max_alive() <= 1 {
+        if freeze && self.max_alive() <= 1 {
             return Ok(()); // frozen after t_f, as the reference's ResNet script
         }
         let g = self.score_grad(weights, grad_masked);
-        let it = self
-            .scores
-            .iter_mut()
-            .zip(&mut self.momentum)
-            .zip(&self.alive)
-            .zip(g);
-        for (((score, mom), &alive), g) in it {
-            if alive {
-                let d = g + s.weight_decay * *score;
-                *mom = s.momentum * *mom + d;
-                *score -= s.lr * *mom;
+        match opt {
+            ScoreOpt::Sgd(s) => {
+                let it = self
+                    .scores
+                    .iter_mut()
+                    .zip(&mut self.momentum)
+                    .zip(&self.alive)
+                    .zip(g);
+                for (((score, mom), &alive), g) in it {
+                    if alive {
+                        s.apply32(score, mom, g);
+                    }
+                }
+            }
+            ScoreOpt::AdamW(a) => {
+                if self.second.is_empty() {
+                    self.second = vec![0.0; self.scores.len()];
+                }
+                self.adam_t += 1;
+                let bc1 = 1.0 - a.beta1.powf(self.adam_t as f32);
+                let bc2 = 1.0 - a.beta2.powf(self.adam_t as f32);
+                let it = self
+                    .scores
+                    .iter_mut()
+                    .zip(&mut self.momentum)
+                    .zip(&mut self.second)
+                    .zip(&self.alive)
+                    .zip(g);
+                for ((((score, m1), m2), &alive), g) in it {
+                    if alive {
+                        *m1 = a.beta1 * *m1 + (1.0 - a.beta1) * g;
+                        *m2 = a.beta2 * *m2 + (1.0 - a.beta2) * g * g;
+                        let update = (*m1 / bc1) / ((*m2 / bc2).sqrt() + a.eps);
+                        *score = *score * (1.0 - a.lr * a.weight_decay) - a.lr * update;
+                    }
+                }
             }
         }
         Ok(())
@@ -316,14 +433,19 @@ impl LbcState for DirectScores {
             .unwrap_or(0)
     }
     fn export_state(&self) -> Vec<(String, Vec<f64>)> {
-        vec![
+        let mut v = vec![
             ("scores".into(), to_f64(&self.scores)),
             ("momentum".into(), to_f64(&self.momentum)),
             (
                 "alive_bits".into(),
                 pack_alive(self.alive.len(), |i| self.alive[i]),
             ),
-        ]
+        ];
+        if !self.second.is_empty() {
+            v.push(("second_moment".into(), to_f64(&self.second)));
+            v.push(("adam_steps".into(), vec![self.adam_t as f64]));
+        }
+        v
     }
     fn import_state(&mut self, state: &[(String, Vec<f64>)]) -> Result<(), LbcError> {
         let n = self.scores.len();
@@ -335,6 +457,20 @@ impl LbcState for DirectScores {
         self.scores = scores.iter().map(|&x| x as f32).collect();
         self.momentum = momentum.iter().map(|&x| x as f32).collect();
         self.alive = alive;
+        (self.second, self.adam_t) = (Vec::new(), 0);
+        if state.iter().any(|(name, _)| name == "second_moment") {
+            self.second = field(state, "second_moment", n)?
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            let t = field(state, "adam_steps", 1)?[0];
+            if !(t >= 0.0 && t.fract() == 0.0 && t < 1e15) {
+                return Err(LbcError::Shape(format!(
+                    "LBC state: field `adam_steps` is {t}, not a step count"
+                )));
+            }
+            self.adam_t = t as u64;
+        }
         Ok(())
     }
 }
@@ -402,20 +538,35 @@ impl LbcState for AccumulatedScores {
     fn mask(&self) -> Mask {
         self.layout.mask_from(|gi, k| self.is_alive(gi, k))
     }
-    fn step(&mut self, weights: &[f32], grad_masked: &[f32], s: ScoreSgd) -> Result<(), LbcError> {
+    fn step(
+        &mut self,
+        weights: &[f32],
+        grad_masked: &[f32],
+        opt: ScoreOpt,
+        freeze: bool,
+    ) -> Result<(), LbcError> {
         self.layout.check("weights", weights.len())?;
         self.layout.check("gradient", grad_masked.len())?;
-        if self.max_alive() <= 1 {
+        let ScoreOpt::Sgd(s) = opt else {
+            return Err(LbcError::Shape(
+                "LBC's accumulated score formulation is exact only under SGD; AdamW scores need \
+                 the direct table (a smaller N:M pattern or layer)"
+                    .into(),
+            ));
+        };
+        if freeze && self.max_alive() <= 1 {
             return Ok(());
         }
+        // Every update is linear in the gradients (SGD, momentum, Nesterov, L2 decay), so a
+        // score's step is the sum of its members' accumulator steps plus the shared term's.
         for j in 0..self.acc.len() {
-            let d = weights[j] * grad_masked[j] + s.weight_decay * self.acc[j];
-            self.acc_momentum[j] = s.momentum * self.acc_momentum[j] + d;
-            self.acc[j] -= s.lr * self.acc_momentum[j];
+            s.apply32(
+                &mut self.acc[j],
+                &mut self.acc_momentum[j],
+                weights[j] * grad_masked[j],
+            );
         }
-        let (lr, mu, wd) = (s.lr as f64, s.momentum as f64, s.weight_decay as f64);
-        self.common_momentum = mu * self.common_momentum + wd * self.common;
-        self.common -= lr * self.common_momentum;
+        self.common = s.apply(self.common, &mut self.common_momentum, 0.0);
         Ok(())
     }
     fn remove_to(&mut self, k: usize) {
@@ -476,16 +627,18 @@ impl LbcState for AccumulatedScores {
 }
 
 /// Picks the formulation: the direct table when it stays under `max_scores` entries, the
-/// accumulated one otherwise (exact for SGD; the direct one is what the reference does).
+/// accumulated one otherwise (exact for SGD; the direct one is what the reference does). Scores
+/// trained with AdamW (`opt`) need the direct table: a larger one is an error.
 pub fn lbc_state(
     rows: usize,
     fan_in: usize,
     pattern: NmPattern,
     max_scores: usize,
+    opt: ScoreOpt,
 ) -> Result<Box<dyn LbcState + Send>, LbcError> {
     match DirectScores::new(rows, fan_in, pattern, max_scores) {
         Ok(d) => Ok(Box::new(d)),
-        Err(LbcError::TooLarge { .. }) => {
+        Err(LbcError::TooLarge { .. }) if matches!(opt, ScoreOpt::Sgd(_)) => {
             Ok(Box::new(AccumulatedScores::new(rows, fan_in, pattern)?))
         }
         Err(e) => Err(e),

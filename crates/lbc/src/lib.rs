@@ -6,7 +6,7 @@
 //! candle loop ([`training`]: `NmLinear` layers and the `NmSparsifier`).
 //!
 //! ```
-//! use lbc::lbc::{DirectScores, LbcState, ScoreSgd};
+//! use lbc::lbc::{DirectScores, LbcState, ScoreOpt, ScoreSgd};
 //! use lbc::schedule::RemovalSchedule;
 //! use sparse_formats::NmPattern;
 //!
@@ -14,11 +14,11 @@
 //! assert_eq!(s.mask().nnz(), 16); // dense start
 //! let w: Vec<f32> = (0..16).map(|i| i as f32 - 8.0).collect();
 //! let g: Vec<f32> = (0..16).map(|i| if i % 3 == 0 { -1.0 } else { 0.5 }).collect();
-//! let sgd = ScoreSgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 };
+//! let sgd = ScoreOpt::Sgd(ScoreSgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true });
 //! let sched = RemovalSchedule { t_i: 0, t_f: 4, power: 3.0 };
 //! for epoch in 0..5 {
 //!     s.remove_to(sched.kept(6, epoch));
-//!     s.step(&w, &g, sgd)?;
+//!     s.step(&w, &g, sgd, true)?; // freeze once one combination is left
 //! }
 //! let nm = lbc::export_nm(&w, &s.mask(), 2, 8, NmPattern::new(2, 4))?;
 //! assert_eq!(nm.values().len(), 8); // exactly 2 of every 4

@@ -30,7 +30,7 @@ use sparse_formats::{Mask, NmPattern, NmSparse};
 
 use crate::baselines::{magnitude_mask, srste_grad};
 use crate::combinations::binomial;
-use crate::lbc::{lbc_state, LbcState, ScoreSgd};
+use crate::lbc::{lbc_state, LbcState, ScoreOpt};
 use crate::schedule::RemovalSchedule;
 use crate::LbcError;
 
@@ -191,14 +191,17 @@ impl Module for NmLayer {
 /// Which N:M method.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NmMethod {
-    /// LBC with its removal schedule and the scores' SGD (the reference uses the weights' lr,
-    /// momentum 0.9, wd 1e-4); direct score tables above `max_scores` entries switch to the
-    /// accumulated formulation.
+    /// LBC with its removal schedule and the scores' optimizer (the reference trains them with
+    /// the weights' optimizer: SGD in its ResNet runs, freezing them once one combination is
+    /// left; AdamW in its DeiT runs, never freezing), at the weights' learning rate; direct
+    /// score tables above `max_scores` entries switch to the accumulated formulation (SGD only).
     Lbc {
         /// K(e).
         schedule: RemovalSchedule,
-        /// Score optimiser.
-        score_sgd: ScoreSgd,
+        /// Score optimizer.
+        scores: ScoreOpt,
+        /// Stop stepping the scores once one combination is left per group.
+        freeze_scores: bool,
         /// Largest direct table.
         max_scores: usize,
     },
@@ -287,9 +290,9 @@ impl NmSparsifier {
                 ))
             })?;
             let lbc = match method {
-                NmMethod::Lbc { max_scores, .. } => {
-                    Some(lbc_state(rows, fan_in, pattern, max_scores)?)
-                }
+                NmMethod::Lbc {
+                    max_scores, scores, ..
+                } => Some(lbc_state(rows, fan_in, pattern, max_scores, scores)?),
                 _ => None,
             };
             managed.push(Managed {
@@ -310,8 +313,8 @@ impl NmSparsifier {
 
     /// Sets the scores' learning rate (LBC follows the weights' schedule; no-op otherwise).
     pub fn set_score_lr(&mut self, lr: f32) {
-        if let NmMethod::Lbc { score_sgd, .. } = &mut self.method {
-            score_sgd.lr = lr;
+        if let NmMethod::Lbc { scores, .. } = &mut self.method {
+            scores.set_lr(lr);
         }
     }
 
@@ -361,9 +364,13 @@ impl NmSparsifier {
                 .map_err(LbcError::Candle)?;
             let w = weights_of(&var)?;
             let new: Vec<f32> = match self.method {
-                NmMethod::Lbc { score_sgd, .. } => {
+                NmMethod::Lbc {
+                    scores,
+                    freeze_scores,
+                    ..
+                } => {
                     if let Some(state) = l.lbc.as_mut() {
-                        state.step(&w, &g, score_sgd)?;
+                        state.step(&w, &g, scores, freeze_scores)?;
                     }
                     g.iter()
                         .zip(l.mask.as_slice())
@@ -510,6 +517,21 @@ impl Sparsify for NmSparsifier {
             for (field, _) in &l.lbc {
                 let t = saved(tensors, &format!("lbc.{}.{field}", l.name))?;
                 lbc.push((field.clone(), t.to_dtype(DType::F64)?.to_vec1::<f64>()?));
+            }
+            // Fields a fresh state does not have yet (AdamW's moments appear with its first
+            // step), in name order.
+            let prefix = format!("lbc.{}.", l.name);
+            let mut extra: Vec<(&String, &Tensor)> = tensors
+                .iter()
+                .filter(|(k, _)| {
+                    k.strip_prefix(&prefix)
+                        .is_some_and(|f| !l.lbc.iter().any(|(n, _)| n == f))
+                })
+                .collect();
+            extra.sort_by_key(|(k, _)| k.as_str());
+            for (k, t) in extra {
+                let field = k[prefix.len()..].to_string();
+                lbc.push((field, t.to_dtype(DType::F64)?.to_vec1::<f64>()?));
             }
             let mask = Mask::from_tensor(saved(tensors, &format!("nm.{}", l.name))?)?;
             layers.push(NmLayerState {

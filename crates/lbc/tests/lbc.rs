@@ -4,15 +4,25 @@
 use dst_core::Rng;
 use lbc::baselines::{magnitude_mask, srste_grad};
 use lbc::combinations::binomial;
-use lbc::lbc::{lbc_state, AccumulatedScores, DirectScores, LbcState, ScoreSgd};
+use lbc::lbc::{
+    lbc_state, AccumulatedScores, DirectScores, LbcState, ScoreAdamW, ScoreOpt, ScoreSgd,
+};
 use lbc::schedule::RemovalSchedule;
 use sparse_formats::NmPattern;
 
-const SGD: ScoreSgd = ScoreSgd {
+const SGD: ScoreOpt = ScoreOpt::Sgd(ScoreSgd {
     lr: 0.05,
     momentum: 0.9,
     weight_decay: 1e-4,
-};
+    nesterov: false,
+});
+
+const NESTEROV: ScoreOpt = ScoreOpt::Sgd(ScoreSgd {
+    lr: 0.05,
+    momentum: 0.9,
+    weight_decay: 1e-4,
+    nesterov: true,
+});
 
 fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
@@ -22,6 +32,7 @@ fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
 /// after each epoch's removal.
 fn train(
     state: &mut dyn LbcState,
+    opt: ScoreOpt,
     seed: u64,
     sched: RemovalSchedule,
     epochs: usize,
@@ -43,7 +54,7 @@ fn train(
                 .zip(mask.as_slice())
                 .map(|(g, &a)| if a { g } else { 0.5 * g })
                 .collect();
-            state.step(&w, &g, SGD).unwrap();
+            state.step(&w, &g, opt, true).unwrap();
         }
     }
 }
@@ -63,7 +74,7 @@ fn final_mask_is_exactly_n_of_m_for_every_pattern() {
             states.push(Box::new(DirectScores::new(3, 2 * m, p, 1 << 20).unwrap()));
         }
         for mut s in states {
-            train(s.as_mut(), 1, sched, 8, |_, _| {});
+            train(s.as_mut(), SGD, 1, sched, 8, |_, _| {});
             let mask = s.mask();
             let nm = lbc::export_nm(&vec![1.0; 6 * m], &mask, 3, 2 * m, p)
                 .unwrap_or_else(|e| panic!("{n}:{m}: {e}"));
@@ -79,7 +90,7 @@ fn remaining_combinations_follow_the_schedule() {
     let p = NmPattern::new(2, 4);
     let mut s = DirectScores::new(2, 8, p, 1 << 20).unwrap();
     let mut table = Vec::new();
-    train(&mut s, 2, sched, 62, |e, st| {
+    train(&mut s, SGD, 2, sched, 62, |e, st| {
         assert_eq!(st.max_alive(), sched.kept(6, e), "epoch {e}");
         table.push((e, st.max_alive(), st.mask().density()));
     });
@@ -109,11 +120,13 @@ fn score_gradient_by_hand() {
     s.step(
         &w,
         &g,
-        ScoreSgd {
+        ScoreOpt::Sgd(ScoreSgd {
             lr: 0.1,
             momentum: 0.0,
             weight_decay: 0.0,
-        },
+            nesterov: false,
+        }),
+        true,
     )
     .unwrap();
     for (k, d) in grad.iter().enumerate() {
@@ -140,13 +153,15 @@ fn accumulated_formulation_equals_the_direct_one() {
             t_f: 9,
             power: 2.0,
         };
-        let mut d = DirectScores::new(rows, fan_in, p, 1 << 20).unwrap();
-        let mut a = AccumulatedScores::new(rows, fan_in, p).unwrap();
-        let mut masks_d = Vec::new();
-        let mut masks_a = Vec::new();
-        train(&mut d, 9, sched, 11, |_, st| masks_d.push(st.mask()));
-        train(&mut a, 9, sched, 11, |_, st| masks_a.push(st.mask()));
-        assert_eq!(masks_d, masks_a, "{n}:{m} stride {stride}");
+        for opt in [SGD, NESTEROV] {
+            let mut d = DirectScores::new(rows, fan_in, p, 1 << 20).unwrap();
+            let mut a = AccumulatedScores::new(rows, fan_in, p).unwrap();
+            let mut masks_d = Vec::new();
+            let mut masks_a = Vec::new();
+            train(&mut d, opt, 9, sched, 11, |_, st| masks_d.push(st.mask()));
+            train(&mut a, opt, 9, sched, 11, |_, st| masks_a.push(st.mask()));
+            assert_eq!(masks_d, masks_a, "{n}:{m} stride {stride} {opt:?}");
+        }
         // Without removals every score is comparable: c + Σ a_j equals the table entry.
         let never = RemovalSchedule {
             t_i: 100,
@@ -155,8 +170,8 @@ fn accumulated_formulation_equals_the_direct_one() {
         };
         let mut d = DirectScores::new(rows, fan_in, p, 1 << 20).unwrap();
         let mut a = AccumulatedScores::new(rows, fan_in, p).unwrap();
-        train(&mut d, 10, never, 5, |_, _| {});
-        train(&mut a, 10, never, 5, |_, _| {});
+        train(&mut d, NESTEROV, 10, never, 5, |_, _| {});
+        train(&mut a, NESTEROV, 10, never, 5, |_, _| {});
         for gi in 0..rows * fan_in / m {
             for k in 0..binomial(m, n) as usize {
                 let (x, y) = (d.score(gi, k) as f64, a.score(gi, k));
@@ -176,7 +191,7 @@ fn large_tables_switch_to_the_accumulated_formulation() {
         DirectScores::new(64, 64, p, 1 << 20),
         Err(lbc::LbcError::TooLarge { .. })
     ));
-    let s = lbc_state(64, 64, p, 1 << 20).unwrap();
+    let s = lbc_state(64, 64, p, 1 << 20, SGD).unwrap();
     assert_eq!(s.max_alive(), 12870);
     assert_eq!(s.mask().nnz(), 64 * 64);
 }
@@ -184,7 +199,7 @@ fn large_tables_switch_to_the_accumulated_formulation() {
 #[test]
 fn patterns_and_layers_too_large_to_enumerate_are_errors_before_any_allocation() {
     // C(56, 28) ≈ 7.6e15 combinations per group: refused before enumerating one.
-    let e = lbc_state(8, 56, NmPattern::new(28, 56), 1 << 20)
+    let e = lbc_state(8, 56, NmPattern::new(28, 56), 1 << 20, SGD)
         .err()
         .unwrap();
     assert!(
@@ -193,7 +208,7 @@ fn patterns_and_layers_too_large_to_enumerate_are_errors_before_any_allocation()
     );
     assert!(e.to_string().contains("at most 65536"), "{e}");
     // 8:16 on a 65536 × 65536 layer: 2.7e8 groups × 12870 combinations.
-    let e = lbc_state(65536, 65536, NmPattern::new(8, 16), 1 << 20)
+    let e = lbc_state(65536, 65536, NmPattern::new(8, 16), 1 << 20, SGD)
         .err()
         .unwrap();
     assert!(matches!(e, lbc::LbcError::TableTooLarge { .. }), "{e}");
@@ -213,7 +228,7 @@ fn saved_state_packs_alive_flags_and_restores_exactly_in_both_formulations() {
         } else {
             Box::new(AccumulatedScores::new(8, 16, p).unwrap())
         };
-        train(s.as_mut(), 3, sched, 3, |_, _| {});
+        train(s.as_mut(), SGD, 3, sched, 3, |_, _| {});
         let saved = s.export_state();
         let (name, bits) = saved.iter().find(|(n, _)| n.starts_with("alive")).unwrap();
         assert_eq!(name, "alive_bits");
@@ -265,7 +280,7 @@ fn lbc_mask_evolution_snapshot() {
     };
     let mut s = DirectScores::new(4, 16, NmPattern::new(2, 4), 1 << 20).unwrap();
     let mut out = String::new();
-    train(&mut s, 4, sched, 6, |e, st| {
+    train(&mut s, SGD, 4, sched, 6, |e, st| {
         out += &format!("epoch {e}: K = {}\n{}", st.max_alive(), st.mask().render());
     });
     insta::assert_snapshot!(out);
@@ -288,4 +303,76 @@ fn srste_mask_after_a_few_steps_snapshot() {
         }
     }
     insta::assert_snapshot!(out);
+}
+
+const ADAMW: ScoreOpt = ScoreOpt::AdamW(ScoreAdamW {
+    lr: 0.01,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 0.05,
+});
+
+/// Scores under AdamW (the reference's DeiT runs): the first step moves every alive score by
+/// `−lr · sign(∂α)` after the decoupled decay (bias-corrected moments make m̂/√v̂ = sign);
+/// Nesterov SGD's first step is `−lr · (1 + μ) · ∂α`; the accumulated formulation and a table
+/// too large for the direct one refuse AdamW; checkpoints carry AdamW's moments and step count.
+#[test]
+fn adamw_and_nesterov_score_steps_by_hand() {
+    let w = [1.0, 2.0, -1.0, 0.5];
+    let g = [0.5, -1.0, 2.0, 4.0];
+    let p = NmPattern::new(2, 4);
+    let mut s = DirectScores::new(1, 4, p, 100).unwrap();
+    let grad = s.score_grad(&w, &g);
+    s.step(&w, &g, ADAMW, true).unwrap();
+    let s0 = 1.0f32 / 3.0;
+    for (k, d) in grad.iter().enumerate() {
+        let step = if *d == 0.0 { 0.0 } else { d.signum() * 0.01 };
+        let expect = s0 * (1.0 - 0.01 * 0.05) - step;
+        assert!((s.score(0, k) - expect).abs() < 1e-6, "combo {k}");
+    }
+    // The state round-trips with the moments and step count.
+    let mut r = DirectScores::new(1, 4, p, 100).unwrap();
+    r.import_state(&s.export_state()).unwrap();
+    s.step(&w, &g, ADAMW, true).unwrap();
+    r.step(&w, &g, ADAMW, true).unwrap();
+    for k in 0..6 {
+        assert_eq!(s.score(0, k), r.score(0, k));
+    }
+    let mut n = DirectScores::new(1, 4, p, 100).unwrap();
+    n.step(&w, &g, NESTEROV, true).unwrap();
+    for (k, d) in grad.iter().enumerate() {
+        let dd = d + 1e-4 * s0;
+        let expect = s0 - 0.05 * (dd + 0.9 * dd);
+        assert!((n.score(0, k) - expect).abs() < 1e-6, "combo {k}");
+    }
+    let mut a = AccumulatedScores::new(1, 4, p).unwrap();
+    let e = a.step(&w, &g, ADAMW, true).unwrap_err().to_string();
+    assert!(e.contains("only under SGD"), "{e}");
+    let e = lbc_state(64, 64, NmPattern::new(8, 16), 1 << 20, ADAMW)
+        .err()
+        .unwrap();
+    assert!(matches!(e, lbc::LbcError::TooLarge { .. }), "{e}");
+}
+
+/// With `freeze` (the ResNet script) the scores stop once one combination is left; without it
+/// (the DeiT script) they keep training — and the mask stays the same, removals being
+/// permanent.
+#[test]
+fn unfrozen_scores_keep_training_without_changing_the_mask() {
+    let w = [1.0, 2.0, -1.0, 0.5, 0.3, -0.2, 0.9, 1.1];
+    let g = [0.5, -1.0, 2.0, 4.0, -0.3, 0.2, 0.1, -2.0];
+    let p = NmPattern::new(2, 4);
+    for freeze in [true, false] {
+        let mut s = DirectScores::new(2, 4, p, 100).unwrap();
+        s.step(&w, &g, ADAMW, freeze).unwrap();
+        s.remove_to(1);
+        let (mask, before) = (s.mask(), s.export_state());
+        for _ in 0..5 {
+            s.step(&w, &g, ADAMW, freeze).unwrap();
+            s.remove_to(1);
+        }
+        assert_eq!(s.mask(), mask);
+        assert_eq!(s.export_state() == before, freeze, "freeze {freeze}");
+    }
 }

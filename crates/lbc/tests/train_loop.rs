@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{loss, VarBuilder, VarMap};
 use dst_core::optim::{MaskAware, MaskedSgd, SgdConfig};
 use dst_core::Rng;
-use lbc::lbc::ScoreSgd;
+use lbc::lbc::{ScoreOpt, ScoreSgd};
 use lbc::schedule::RemovalSchedule;
 use lbc::training::{nm_linear, NmLinear, NmMethod, NmSparsifier};
 use sparse_formats::NmPattern;
@@ -112,11 +112,13 @@ fn two_four_methods_reach_a_dense_like_loss() {
                     t_f: 6,
                     power: 3.0,
                 },
-                score_sgd: ScoreSgd {
+                scores: ScoreOpt::Sgd(ScoreSgd {
                     lr: 0.05,
                     momentum: 0.9,
                     weight_decay: 1e-4,
-                },
+                    nesterov: false,
+                }),
+                freeze_scores: true,
                 max_scores: 1 << 22,
             },
         ),
@@ -179,11 +181,13 @@ fn lbc_on_a_conv_layer_groups_input_channels() {
             t_f: 3,
             power: 3.0,
         },
-        score_sgd: ScoreSgd {
+        scores: ScoreOpt::Sgd(ScoreSgd {
             lr: 0.05,
             momentum: 0.9,
             weight_decay: 1e-4,
-        },
+            nesterov: false,
+        }),
+        freeze_scores: true,
         max_scores: 1 << 20,
     };
     let mut sp = NmSparsifier::new(vec![conv.clone()], NmPattern::new(2, 4), method).unwrap();

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use dst_core::optim::OptimizerConfig;
 use dst_core::{Distribution, NoSparsity, SparseParam, Sparsifier, SparsifierConfig, Sparsify};
-use lbc::lbc::ScoreSgd;
+use lbc::lbc::{ScoreAdamW, ScoreOpt, ScoreSgd};
 use lbc::schedule::RemovalSchedule;
 use lbc::training::{NmMethod, NmSparsifier};
 use serde::{Deserialize, Serialize};
@@ -222,6 +222,18 @@ impl InitKind {
     }
 }
 
+/// Which optimizer trains LBC's scores (docs/algorithms.md §7.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbcScores {
+    /// The weights' optimizer and its settings (SGD's momentum, Nesterov and weight decay, or
+    /// AdamW's betas, ε and weight decay), as the reference does.
+    Weights,
+    /// SGD with momentum 0.9, weight decay 1e-4, no Nesterov, whatever the weights use (what
+    /// this toolkit did before issue #18).
+    Sgd,
+}
+
 /// The method and its parameters; fields that do not apply to the chosen method are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -262,6 +274,12 @@ pub struct MethodConfig {
     pub lbc_t_f: Option<usize>,
     /// LBC: exponent of the removal schedule.
     pub lbc_power: f64,
+    /// LBC: the scores' optimizer (at the weights' learning rate, every step).
+    pub lbc_scores: LbcScores,
+    /// LBC: stop training the scores once one combination is left per group (`None`: when
+    /// they train with SGD, as the reference's ResNet script; with AdamW they keep training,
+    /// as its DeiT script — which changes no mask here, removals being permanent).
+    pub lbc_freeze_scores: Option<bool>,
     /// SR-STE's λ_W.
     pub srste_lambda: f32,
     /// nm-magnitude (ASP): epochs of dense training before the trained weights are pruned once
@@ -294,6 +312,8 @@ impl Default for MethodConfig {
             lbc_t_i: removal.t_i,
             lbc_t_f: None,
             lbc_power: removal.power,
+            lbc_scores: LbcScores::Weights,
+            lbc_freeze_scores: None,
             srste_lambda: 2e-4,
             nm_prune_epoch: None,
         }
@@ -651,6 +671,33 @@ impl TrainConfig {
             .lr(self.peak_lr(), step - start, steps_per_epoch, len)
     }
 
+    /// LBC's score optimizer of this run (`method.lbc_scores`), at the peak learning rate (the
+    /// trainer sets the scheduled rate every step).
+    pub fn lbc_score_optimizer(&self) -> ScoreOpt {
+        let lr = self.peak_lr() as f32;
+        match (self.method.lbc_scores, &self.optimizer) {
+            (LbcScores::Weights, OptimizerConfig::Sgd(c)) => ScoreOpt::Sgd(ScoreSgd {
+                lr,
+                momentum: c.momentum as f32,
+                weight_decay: c.weight_decay as f32,
+                nesterov: c.nesterov,
+            }),
+            (LbcScores::Weights, OptimizerConfig::AdamW(c)) => ScoreOpt::AdamW(ScoreAdamW {
+                lr,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                eps: c.eps as f32,
+                weight_decay: c.weight_decay as f32,
+            }),
+            (LbcScores::Sgd, _) => ScoreOpt::Sgd(ScoreSgd {
+                lr,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                nesterov: false,
+            }),
+        }
+    }
+
     /// LBC's removal schedule of this run.
     pub fn removal_schedule(&self) -> RemovalSchedule {
         let m = &self.method;
@@ -694,15 +741,17 @@ impl TrainConfig {
             ));
         }
         let method = match m.name {
-            MethodName::Lbc => NmMethod::Lbc {
-                schedule: self.removal_schedule(),
-                score_sgd: ScoreSgd {
-                    lr: self.peak_lr() as f32,
-                    momentum: 0.9,
-                    weight_decay: 1e-4,
-                },
-                max_scores: 1 << 24,
-            },
+            MethodName::Lbc => {
+                let scores = self.lbc_score_optimizer();
+                NmMethod::Lbc {
+                    schedule: self.removal_schedule(),
+                    scores,
+                    freeze_scores: m
+                        .lbc_freeze_scores
+                        .unwrap_or(matches!(scores, ScoreOpt::Sgd(_))),
+                    max_scores: 1 << 24,
+                }
+            }
             MethodName::Srste => NmMethod::SrSte {
                 lambda_w: m.srste_lambda,
             },

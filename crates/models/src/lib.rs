@@ -39,7 +39,8 @@ pub mod nets;
 pub mod trainer;
 
 pub use config::{
-    DataConfig, EngineKind, InitKind, LrKind, LrSchedule, MethodConfig, MethodName, TrainConfig,
+    DataConfig, EngineKind, InitKind, LbcScores, LrKind, LrSchedule, MethodConfig, MethodName,
+    TrainConfig,
 };
 pub use data::{DatasetName, Datasets};
 pub use engine::Engine;

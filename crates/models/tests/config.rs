@@ -250,3 +250,42 @@ fn model_sizes_epochs_and_batch_are_bounded() {
     })
     .is_ok());
 }
+
+/// LBC's scores follow the weights' optimizer by default (Nesterov SGD with the weights'
+/// momentum and decay; AdamW with its betas, ε and decay), or plain SGD (momentum 0.9, wd 1e-4)
+/// with `lbc_scores = "sgd"`; nm-magnitude's prune epoch defaults to half the run; LBC's t_f to
+/// half the epochs (the reference README's 60 of 120).
+#[test]
+fn n_m_method_defaults_follow_the_references() {
+    use dst_core::optim::{AdamWConfig, OptimizerConfig};
+    use lbc::lbc::ScoreOpt;
+    let mut c = TrainConfig::from_toml("epochs = 120\n[method]\nname = \"lbc\"").unwrap();
+    assert_eq!(c.removal_schedule().t_f, 60);
+    match c.lbc_score_optimizer() {
+        ScoreOpt::Sgd(s) => {
+            assert!(s.nesterov);
+            assert_eq!((s.momentum, s.weight_decay), (0.9, 1e-4));
+        }
+        other => panic!("{other:?}"),
+    }
+    c.optimizer = OptimizerConfig::AdamW(AdamWConfig {
+        beta2: 0.95,
+        ..AdamWConfig::default()
+    });
+    match c.lbc_score_optimizer() {
+        ScoreOpt::AdamW(a) => assert_eq!((a.beta2, a.weight_decay), (0.95, 0.01)),
+        other => panic!("{other:?}"),
+    }
+    let c = TrainConfig::from_toml(
+        "[method]\nname = \"lbc\"\nlbc_scores = \"sgd\"\n[optimizer]\nkind = \"adam-w\"",
+    )
+    .unwrap();
+    match c.lbc_score_optimizer() {
+        ScoreOpt::Sgd(s) => assert!(!s.nesterov && s.momentum == 0.9),
+        other => panic!("{other:?}"),
+    }
+    let c = TrainConfig::from_toml("epochs = 20\n[method]\nname = \"nm-magnitude\"").unwrap();
+    assert_eq!(c.nm_prune_epoch(), Some(10));
+    let c = TrainConfig::from_toml("epochs = 20\n[method]\nname = \"lbc\"").unwrap();
+    assert_eq!(c.nm_prune_epoch(), None);
+}

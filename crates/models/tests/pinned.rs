@@ -8,7 +8,7 @@ mod common;
 use common::fixture;
 
 use dst_core::optim::{AdamWConfig, OptimizerConfig};
-use models::{EngineKind, InitKind, MethodName, Silent, TrainConfig, Trainer};
+use models::{EngineKind, InitKind, LbcScores, MethodName, Silent, TrainConfig, Trainer};
 
 fn small(method: MethodName, engine: EngineKind) -> TrainConfig {
     let mut c = TrainConfig {
@@ -25,6 +25,9 @@ fn small(method: MethodName, engine: EngineKind) -> TrainConfig {
     // reference (issue #18), so these lines name the setting they were pinned with and the
     // lines below add the new defaults.
     c.method.init = Some(InitKind::SparseHe);
+    // Likewise LBC's scores trained with plain SGD (momentum 0.9, wd 1e-4) whatever the weights
+    // used; they now follow the weights' optimizer (lines below).
+    c.method.lbc_scores = LbcScores::Sgd;
     c
 }
 
@@ -112,6 +115,24 @@ fn seeded_metrics_of_every_method_and_engine_are_pinned() {
             },
         );
         c.method.init = None;
+        runs.push((label, c));
+    }
+    for (label, adamw) in [
+        (
+            "lbc 2:4, scores on the weights' Nesterov SGD (default)",
+            false,
+        ),
+        (
+            "lbc 1:4 adamw, scores on the weights' AdamW, unfrozen (default)",
+            true,
+        ),
+    ] {
+        let mut c = small(Lbc, DenseMask);
+        c.method.lbc_scores = LbcScores::Weights;
+        if adamw {
+            c.method.n = 1;
+            c.optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+        }
         runs.push((label, c));
     }
     let text: String = runs.into_iter().map(|(l, c)| line(l, c)).collect();
