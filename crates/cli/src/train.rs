@@ -44,6 +44,10 @@ pub struct TrainArgs {
     /// Mask-update period ΔT in steps.
     #[arg(long)]
     delta_t: Option<usize>,
+    /// RigL/SRigL: grow by the mean dense gradient of the last N steps before an update
+    /// (1 ≤ N ≤ ΔT; default 1, the update step's alone).
+    #[arg(long, value_name = "N")]
+    grad_accumulation: Option<usize>,
     /// Initial drop fraction α.
     #[arg(long)]
     alpha: Option<f64>,
@@ -219,7 +223,7 @@ fn apply(a: &TrainArgs, cfg: &mut TrainConfig) -> Result<()> {
             $(if let Some(v) = a.$flag.clone() { $field = v; })*
         };
     }
-    set!(delta_t => me.delta_t, alpha => me.alpha, t_end_fraction => me.t_end_fraction,
+    set!(delta_t => me.delta_t, grad_accumulation => me.grad_accumulation, alpha => me.alpha, t_end_fraction => me.t_end_fraction,
          gamma_sal => me.gamma_sal, n => me.n, m => me.m);
     if let Some(t) = a.lbc_t_f {
         me.lbc_t_f = Some(t);

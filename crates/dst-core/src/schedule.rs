@@ -41,6 +41,16 @@ pub struct UpdateSchedule {
     pub alpha: f64,
     /// Decay of the drop fraction.
     pub anneal: Anneal,
+    /// Dense-gradient accumulation window: the gradient RigL and SRigL grow by at an update is
+    /// the mean of the dense gradients of the last `grad_accumulation` steps (the update step
+    /// and the ones before it), as the references' `grad_accumulation_n` does; 1 = the update
+    /// step's gradient alone (default). At most ΔT.
+    #[serde(default = "one")]
+    pub grad_accumulation: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl UpdateSchedule {
@@ -51,6 +61,7 @@ impl UpdateSchedule {
             t_end,
             alpha: 0.3,
             anneal: Anneal::Cosine,
+            grad_accumulation: 1,
         }
     }
 
@@ -59,12 +70,21 @@ impl UpdateSchedule {
         UpdateSchedule::new((T_END_FRACTION * total_steps as f64) as usize)
     }
 
-    /// Checks `ΔT ≥ 1` and `0 ≤ α ≤ 1`.
+    /// Checks `ΔT ≥ 1`, `0 ≤ α ≤ 1` and `1 ≤ grad_accumulation ≤ ΔT`.
     pub fn validate(&self) -> Result<()> {
         if self.delta_t == 0 {
             return Err(DstError::Config {
                 field: "delta_t",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if !(1..=self.delta_t).contains(&self.grad_accumulation) {
+            return Err(DstError::Config {
+                field: "grad_accumulation",
+                reason: format!(
+                    "{} is outside [1, ΔT = {}] (steps whose dense gradients an update averages)",
+                    self.grad_accumulation, self.delta_t
+                ),
             });
         }
         if !(self.alpha.is_finite() && (0.0..=1.0).contains(&self.alpha)) {
@@ -79,6 +99,12 @@ impl UpdateSchedule {
     /// Whether the masks update after optimiser step `step` (1-based count).
     pub fn is_update_step(&self, step: usize) -> bool {
         step > 0 && step.is_multiple_of(self.delta_t) && step < self.t_end
+    }
+
+    /// Whether the dense gradient of step `step` enters an update: `step` is an update step
+    /// or one of the `grad_accumulation − 1` steps before one.
+    pub fn in_accumulation_window(&self, step: usize) -> bool {
+        (step..step + self.grad_accumulation).any(|u| self.is_update_step(u))
     }
 
     /// Drop fraction α_t at `step`.
@@ -104,6 +130,14 @@ mod tests {
         };
         let steps: Vec<usize> = (0..50).filter(|&t| s.is_update_step(t)).collect();
         assert_eq!(steps, vec![10, 20, 30]);
+        let w = UpdateSchedule {
+            grad_accumulation: 3,
+            ..s
+        };
+        let window: Vec<usize> = (0..50).filter(|&t| w.in_accumulation_window(t)).collect();
+        assert_eq!(window, vec![8, 9, 10, 18, 19, 20, 28, 29, 30]);
+        let one: Vec<usize> = (0..50).filter(|&t| s.in_accumulation_window(t)).collect();
+        assert_eq!(one, steps);
     }
 
     #[test]
@@ -138,5 +172,13 @@ mod tests {
             ..UpdateSchedule::new(10)
         };
         assert!(bad.validate().is_err());
+        for (n, ok) in [(0, false), (1, true), (10, true), (11, false)] {
+            let s = UpdateSchedule {
+                delta_t: 10,
+                grad_accumulation: n,
+                ..UpdateSchedule::new(10)
+            };
+            assert_eq!(s.validate().is_ok(), ok, "{n}");
+        }
     }
 }

@@ -128,6 +128,8 @@ struct Layer {
     budget: LayerBudget,
     protected: bool,
     ever_active: Mask,
+    /// Sum of the dense gradients of the accumulation window so far (empty outside one).
+    grad_sum: Vec<f32>,
 }
 
 /// Owns the masks of a model's sparse layers and updates them on schedule.
@@ -196,6 +198,7 @@ impl Sparsifier {
                 budget,
                 protected,
                 ever_active: mask,
+                grad_sum: Vec::new(),
             });
         }
         Ok(Sparsifier { cfg, layers })
@@ -233,9 +236,17 @@ impl Sparsifier {
         grads: &GradStore,
         opt: &mut (impl MaskAware + ?Sized),
     ) -> Result<Option<UpdateReport>> {
-        if !self.cfg.schedule.is_update_step(step) || self.cfg.method == Method::Static {
+        if self.cfg.method == Method::Static {
             return Ok(None);
         }
+        let accumulates = self.accumulates();
+        if !self.cfg.schedule.is_update_step(step) {
+            if accumulates && self.cfg.schedule.in_accumulation_window(step) {
+                self.accumulate(grads)?;
+            }
+            return Ok(None);
+        }
+        let n_acc = self.cfg.schedule.grad_accumulation;
         let drop_fraction = self.cfg.schedule.drop_fraction(step);
         let (method, cfg) = (self.cfg.method, &self.cfg);
         // Layers are independent: their new masks are computed and applied to their weights in
@@ -275,6 +286,18 @@ impl Sparsifier {
                 };
                 let update = with_f32(l.param.var().as_tensor(), |weights| {
                     match grads.get(l.param.var()) {
+                        // The mean over the window: the earlier steps' sum plus this step's.
+                        Some(g) if accumulates => with_f32(g, |g| {
+                            let mut mean = std::mem::take(&mut l.grad_sum);
+                            if mean.is_empty() {
+                                mean = vec![0.0; g.len()];
+                            }
+                            let inv = 1.0 / n_acc as f32;
+                            for (m, &g) in mean.iter_mut().zip(g) {
+                                *m = (*m + g) * inv;
+                            }
+                            run(weights, Some(&mean))
+                        })?,
                         Some(g) => with_f32(g, |g| run(weights, Some(g)))?,
                         None if matches!(method, Method::Rigl | Method::Srigl) => {
                             Err(DstError::layer(
@@ -312,6 +335,36 @@ impl Sparsifier {
             layers: reports,
             itop: self.itop(),
         }))
+    }
+
+    /// Whether updates average dense gradients over a window of more than one step (RigL and
+    /// SRigL grow by gradients; SET and Static read none).
+    fn accumulates(&self) -> bool {
+        self.cfg.schedule.grad_accumulation > 1
+            && matches!(self.cfg.method, Method::Rigl | Method::Srigl)
+    }
+
+    /// Adds a window step's dense gradients to the layers' sums.
+    fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
+        self.layers
+            .par_iter_mut()
+            .filter(|l| !l.budget.dense)
+            .try_for_each(|l| -> Result<()> {
+                let g = grads.get(l.param.var()).ok_or_else(|| {
+                    DstError::layer(
+                        l.param.name(),
+                        "no gradient for this weight in the gradient store",
+                    )
+                })?;
+                with_f32(g, |g| {
+                    if l.grad_sum.is_empty() {
+                        l.grad_sum = g.to_vec();
+                    } else {
+                        l.grad_sum.iter_mut().zip(g).for_each(|(s, &g)| *s += g);
+                    }
+                })?;
+                Ok(())
+            })
     }
 
     /// Per managed layer, the union of every mask it has had (what [`Sparsifier::itop`] counts);
@@ -398,14 +451,19 @@ impl Sparsifier {
     }
 }
 
-/// Checkpoint tensors: `mask.<weight>` (the mask) and `ever.<weight>` (its ITOP union), `u8`.
+/// Checkpoint tensors: `mask.<weight>` (the mask) and `ever.<weight>` (its ITOP union), `u8`;
+/// inside a dense-gradient accumulation window also `gradsum.<weight>` (`f32`).
 impl Sparsify for Sparsifier {
     fn register(&self, opt: &mut dyn MaskAware) -> Result<()> {
         Sparsifier::register(self, opt)
     }
 
     fn needs_dense_grad(&self, step: usize) -> bool {
-        self.cfg.method != Method::Static && self.cfg.schedule.is_update_step(step)
+        match self.cfg.method {
+            Method::Static => false,
+            _ if self.accumulates() => self.cfg.schedule.in_accumulation_window(step),
+            _ => self.cfg.schedule.is_update_step(step),
+        }
     }
 
     fn after_step(
@@ -436,6 +494,11 @@ impl Sparsify for Sparsifier {
             let ever = l.ever_active.to_tensor_dtype(DType::U8, &Device::Cpu)?;
             out.push((format!("mask.{name}"), mask));
             out.push((format!("ever.{name}"), ever));
+            if !l.grad_sum.is_empty() {
+                // Mid-window: the gradients summed so far.
+                let sum = Tensor::from_slice(&l.grad_sum, l.grad_sum.len(), &Device::Cpu)?;
+                out.push((format!("gradsum.{name}"), sum));
+            }
         }
         Ok(out)
     }
@@ -452,6 +515,22 @@ impl Sparsify for Sparsifier {
             masks.push(Mask::from_tensor(saved(tensors, &format!("mask.{name}"))?)?);
             ever.push(Mask::from_tensor(saved(tensors, &format!("ever.{name}"))?)?);
         }
-        Sparsifier::restore(self, masks, ever, opt)
+        Sparsifier::restore(self, masks, ever, opt)?;
+        for l in &mut self.layers {
+            l.grad_sum = match tensors.get(&format!("gradsum.{}", l.param.name())) {
+                Some(t) => {
+                    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    if v.len() != l.param.rows() * l.param.fan_in() {
+                        return Err(DstError::layer(
+                            l.param.name(),
+                            format!("checkpoint gradient sum has {} values", v.len()),
+                        ));
+                    }
+                    v
+                }
+                None => Vec::new(),
+            };
+        }
+        Ok(())
     }
 }

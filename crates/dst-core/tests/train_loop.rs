@@ -255,3 +255,52 @@ fn srigl_on_a_conv_layer() {
     }
     assert_eq!(reports, 4, "updates at 5, 10, 15, 20 (< T_end = 30)");
 }
+
+/// Dense-gradient accumulation (`grad_accumulation = 3`, ΔT = 10): the update at step 10 grows
+/// by the mean of the dense gradients of steps 8, 9 and 10 — the same masks as a sparsifier
+/// without accumulation handed that mean at step 10 — and not by step 10's alone; steps outside
+/// the window are not read. RigL and SRigL alike.
+#[test]
+fn gradient_accumulation_grows_by_the_window_mean() {
+    for method in [Method::Rigl, Method::Srigl] {
+        let build = |n: usize| {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+            let l = sparse_linear(24, 12, 3, vb.pp("a")).unwrap();
+            let mut cfg = SparsifierConfig::new(method, 0.8, 1000);
+            cfg.schedule.delta_t = 10;
+            cfg.schedule.grad_accumulation = n;
+            let sp = Sparsifier::new(vec![l.weight().clone()], cfg).unwrap();
+            let opt = MaskedSgd::new(vm.all_vars(), SgdConfig::default()).unwrap();
+            (l, sp, opt)
+        };
+        let mut rng = Rng::new(5);
+        let mut draw = || -> Vec<f32> { (0..12 * 24).map(|_| rng.normal() as f32).collect() };
+        let gs: Vec<Vec<f32>> = (0..4).map(|_| draw()).collect();
+        // A gradient store holding `g` for the layer's weight.
+        let store = |l: &SparseLinear, g: &[f32]| {
+            let t = Tensor::from_slice(g, (12, 24), &Device::Cpu).unwrap();
+            (l.weight().var().as_tensor() * t)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (la, mut a, mut oa) = build(3);
+        // Step 7 is outside the window: its gradient must not count.
+        for (step, g) in [(7, &gs[3]), (8, &gs[0]), (9, &gs[1])] {
+            assert_eq!(a.step(step, &store(&la, g), &mut oa).unwrap(), None);
+        }
+        assert!(a.step(10, &store(&la, &gs[2]), &mut oa).unwrap().is_some());
+        let mean: Vec<f32> = (0..gs[0].len())
+            .map(|i| (gs[0][i] + gs[1][i] + gs[2][i]) / 3.0)
+            .collect();
+        let (lb, mut b, mut ob) = build(1);
+        b.step(10, &store(&lb, &mean), &mut ob).unwrap().unwrap();
+        assert_eq!(la.weight().mask(), lb.weight().mask(), "{method:?}");
+        let (lc, mut c, mut oc) = build(1);
+        c.step(10, &store(&lc, &gs[2]), &mut oc).unwrap().unwrap();
+        assert_ne!(la.weight().mask(), lc.weight().mask(), "{method:?}");
+    }
+}

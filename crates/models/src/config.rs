@@ -250,6 +250,9 @@ pub struct MethodConfig {
     pub alpha: f64,
     /// Mask updates stop at this fraction of the run (T_end = fraction · total steps).
     pub t_end_fraction: f64,
+    /// RigL/SRigL: an update grows by the mean dense gradient of this many steps (the update
+    /// step and the ones before it), `1 ≤ n ≤ delta_t`; 1 = the update step's alone.
+    pub grad_accumulation: usize,
     /// SRigL's γ_sal.
     pub gamma_sal: f64,
     /// SRigL's dynamic neuron ablation.
@@ -302,6 +305,7 @@ impl Default for MethodConfig {
             delta_t: schedule.delta_t,
             alpha: schedule.alpha,
             t_end_fraction: dst_core::schedule::T_END_FRACTION,
+            grad_accumulation: schedule.grad_accumulation,
             gamma_sal: srigl.gamma_sal,
             ablation: srigl.ablation,
             init: None,
@@ -627,6 +631,7 @@ impl TrainConfig {
         sc.distribution = m.distribution;
         sc.schedule.delta_t = m.delta_t;
         sc.schedule.alpha = m.alpha;
+        sc.schedule.grad_accumulation = m.grad_accumulation;
         sc.schedule.t_end = (m.t_end_fraction * total_steps as f64) as usize;
         sc.seed = self.seed;
         sc.dense_layers = m.dense_layers.clone();
@@ -770,6 +775,7 @@ fn method_field(field: &str) -> &'static str {
     match field {
         "sparsity" => "method.sparsity",
         "delta_t" => "method.delta_t",
+        "grad_accumulation" => "method.grad_accumulation",
         "alpha" => "method.alpha",
         "gamma_sal" => "method.gamma_sal",
         "distribution.power_scale" => "method.distribution.power_scale",

@@ -195,6 +195,18 @@ fn resume_is_exact_for_srigl_with_sgd() {
     resume_is_exact(small(MethodName::Srigl), 9);
 }
 
+/// Stopped inside a dense-gradient accumulation window (ΔT = 10, window 5: steps 6–10; the
+/// checkpoint at step 8 carries the gradients summed so far).
+#[test]
+fn resume_is_exact_inside_a_gradient_accumulation_window() {
+    for engine in [EngineKind::DenseMask, EngineKind::Sparse] {
+        let mut c = cfg(MethodName::Srigl);
+        c.engine = engine;
+        c.method.grad_accumulation = 5;
+        resume_is_exact(c, 8);
+    }
+}
+
 #[test]
 fn resume_is_exact_for_srigl_in_the_sparse_engine() {
     resume_is_exact(sparse(small(MethodName::Srigl)), 9);
