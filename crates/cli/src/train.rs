@@ -146,6 +146,28 @@ pub struct TrainArgs {
     /// Print every epoch and the summary as JSON lines instead of text.
     #[arg(long)]
     json: bool,
+    /// Data-parallel training: run under `mpirun -np N`, each process one rank (a build with
+    /// the `distributed` feature); rank 0 writes the run folder and prints.
+    #[arg(long)]
+    distributed: bool,
+}
+
+/// The ranks of this run: MPI's with `--distributed`, else none (a single process).
+fn collective(a: &TrainArgs) -> Result<Option<Box<dyn models::distributed::Collective>>> {
+    if !a.distributed {
+        return Ok(None);
+    }
+    #[cfg(feature = "distributed")]
+    {
+        let c = models::distributed::MpiCollective::init().context("--distributed")?;
+        Ok(Some(Box::new(c)))
+    }
+    #[cfg(not(feature = "distributed"))]
+    bail!(
+        "--distributed: this dst was built without MPI; build it with `cargo build --release -p \
+         cli --features distributed` (Debian: apt-get install libopenmpi-dev openmpi-bin \
+         libclang-dev) and start it with `mpirun -np N`"
+    )
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -374,7 +396,10 @@ fn check_new_run_folder(dir: &Path) -> Result<()> {
 
 /// `dst train`.
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
-    let (mut trainer, dir) = match &a.resume {
+    let comm = collective(&a)?;
+    // Rank 0 (or the only process) writes the run folder, checkpoints and reports, and prints.
+    let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let (trainer, dir) = match &a.resume {
         Some(run_dir) => {
             models::checkpoint::remove_temporaries(run_dir);
             let ck = run_dir.join("checkpoint");
@@ -392,13 +417,23 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
                     run_dir.display()
                 );
                 let data = Datasets::load(&cfg)?;
-                let t = Trainer::new(cfg, data)?.with_resumed_output(run_dir)?;
+                let t = Trainer::new(cfg, data)?;
+                let t = if writer {
+                    t.with_resumed_output(run_dir)?
+                } else {
+                    t
+                };
                 (t, run_dir.clone())
             } else {
                 let cfg = Trainer::checkpoint_config(&ck)
                     .with_context(|| format!("--resume {}", run_dir.display()))?;
                 let data = Datasets::load(&cfg)?;
-                let t = Trainer::resume(&ck, data)?.with_resumed_output(run_dir)?;
+                let t = Trainer::resume(&ck, data)?;
+                let t = if writer {
+                    t.with_resumed_output(run_dir)?
+                } else {
+                    t
+                };
                 (t, run_dir.clone())
             }
         }
@@ -416,16 +451,26 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             let dir = a.out.clone().unwrap_or_else(|| {
                 PathBuf::from(format!("runs/{}-s{}", cfg.method.name.as_str(), cfg.seed))
             });
-            check_new_run_folder(&dir)?;
+            if writer {
+                check_new_run_folder(&dir)?;
+            }
             let data = Datasets::load(&cfg)?;
             let toml = toml::to_string(&cfg).context("config to TOML")?;
-            // The error names the folder.
-            let t = Trainer::new(cfg, data)?
-                .with_output(&dir)
-                .context("--out")?;
-            models::checkpoint::write_atomic(&dir.join("config.toml"), toml.as_bytes())?;
+            let t = Trainer::new(cfg, data)?;
+            let t = if writer {
+                // The error names the folder.
+                let t = t.with_output(&dir).context("--out")?;
+                models::checkpoint::write_atomic(&dir.join("config.toml"), toml.as_bytes())?;
+                t
+            } else {
+                t
+            };
             (t, dir)
         }
+    };
+    let mut trainer = match comm {
+        Some(c) => trainer.with_collective(c)?,
+        None => trainer,
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -433,7 +478,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         // A second handler cannot be installed in one process; that only matters in tests.
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
-    let (quiet, json) = (a.quiet, a.json);
+    let (quiet, json) = (a.quiet || !writer, a.json && writer);
     let bar = if quiet || json {
         ProgressBar::hidden()
     } else {
@@ -478,6 +523,13 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     };
     let summary = trainer.run(&mut progress)?;
     bar.finish_and_clear();
+    if !writer {
+        return Ok(if summary.stopped {
+            ExitCode::from(130)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     write_masks(&trainer, &dir)?;
     if summary.stopped {
         eprintln!(

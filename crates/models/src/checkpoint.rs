@@ -52,6 +52,14 @@ pub struct CheckpointState {
     /// (what a model file needs; absent in checkpoints written before model files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalization: Option<Vec<(f32, f32)>>,
+    /// Ranks of the data-parallel run that wrote it (1 for a single process, and for
+    /// checkpoints written before data-parallel training); a resume must use as many.
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 use crate::error::file_err as err;

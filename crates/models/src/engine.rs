@@ -418,6 +418,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The variables holding the stored values of the sparse-storage layers, in layer order.
+    pub fn stored_values(&self) -> Vec<Var> {
+        self.layers.iter().filter_map(|e| e.values()).collect()
+    }
+
     /// Layers in sparse storage (0 for the dense-mask engine).
     pub fn sparse_layers(&self) -> usize {
         self.layers.len()

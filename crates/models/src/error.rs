@@ -57,6 +57,9 @@ pub enum TrainError {
     /// From candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective operation of data-parallel training failed, or the ranks disagree.
+    #[error(transparent)]
+    Collective(#[from] crate::distributed::CollectiveError),
 }
 
 /// Result type of training.

@@ -31,6 +31,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod inference;

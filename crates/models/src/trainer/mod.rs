@@ -28,6 +28,7 @@ use sparse_formats::Mask;
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::TrainConfig;
 use crate::data::{Datasets, ImageSet};
+use crate::distributed::{self, Collective, SingleProcess};
 use crate::engine::Engine;
 use crate::error::{config_err, Result, TrainError};
 use crate::metrics::{self, correct_count, EpochMetrics, LayerStats, MetricsLog, Summary};
@@ -57,6 +58,10 @@ pub struct Trainer {
     out: Option<PathBuf>,
     log: Option<MetricsLog>,
     last_checkpoint: Option<PathBuf>,
+    /// The ranks of a data-parallel run ([`SingleProcess`] by default).
+    comm: Box<dyn Collective>,
+    /// Ranks of the run whose checkpoint this trainer resumed.
+    checkpoint_ranks: Option<usize>,
 }
 
 impl Trainer {
@@ -105,7 +110,97 @@ impl Trainer {
             out: None,
             log: None,
             last_checkpoint: None,
+            comm: Box::new(SingleProcess),
+            checkpoint_ranks: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run over `comm` (see
+    /// [`crate::distributed`]): every rank must build its trainer from the same config and data
+    /// (or resume the same checkpoint) and call this. Rank 0's variables are broadcast, the
+    /// masks are checked equal, and each step trains on this rank's shard of the global batch
+    /// with gradients summed across ranks. Only rank 0 should be given an output folder.
+    /// Every batch (the last of an epoch included) needs at least one example per rank.
+    pub fn with_collective(mut self, comm: Box<dyn Collective>) -> Result<Trainer> {
+        let size = comm.size();
+        let (n, b) = (self.data.train.len(), self.cfg.batch_size);
+        let last = if n.is_multiple_of(b) { b } else { n % b };
+        if last < size {
+            return Err(config_err(
+                "batch_size",
+                format!(
+                    "{size} ranks need at least {size} examples in every batch; the last batch of \
+                     an epoch has {last} ({n} examples, batch {b})"
+                ),
+            ));
+        }
+        if let Some(r) = self.checkpoint_ranks.filter(|&r| r != size) {
+            return Err(config_err(
+                "ranks",
+                format!(
+                    "the checkpoint was written by a run on {r} rank(s); resume it on {r} (got {size})"
+                ),
+            ));
+        }
+        self.comm = comm;
+        let vars = self.trained_vars();
+        let mut buf = Vec::new();
+        for v in &vars {
+            buf.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.comm.broadcast(&mut buf, 0)?;
+        let mut at = 0;
+        for v in &vars {
+            let len = v.as_tensor().elem_count();
+            let t = Tensor::from_slice(&buf[at..at + len], v.as_tensor().shape(), &self.dev)?;
+            v.set(&t)?;
+            at += len;
+        }
+        distributed::masks_agree(self.comm.as_ref(), &self.masks(), self.step)?;
+        Ok(self)
+    }
+
+    /// Every variable the optimizer or a mask update reads a gradient of, in an order every
+    /// rank agrees on: the model's variables by name, then the sparse engine's stored values.
+    fn trained_vars(&self) -> Vec<candle_core::Var> {
+        let data = self.varmap.data().lock().expect("varmap");
+        let mut named: Vec<(&String, &candle_core::Var)> = data.iter().collect();
+        named.sort_by_key(|(n, _)| n.as_str());
+        let mut vars: Vec<candle_core::Var> = named.into_iter().map(|(_, v)| v.clone()).collect();
+        vars.extend(self.engine.stored_values());
+        vars
+    }
+
+    /// Sums the gradients of `vars` across ranks, this rank's weighted by `weight` (its share of
+    /// the global batch): every rank then holds the global batch's mean gradient.
+    fn all_reduce_grads(
+        &self,
+        grads: &mut candle_core::backprop::GradStore,
+        weight: f32,
+    ) -> Result<()> {
+        let vars = self.trained_vars();
+        let mut buf = Vec::new();
+        let mut present = Vec::new();
+        for v in &vars {
+            if let Some(g) = grads.get(v) {
+                buf.extend(
+                    g.flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .map(|x| x * weight),
+                );
+                present.push((v, g.shape().clone()));
+            }
+        }
+        self.comm.all_reduce_sum(&mut buf)?;
+        let mut at = 0;
+        for (v, shape) in present {
+            let len = shape.elem_count();
+            let t = Tensor::from_slice(&buf[at..at + len], shape, &self.dev)?;
+            grads.insert(v.as_tensor(), t);
+            at += len;
+        }
+        Ok(())
     }
 
     /// Writes `config.json`, appends to `metrics.jsonl` and keeps checkpoints in `dir`
@@ -297,6 +392,12 @@ impl Trainer {
                 if control == Control::Stop {
                     stopped = true;
                 }
+                if self.comm.size() > 1 {
+                    // A stop request (e.g. Ctrl-C) reaches ranks at different steps: stop where
+                    // any rank asked, all together.
+                    let asked = self.comm.all_gather_u64(u64::from(stopped))?;
+                    stopped = asked.iter().any(|&a| a != 0);
+                }
                 if self.step >= target || stopped {
                     break;
                 }
@@ -353,15 +454,28 @@ impl Trainer {
         self.engine.set_learning_rate(lr);
         self.method.before_forward(step, epoch, lr)?;
         self.engine.begin_step(self.method.needs_dense_grad(step));
-        let (x, y) = self.batch(&self.data.train, idx)?;
+        let size = self.comm.size();
+        let local = distributed::shard(idx, self.comm.rank(), size);
+        let (x, y) = self.batch(&self.data.train, local)?;
         let logits = self.net.forward_t(&x, true)?;
         let loss = self.loss(&logits, &y)?;
-        let loss_v = loss.to_scalar::<f32>()?;
+        let mut loss_v = loss.to_scalar::<f32>()?;
+        let mut correct = correct_count(&logits, &y)?;
+        if size > 1 {
+            // The global batch's loss and correct count, so every rank takes the same path.
+            let share = local.len() as f32 / idx.len() as f32;
+            let mut m = [loss_v * share, correct];
+            self.comm.all_reduce_sum(&mut m)?;
+            loss_v = m[0];
+            correct = m[1];
+        }
         if !loss_v.is_finite() {
             return Ok((loss_v, lr, None));
         }
-        let correct = correct_count(&logits, &y)?;
         let mut grads = sparse_kernels::backward::backward(&loss)?;
+        if size > 1 {
+            self.all_reduce_grads(&mut grads, local.len() as f32 / idx.len() as f32)?;
+        }
         self.method.after_backward(&mut grads)?;
         self.engine.end_backward();
         self.engine.step(&grads)?;
@@ -373,6 +487,9 @@ impl Trainer {
         let report = self.method.after_step(step, &grads, &mut self.engine)?;
         if report.is_some() {
             self.engine.relayout()?;
+            if size > 1 {
+                distributed::masks_agree(self.comm.as_ref(), &self.masks(), step)?;
+            }
         }
         Ok((loss_v, lr, report))
     }
@@ -434,6 +551,7 @@ impl Trainer {
             config: self.cfg.clone(),
             history: self.history.clone(),
             normalization: Some(self.norm.clone()),
+            ranks: self.comm.size(),
         };
         checkpoint::save(dir, state, &tensors)?;
         Ok(())
@@ -470,6 +588,7 @@ impl Trainer {
         tr.history = state.history;
         tr.wall_before = state.wall_s;
         tr.last_checkpoint = Some(dir.to_path_buf());
+        tr.checkpoint_ranks = Some(state.ranks);
         Ok(tr)
     }
 
