@@ -31,18 +31,9 @@ fn small(method: MethodName, engine: EngineKind) -> TrainConfig {
     c
 }
 
-/// FNV-1a over every mask bit, in layer order.
+/// FNV-1a over every mask bit, in layer order (the hash data-parallel ranks compare).
 fn mask_hash(t: &Trainer) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for (name, m) in t.masks() {
-        for b in name
-            .bytes()
-            .chain(m.as_slice().iter().map(|&b| u8::from(b)))
-        {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    h
+    models::distributed::mask_hash(&t.masks())
 }
 
 fn line(label: &str, c: TrainConfig) -> String {
