@@ -19,10 +19,12 @@ pub struct Options {
     jobs: usize,
     out: PathBuf,
     only: Option<String>,
+    /// Only write the tables from the runs already finished (start none).
+    render: bool,
 }
 
 impl Options {
-    /// `[--seeds N] [--epochs N] [--jobs N] [--out DIR] [--only SUBSTRING]`.
+    /// `[--seeds N] [--epochs N] [--jobs N] [--out DIR] [--only SUBSTRING] [--render]`.
     pub fn parse(args: &[String], root: &Path) -> Result<Options> {
         let mut o = Options {
             seeds: 3,
@@ -30,6 +32,7 @@ impl Options {
             jobs: 2,
             out: root.join("target/accuracy"),
             only: None,
+            render: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -40,6 +43,7 @@ impl Options {
                 "--jobs" => o.jobs = value()?.parse::<usize>().context("--jobs")?.max(1),
                 "--out" => o.out = PathBuf::from(value()?),
                 "--only" => o.only = Some(value()?.clone()),
+                "--render" => o.render = true,
                 other => bail!("accuracy: unknown flag `{other}`"),
             }
         }
@@ -236,7 +240,9 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 /// Runs the sweep and writes `DIR/results.md`.
 pub fn run(root: &Path, o: Options) -> Result<()> {
-    crate::cargo(&["build", "--release", "-p", "cli"])?;
+    if !o.render {
+        crate::cargo(&["build", "--release", "-p", "cli"])?;
+    }
     let dst = root.join("target/release/dst");
     std::fs::create_dir_all(&o.out).with_context(|| format!("{}", o.out.display()))?;
     let all: Vec<Config> = configs()
@@ -247,7 +253,7 @@ pub fn run(root: &Path, o: Options) -> Result<()> {
     for (i, c) in all.iter().enumerate() {
         for seed in 1..=o.seeds {
             let dir = o.out.join(format!("e{}/{}-s{seed}", o.epochs, c.name));
-            if !dir.join("summary.json").exists() {
+            if !o.render && !dir.join("summary.json").exists() {
                 let _ = std::fs::remove_dir_all(&dir); // an unfinished run starts over
                 queue.push_back((i, seed, dir));
             }

@@ -40,10 +40,11 @@ Tasks:
                  --peers times PyTorch dense / masked-dense and SparseProp training beside
                  ours at 1 and 2 threads (creates target/peers/venv from PyPI once, ~4 GB)
                  and writes DIR/peers.{json,md}
-  accuracy [--seeds 3] [--epochs 20] [--jobs 2] [--out DIR] [--only NAME]
-                 train LeNet-300-100 on Fashion-MNIST with every method x sparsity / N:M
-                 pattern x seed through `dst train`; writes DIR/results.md (mean ± std)
-                 (default DIR: target/accuracy; runs under DIR/e<epochs>/; finished runs are not run again)
+  accuracy [--seeds 3] [--epochs 20] [--jobs 2] [--out DIR] [--only NAME] [--render]
+                 train LeNet-300-100 (every method x sparsity / N:M pattern) and LeNet-5
+                 on Fashion-MNIST x seed through `dst train`; writes DIR/results.md (mean ± std,
+                 each row's command) (default DIR: target/accuracy; runs under DIR/e<epochs>/;
+                 finished runs are not run again; --render: only write the tables)
   release [--dry-run] [--verify] [--allow-dirty]
                  check that crate versions and internal requirements agree and that
                  CHANGELOG.md has the version, run `cargo publish --workspace --dry-run`
