@@ -150,6 +150,11 @@ pub struct TrainArgs {
     /// the `distributed` feature); rank 0 writes the run folder and prints.
     #[arg(long)]
     distributed: bool,
+    /// With --distributed: a rank that waits longer than this in one collective operation (a
+    /// gradient all-reduce, a mask-hash check) exits with an error naming it, and mpirun ends
+    /// the job — a hung rank cannot hang the others. Seconds, 1 to 86400.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    collective_timeout: u64,
 }
 
 /// The ranks of this run: MPI's with `--distributed`, else none (a single process).
@@ -159,7 +164,8 @@ fn collective(a: &TrainArgs) -> Result<Option<Box<dyn models::distributed::Colle
     }
     #[cfg(feature = "distributed")]
     {
-        let c = models::distributed::MpiCollective::init().context("--distributed")?;
+        let timeout = std::time::Duration::from_secs(a.collective_timeout);
+        let c = models::distributed::MpiCollective::init(timeout).context("--distributed")?;
         Ok(Some(Box::new(c)))
     }
     #[cfg(not(feature = "distributed"))]

@@ -28,7 +28,7 @@ use sparse_formats::Mask;
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::TrainConfig;
 use crate::data::{Datasets, ImageSet};
-use crate::distributed::{self, Collective, SingleProcess};
+use crate::distributed::{self, Collective, CommStats, Metered, SingleProcess};
 use crate::engine::Engine;
 use crate::error::{config_err, Result, TrainError};
 use crate::metrics::{self, correct_count, EpochMetrics, LayerStats, MetricsLog, Summary};
@@ -59,7 +59,7 @@ pub struct Trainer {
     log: Option<MetricsLog>,
     last_checkpoint: Option<PathBuf>,
     /// The ranks of a data-parallel run ([`SingleProcess`] by default).
-    comm: Box<dyn Collective>,
+    comm: Metered,
     /// Ranks of the run whose checkpoint this trainer resumed.
     checkpoint_ranks: Option<usize>,
 }
@@ -110,7 +110,7 @@ impl Trainer {
             out: None,
             log: None,
             last_checkpoint: None,
-            comm: Box::new(SingleProcess),
+            comm: Metered::new(Box::new(SingleProcess)),
             checkpoint_ranks: None,
         })
     }
@@ -142,7 +142,7 @@ impl Trainer {
                 ),
             ));
         }
-        self.comm = comm;
+        self.comm = Metered::new(comm);
         let vars = self.trained_vars();
         let mut buf = Vec::new();
         for v in &vars {
@@ -156,8 +156,14 @@ impl Trainer {
             v.set(&t)?;
             at += len;
         }
-        distributed::masks_agree(self.comm.as_ref(), &self.masks(), self.step)?;
+        distributed::masks_agree(&self.comm, &self.masks(), self.step)?;
         Ok(self)
+    }
+
+    /// Time, volume and count of the collective operations so far (all zero in a single
+    /// process): what data-parallel training spends communicating and waiting for other ranks.
+    pub fn communication(&self) -> CommStats {
+        self.comm.stats()
     }
 
     /// Every variable the optimizer or a mask update reads a gradient of, in an order every
@@ -488,7 +494,7 @@ impl Trainer {
         if report.is_some() {
             self.engine.relayout()?;
             if size > 1 {
-                distributed::masks_agree(self.comm.as_ref(), &self.masks(), step)?;
+                distributed::masks_agree(&self.comm, &self.masks(), step)?;
             }
         }
         Ok((loss_v, lr, report))
