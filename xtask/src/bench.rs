@@ -5,6 +5,12 @@
 //! Each suite is a `harness = false` bench target that prints JSON records; this task only
 //! orchestrates (xtask never depends on candle).
 //!
+//! `--scaling` runs the data-parallel suite (`models/benches/scaling.rs`, built with the
+//! `distributed` feature): the wide MLP's dense, dense-mask and sparse-engine training at
+//! 1 process × 1 thread, 1 × 2 threads and 2 MPI ranks × 1 thread, and the all-reduce alone;
+//! writes `DIR/scaling.json` and `DIR/scaling.md`. Needs Open MPI and libclang (Debian:
+//! `libopenmpi-dev openmpi-bin libclang-dev`).
+//!
 //! `--peers` runs the peer suite instead (`xtask/peers/peers.py`): PyTorch dense, PyTorch
 //! masked-dense and SparseProp training on the train suite's MLPs, beside our train suite, at 1
 //! and 2 threads, in one run; writes `DIR/peers.json` and `DIR/peers.md` with the ratios ours ÷
@@ -23,13 +29,14 @@ pub struct Options {
     quick: bool,
     gpu: bool,
     peers: bool,
+    scaling: bool,
     out: PathBuf,
 }
 
 impl Options {
     /// Parses the arguments after `bench`.
     pub fn parse(args: &[String], root: &Path) -> Result<Options> {
-        let (mut quick, mut gpu, mut peers) = (false, false, false);
+        let (mut quick, mut gpu, mut peers, mut scaling) = (false, false, false, false);
         let mut out = root.join("target").join("bench");
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -37,12 +44,13 @@ impl Options {
                 "--quick" => quick = true,
                 "--gpu" => gpu = true,
                 "--peers" => peers = true,
+                "--scaling" => scaling = true,
                 "--out" => {
                     out = PathBuf::from(it.next().context("--out needs a folder")?);
                 }
                 other => {
                     bail!(
-                    "cargo xtask bench: unknown flag `{other}` (flags: --quick, --gpu, --peers, --out DIR)"
+                    "cargo xtask bench: unknown flag `{other}` (flags: --quick, --gpu, --peers, --scaling, --out DIR)"
                 )
                 }
             }
@@ -51,6 +59,7 @@ impl Options {
             quick,
             gpu,
             peers,
+            scaling,
             out,
         })
     }
@@ -105,6 +114,9 @@ pub fn run(root: &Path, opts: Options) -> Result<()> {
     }
     if opts.peers {
         return run_peers(root, &out, opts.quick);
+    }
+    if opts.scaling {
+        return run_scaling(root, &out, opts.quick);
     }
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut thread_counts = vec![1];
@@ -314,6 +326,161 @@ fn run_peers(root: &Path, out: &Path, quick: bool) -> Result<()> {
         records,
         render_peers,
     )
+}
+
+/// The data-parallel suite (`--scaling`): one `scaling` bench binary (built with the
+/// `distributed` feature) run as 1 process × 1 thread, 1 × 2 threads and 2 MPI ranks × 1
+/// thread.
+fn run_scaling(root: &Path, out: &Path, quick: bool) -> Result<()> {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        bail!(
+            "--scaling needs mpirun and an MPI library (Debian: apt-get install libopenmpi-dev \
+             openmpi-bin libclang-dev)"
+        );
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = [
+        "bench",
+        "-p",
+        "models",
+        "--bench",
+        "scaling",
+        "--features",
+        "distributed",
+        "--no-run",
+        "--message-format=json",
+    ];
+    eprintln!("$ cargo {}", build.join(" "));
+    let built = Command::new(&cargo)
+        .args(build)
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the scaling benchmark")?;
+    if !built.status.success() {
+        bail!("building the scaling benchmark failed ({})", built.status);
+    }
+    let exe = String::from_utf8_lossy(&built.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["target"]["name"] == "scaling")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no executable for the scaling benchmark")?;
+    let mut records = Vec::new();
+    // (label, ranks, threads per rank)
+    for (label, ranks, threads) in [("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1)] {
+        let part = out.join(format!("scaling-{label}.json"));
+        let part_s = part.to_string_lossy().to_string();
+        let exe_s = exe.to_string_lossy().to_string();
+        let mut args: Vec<String> = Vec::new();
+        let program = if ranks > 1 {
+            args.extend(["--allow-run-as-root", "--oversubscribe", "-np"].map(String::from));
+            args.push(ranks.to_string());
+            args.push(exe_s);
+            args.push("--distributed".into());
+            "mpirun".to_string()
+        } else {
+            exe_s
+        };
+        args.extend(["--json".into(), part_s]);
+        if quick {
+            args.push("--quick".into());
+        }
+        eprintln!("$ RAYON_NUM_THREADS={threads} {program} {}", args.join(" "));
+        let status = Command::new(&program)
+            .args(&args)
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .current_dir(root)
+            .status()
+            .context("running the scaling benchmark")?;
+        if !status.success() {
+            bail!("the scaling benchmark ({label}) failed ({status})");
+        }
+        records.extend(read_records(&part)?);
+    }
+    write_doc(
+        &out.join("scaling.json"),
+        machine(root, quick),
+        records,
+        render_scaling,
+    )
+}
+
+/// The tables of `scaling.md`: steps/s of each path per configuration, the ratios of 2 ranks to
+/// one process, the collectives' share of a 2-rank step, and the all-reduce's bandwidth.
+pub fn render_scaling(doc: &Value) -> String {
+    let m = &doc["machine"];
+    let recs = doc["records"].as_array().cloned().unwrap_or_default();
+    let mut md = format!(
+        "Machine: {} ({} logical CPUs), {}, commit {}{}.\n\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["logical_cpus"],
+        m["date_utc"].as_str().unwrap_or("?"),
+        m["git_commit"].as_str().unwrap_or("?"),
+        if m["quick"] == true {
+            ", `--quick`"
+        } else {
+            ""
+        }
+    );
+    md += "| model | path | 1 process × 1 thread | 1 × 2 threads | 2 ranks × 1 thread | \
+           2 ranks ÷ 1×1 | 2 ranks ÷ 1×2 | collectives, s/step (share) | MB/step to collectives |\n\
+           |---|---|---|---|---|---|---|---|---|\n";
+    let find = |model: &Value, path: &Value, ranks: u64, threads: u64| {
+        recs.iter().find(|r| {
+            r["suite"] == "scaling"
+                && &r["model"] == model
+                && &r["path"] == path
+                && r["ranks"] == ranks
+                && r["threads"] == threads
+        })
+    };
+    for r in recs
+        .iter()
+        .filter(|r| r["suite"] == "scaling" && r["ranks"] == 1 && r["threads"] == 1)
+    {
+        let (model, path) = (&r["model"], &r["path"]);
+        let sps = |x: Option<&Value>| x.and_then(|x| x["s_per_step"].as_f64()).map(|s| 1.0 / s);
+        let (a, b) = (sps(Some(r)), sps(find(model, path, 1, 2)));
+        let two = find(model, path, 2, 1);
+        let c = sps(two);
+        let cell = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.2}"));
+        let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => format!("{:.2}×", x / y),
+            _ => "–".into(),
+        };
+        let comm = two.map_or("–".into(), |t| {
+            let cs = t["comm_s_per_step"].as_f64().unwrap_or(0.0);
+            let s = t["s_per_step"].as_f64().unwrap_or(1.0);
+            format!("{cs:.4} ({:.0}%)", 100.0 * cs / s)
+        });
+        let mb = two.map_or("–".into(), |t| {
+            format!(
+                "{:.1}",
+                t["comm_bytes_per_step"].as_f64().unwrap_or(0.0) / 1e6
+            )
+        });
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {comm} | {mb} |\n",
+            model.as_str().unwrap_or("?"),
+            path.as_str().unwrap_or("?"),
+            cell(a),
+            cell(b),
+            cell(c),
+            ratio(c, a),
+            ratio(c, b)
+        );
+    }
+    md += "\n| all-reduce (2 ranks) of | seconds | buffer ÷ time |\n|---|---|---|\n";
+    for r in recs.iter().filter(|r| r["suite"] == "allreduce") {
+        md += &format!(
+            "| {} MiB | {:.5} | {:.2} GB/s |\n",
+            r["bytes"].as_u64().unwrap_or(0) >> 20,
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["algbw_gb_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    md
 }
 
 fn read_records(path: &Path) -> Result<Vec<Value>> {
@@ -761,6 +928,7 @@ mod tests {
         assert_eq!(o.out, PathBuf::from("x"));
         assert!(Options::parse(&["--gpu".into()], root).unwrap().gpu);
         assert!(Options::parse(&["--peers".into()], root).unwrap().peers);
+        assert!(Options::parse(&["--scaling".into()], root).unwrap().scaling);
         assert!(Options::parse(&["--fast".into()], root).is_err());
         assert!(Options::parse(&["--out".into()], root).is_err());
     }
@@ -790,6 +958,40 @@ mod tests {
         );
         assert_eq!(md.matches("| m |").count(), 1, "{md}");
         assert!(!md.contains("Conv nets"), "{md}");
+    }
+
+    #[test]
+    fn scaling_table_compares_two_ranks_with_one_process() {
+        let rec = |path: &str, ranks: u64, threads: u64, s: f64, comm: f64| {
+            json!({"suite": "scaling", "model": "m", "path": path, "ranks": ranks,
+                   "threads": threads, "s_per_step": s, "comm_s_per_step": comm,
+                   "comm_bytes_per_step": 75.6e6})
+        };
+        let doc = json!({
+            "machine": {"cpu": "Test CPU", "logical_cpus": 2, "date_utc": "d", "git_commit": "abc", "quick": true},
+            "records": [
+                rec("dense", 1, 1, 0.2, 0.0), rec("dense", 1, 2, 0.125, 0.0),
+                rec("dense", 2, 1, 0.1, 0.025),
+                rec("sparse", 1, 1, 0.05, 0.0),
+                {"suite": "allreduce", "ranks": 2, "threads": 1, "bytes": 4u64 << 20,
+                 "seconds": 0.002, "algbw_gb_s": 2.1}
+            ]
+        });
+        let md = render_scaling(&doc);
+        // 5 → 8 → 10 steps/s: 2 ranks 2.00× one thread, 1.25× two; collectives 25% of a step.
+        assert!(
+            md.contains(
+                "| m | dense | 5.00 | 8.00 | 10.00 | 2.00× | 1.25× | 0.0250 (25%) | 75.6 |"
+            ),
+            "{md}"
+        );
+        // A path measured in one configuration only shows the others as missing.
+        assert!(
+            md.contains("| m | sparse | 20.00 | – | – | – | – | – | – |"),
+            "{md}"
+        );
+        assert!(md.contains("| 4 MiB | 0.00200 | 2.10 GB/s |"), "{md}");
+        assert!(md.contains("`--quick`"), "{md}");
     }
 
     #[test]

@@ -12,17 +12,16 @@
 //! e.g. `--model 3072 --sparsity 0.9`; `--profile` runs only that path of the first selected
 //! case, for a profiler: `perf record -g target/release/deps/train-* --profile sparse ...`)
 
-use std::time::Instant;
+mod common;
+
+use common::{synthetic, time_steps};
 
 /// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`), so the suite times what a
 /// user runs.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use models::data::ImageSet;
-use models::{
-    Control, Datasets, EngineKind, Event, MethodName, ModelConfig, Silent, TrainConfig, Trainer,
-};
+use models::{Datasets, EngineKind, MethodName, ModelConfig, TrainConfig};
 
 /// The conv nets: dense training, dense-mask SRigL 90% and sparse-engine SRigL 90% steps per
 /// second; the sparse column is the median step plus one update spread over ΔT = 100 steps, as in
@@ -98,93 +97,6 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
         }));
     }
     records
-}
-
-fn synthetic(n: usize, c: usize, side: usize, seed: u64) -> ImageSet {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    ImageSet {
-        images: (0..n * c * side * side)
-            .map(|_| (next() % 256) as f32 / 255.0)
-            .collect(),
-        labels: (0..n).map(|_| (next() % 10) as u8).collect(),
-        channels: c,
-        rows: side,
-        cols: side,
-        classes: 10,
-    }
-}
-
-/// Timings of `steps` optimizer steps after `warm` warm-up steps.
-struct Timing {
-    /// Wall seconds per step, everything included.
-    s_per_step: f64,
-    /// Median seconds of a step without a mask update.
-    median_step: f64,
-    /// Mean extra seconds of a step with a mask update over the median step (0 without).
-    update_extra: f64,
-}
-
-impl Timing {
-    /// Share of training time spent on mask updates at one update every `delta_t` steps.
-    fn overhead_at(&self, delta_t: usize) -> f64 {
-        self.update_extra / (delta_t as f64 * self.median_step + self.update_extra)
-    }
-}
-
-/// Times every step through the trainer's events, so the cost of a mask update is measured on
-/// the update steps themselves (robust to run-to-run noise, unlike a difference of two runs).
-/// An epoch-end evaluation inside the timed steps counts, as it does in training; the
-/// summary's test evaluation after the last step does not.
-fn time_steps(cfg: &TrainConfig, data: &Datasets, warm: usize, steps: usize) -> Timing {
-    let mut t = Trainer::new(cfg.clone(), data.clone()).expect("trainer");
-    t.run_until(warm, &mut Silent).expect("warm-up");
-    let start = Instant::now();
-    let mut last = start;
-    let mut durations: Vec<(usize, f64)> = Vec::new();
-    let mut updates: Vec<usize> = Vec::new();
-    t.run_until(warm + steps, &mut |e: &Event| {
-        match e {
-            Event::Step { step, .. } => {
-                let now = Instant::now();
-                durations.push((*step, (now - last).as_secs_f64()));
-                last = now;
-            }
-            Event::MaskUpdate(r) => updates.push(r.step),
-            _ => {}
-        }
-        Control::Continue
-    })
-    .expect("steps");
-    // Up to the last step's event: `run_until` then evaluates the test set for its summary,
-    // which is not part of training throughput.
-    let total = (last - start).as_secs_f64();
-    let mut normal: Vec<f64> = durations
-        .iter()
-        .filter(|(s, _)| !updates.contains(s))
-        .map(|&(_, d)| d)
-        .collect();
-    normal.sort_by(f64::total_cmp);
-    let median_step = normal[normal.len() / 2];
-    let extra: Vec<f64> = durations
-        .iter()
-        .filter(|(s, _)| updates.contains(s))
-        .map(|&(_, d)| (d - median_step).max(0.0))
-        .collect();
-    Timing {
-        s_per_step: total / steps as f64,
-        median_step,
-        update_extra: if extra.is_empty() {
-            0.0
-        } else {
-            extra.iter().sum::<f64>() / extra.len() as f64
-        },
-    }
 }
 
 fn main() {

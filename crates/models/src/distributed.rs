@@ -148,6 +148,11 @@ impl Metered {
         }
     }
 
+    /// The wrapped collective.
+    pub fn into_inner(self) -> Box<dyn Collective> {
+        self.inner
+    }
+
     /// What the operations so far cost.
     pub fn stats(&self) -> CommStats {
         CommStats {
@@ -453,18 +458,23 @@ mod mpi_impl {
             // traffic of a ring all-reduce; MPI_Allreduce would let the library pick the order.
             let _armed = self.watchdog.arm("an all-reduce of gradients");
             let p = self.size();
-            if p == 1 || buf.is_empty() {
-                return Ok(());
+            let chunk = buf.len() / p;
+            let (body, tail) = buf.split_at_mut(chunk * p);
+            if chunk > 0 {
+                // Chunk j of every rank's buffer goes to rank j, which sums the p chunks in rank
+                // order; the sums are gathered back into place.
+                let mut recv = vec![0.0f32; body.len()];
+                self.world.all_to_all_into(&body[..], &mut recv[..]);
+                let mut mine = vec![0.0f32; chunk];
+                sum_in_rank_order(&mut mine, recv.chunks(chunk));
+                self.world.all_gather_into(&mine[..], body);
             }
-            let chunk = buf.len().div_ceil(p);
-            let mut send = vec![0.0f32; chunk * p];
-            send[..buf.len()].copy_from_slice(buf);
-            let mut recv = vec![0.0f32; chunk * p];
-            self.world.all_to_all_into(&send[..], &mut recv[..]);
-            let mut mine = vec![0.0f32; chunk];
-            sum_in_rank_order(&mut mine, recv.chunks(chunk));
-            self.world.all_gather_into(&mine[..], &mut send[..]);
-            buf.copy_from_slice(&send[..buf.len()]);
+            if !tail.is_empty() {
+                // The last len % p values: every rank sums all ranks' copies.
+                let mut all = vec![0.0f32; tail.len() * p];
+                self.world.all_gather_into(&tail[..], &mut all[..]);
+                sum_in_rank_order(tail, all.chunks(tail.len()));
+            }
             Ok(())
         }
         fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {

@@ -166,6 +166,13 @@ impl Trainer {
         self.comm.stats()
     }
 
+    /// Ends this trainer and hands back its collective (a [`SingleProcess`] unless
+    /// [`Trainer::with_collective`] gave it one), e.g. to train another model on the same ranks:
+    /// an MPI library is initialised once per process.
+    pub fn into_collective(self) -> Box<dyn Collective> {
+        self.comm.into_inner()
+    }
+
     /// Every variable the optimizer or a mask update reads a gradient of, in an order every
     /// rank agrees on: the model's variables by name, then the sparse engine's stored values.
     fn trained_vars(&self) -> Vec<candle_core::Var> {
@@ -185,19 +192,19 @@ impl Trainer {
         weight: f32,
     ) -> Result<()> {
         let vars = self.trained_vars();
-        let mut buf = Vec::new();
-        let mut present = Vec::new();
-        for v in &vars {
-            if let Some(g) = grads.get(v) {
-                buf.extend(
-                    g.flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .map(|x| x * weight),
-                );
-                present.push((v, g.shape().clone()));
-            }
+        let present: Vec<(&candle_core::Var, &Tensor)> = vars
+            .iter()
+            .filter_map(|v| grads.get(v).map(|g| (v, g)))
+            .collect();
+        // One pass over each gradient: read in place, scaled into the send buffer.
+        let mut buf = Vec::with_capacity(present.iter().map(|(_, g)| g.elem_count()).sum());
+        for (_, g) in &present {
+            sparse_kernels::storage::with_f32(g, |s| buf.extend(s.iter().map(|x| x * weight)))?;
         }
+        let present: Vec<(&candle_core::Var, candle_core::Shape)> = present
+            .into_iter()
+            .map(|(v, g)| (v, g.shape().clone()))
+            .collect();
         self.comm.all_reduce_sum(&mut buf)?;
         let mut at = 0;
         for (v, shape) in present {
