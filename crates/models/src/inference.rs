@@ -326,24 +326,21 @@ impl MlpPlan {
     /// Logits `[batch, classes]` of flattened normalised images `x`.
     fn run(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         let exec = sparse_kernels::Exec::default();
-        let mut h = x.to_vec();
+        let mut h: Vec<f32> = Vec::new();
         for (i, (layer, rows, fan_in, bias)) in self.layers.iter().enumerate() {
+            let input: &[f32] = if i == 0 { x } else { &h };
             let mut y = match layer {
-                PlanLayer::Sparse { structure, values } => {
-                    let mut y =
-                        sparse_kernels::forward(structure.weight(), values, None, &h, batch, exec)
-                            .map_err(candle_core::Error::wrap)?;
-                    if let Some(b) = bias {
-                        for row in y.chunks_exact_mut(*rows) {
-                            for (v, &bb) in row.iter_mut().zip(b) {
-                                *v += bb;
-                            }
-                        }
-                    }
-                    y
-                }
+                PlanLayer::Sparse { structure, values } => sparse_kernels::forward(
+                    structure.weight(),
+                    values,
+                    bias.as_deref(),
+                    input,
+                    batch,
+                    exec,
+                )
+                .map_err(candle_core::Error::wrap)?,
                 PlanLayer::Dense { weight } => sparse_kernels::dense::linear_forward(
-                    &h,
+                    input,
                     weight,
                     bias.as_deref(),
                     (batch, *rows, *fan_in),
@@ -351,8 +348,13 @@ impl MlpPlan {
                 ),
             };
             if i + 1 < self.layers.len() {
-                for v in &mut y {
-                    *v = v.max(0.0);
+                // ReLU; on the kernels' threads when the batch is large.
+                let relu = |c: &mut [f32]| c.iter_mut().for_each(|v| *v = v.max(0.0));
+                if exec.threads_for(y.len() * 16) > 1 {
+                    use rayon::prelude::*;
+                    y.par_chunks_mut(1 << 14).for_each(relu);
+                } else {
+                    relu(&mut y);
                 }
             }
             h = y;
@@ -625,7 +627,8 @@ impl SparseModel {
         match &self.plan {
             Some(plan) => {
                 let batch = x.dim(0)?;
-                let logits = plan.run(&x.flatten_all()?.to_vec1::<f32>()?, batch)?;
+                // The input read in place (a contiguous f32 tensor; else one converted copy).
+                let logits = sparse_kernels::storage::with_f32(x, |x| plan.run(x, batch))??;
                 Ok(Tensor::from_vec(
                     logits,
                     (batch, self.desc.classes),
