@@ -32,14 +32,16 @@ Tasks:
   check-layers   fail if a crate depends on a crate of its own or a higher layer
                  (sparse-formats < sparse-kernels < dst-core < lbc < models < cli),
                  or if xtask depends on candle
-  bench [--quick] [--gpu] [--peers] [--out DIR]
+  bench [--quick] [--gpu] [--peers] [--scaling] [--out DIR]
                  run the kernel benchmarks (1 thread and all threads) against candle's
                  dense matmul in the same run; writes DIR/bench.json and DIR/bench.md
                  (default DIR: target/bench); --gpu runs only the CUDA suite against
                  cuBLAS (needs an NVIDIA GPU, driver and NVRTC) and writes DIR/gpu.json;
                  --peers times PyTorch dense / masked-dense and SparseProp training beside
                  ours at 1 and 2 threads (creates target/peers/venv from PyPI once, ~4 GB)
-                 and writes DIR/peers.{json,md}
+                 and writes DIR/peers.{json,md}; --scaling times data-parallel training
+                 of the wide MLP (1 process x 1 and 2 threads, 2 MPI ranks; needs Open MPI)
+                 and writes DIR/scaling.{json,md}
   accuracy [--seeds 3] [--epochs 20] [--jobs 2] [--out DIR] [--only NAME] [--render]
                  train LeNet-300-100 (every method x sparsity / N:M pattern) and LeNet-5
                  on Fashion-MNIST x seed through `dst train`; writes DIR/results.md (mean ± std,

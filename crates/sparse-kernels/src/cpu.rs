@@ -755,10 +755,22 @@ mod tests {
                 }
             }
             for threads in [1, 2] {
-                assert_eq!(to_tiles::<TB>(&src, n, cols, threads), want, "{n}×{cols}, TB {TB}");
+                assert_eq!(
+                    to_tiles::<TB>(&src, n, cols, threads),
+                    want,
+                    "{n}×{cols}, TB {TB}"
+                );
             }
         }
-        for (n, cols) in [(70, 37), (64, 8), (5, 130), (130, 1), (3, 4), (0, 9), (9, 0)] {
+        for (n, cols) in [
+            (70, 37),
+            (64, 8),
+            (5, 130),
+            (130, 1),
+            (3, 4),
+            (0, 9),
+            (9, 0),
+        ] {
             check::<8>(n, cols);
             check::<64>(n, cols);
         }
