@@ -17,9 +17,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::{synthetic, time_trainer};
+use common::{mlp_case, time_trainer, MLPS};
 use models::distributed::{Collective, SingleProcess};
-use models::{Datasets, EngineKind, MethodName, ModelConfig, TrainConfig, Trainer};
+use models::{EngineKind, MethodName, Trainer};
 
 /// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`).
 #[global_allocator]
@@ -58,33 +58,16 @@ fn main() {
         }
     };
     let steps = if quick { 40 } else { 100 };
-    let nets: &[(&str, Vec<usize>, usize, usize)] = &[
-        ("784-1000-1000-1000-10", vec![1000, 1000, 1000], 1, 28),
-        ("3072-3072-3072-10", vec![3072, 3072], 3, 32),
-    ];
     let mut records = Vec::new();
     say(format!(
         "\n{ranks} rank(s) × {threads} thread(s)\n| model | path | steps/s | collective s/step | \
          collective share | MB/step handed to collectives |\n|---|---|---|---|---|---|"
     ));
-    for (name, hidden, c, side) in nets {
+    for (name, hidden, c, side) in MLPS {
         if !name.contains(only_model.as_str()) {
             continue;
         }
-        let base = TrainConfig {
-            model: ModelConfig::Mlp {
-                hidden: hidden.clone(),
-            },
-            batch_size: 128,
-            epochs: 20,
-            checkpoint_every: 0,
-            ..TrainConfig::default()
-        };
-        let data = Datasets::split(
-            synthetic(128 * 25, *c, *side, 1),
-            synthetic(128, *c, *side, 2),
-            &base,
-        );
+        let (base, data) = mlp_case(hidden, c, side);
         for path in ["dense", "dense-mask", "sparse"] {
             let mut cfg = base.clone();
             cfg.method.name = MethodName::Dense;

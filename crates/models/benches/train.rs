@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{synthetic, time_steps};
+use common::{mlp_case, synthetic, time_steps, MLPS};
 
 /// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`), so the suite times what a
 /// user runs.
@@ -116,10 +116,6 @@ fn main() {
     let only_sparsity: Option<f64> = flag("--sparsity").map(|s| s.parse().expect("--sparsity"));
     let profile = flag("--profile");
     let (delta_t, steps) = if quick { (20, 40) } else { (100, 200) };
-    let nets: &[(&str, Vec<usize>, usize, usize)] = &[
-        ("784-1000-1000-1000-10", vec![1000, 1000, 1000], 1, 28),
-        ("3072-3072-3072-10", vec![3072, 3072], 3, 32),
-    ];
     let sparsities: &[f64] = if quick {
         &[0.9, 0.99]
     } else {
@@ -128,28 +124,14 @@ fn main() {
     let mut records = Vec::new();
     println!("| model | sparsity | dense steps/s | dense-mask SRigL | sparse SRigL | sparse ÷ dense | one update costs | update overhead at ΔT = 100 |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, hidden, c, side) in nets {
+    for (name, hidden, c, side) in MLPS {
         if only_model
             .as_ref()
             .is_some_and(|m| !name.contains(m.as_str()))
         {
             continue;
         }
-        let n = 128 * 25;
-        let base = TrainConfig {
-            model: ModelConfig::Mlp {
-                hidden: hidden.clone(),
-            },
-            batch_size: 128,
-            epochs: 20,
-            checkpoint_every: 0,
-            ..TrainConfig::default()
-        };
-        let data = Datasets::split(
-            synthetic(n, *c, *side, 1),
-            synthetic(128, *c, *side, 2),
-            &base,
-        );
+        let (base, data) = mlp_case(hidden, c, side);
         let mut dense_cfg = base.clone();
         dense_cfg.method.name = MethodName::Dense;
         if let Some(path) = &profile {

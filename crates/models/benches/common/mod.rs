@@ -5,7 +5,34 @@ use std::time::Instant;
 
 use models::data::ImageSet;
 use models::distributed::CommStats;
-use models::{Control, Datasets, Event, Silent, TrainConfig, Trainer};
+use models::{Control, Datasets, Event, ModelConfig, Silent, TrainConfig, Trainer};
+
+/// The MLPs of the train and scaling suites: name, hidden widths, image channels and side.
+pub const MLPS: [(&str, &[usize], usize, usize); 2] = [
+    ("784-1000-1000-1000-10", &[1000, 1000, 1000], 1, 28),
+    ("3072-3072-3072-10", &[3072, 3072], 3, 32),
+];
+
+/// An MLP case of the suites: batch-128 training for 20 epochs (no checkpoints) on 25 batches
+/// of synthetic `c`×`side`×`side` images, a batch of test images; the method is the default
+/// until the caller sets it.
+pub fn mlp_case(hidden: &[usize], c: usize, side: usize) -> (TrainConfig, Datasets) {
+    let base = TrainConfig {
+        model: ModelConfig::Mlp {
+            hidden: hidden.to_vec(),
+        },
+        batch_size: 128,
+        epochs: 20,
+        checkpoint_every: 0,
+        ..TrainConfig::default()
+    };
+    let data = Datasets::split(
+        synthetic(128 * 25, c, side, 1),
+        synthetic(128, c, side, 2),
+        &base,
+    );
+    (base, data)
+}
 
 /// `n` random images of `c`×`side`×`side` with random labels of 10 classes (xorshift, `seed`).
 pub fn synthetic(n: usize, c: usize, side: usize, seed: u64) -> ImageSet {
