@@ -132,7 +132,8 @@ pub struct TrainArgs {
     #[arg(long)]
     validation_fraction: Option<f64>,
     /// Training engine of sparse layers: dense-mask (dense weights × mask), sparse (linear and
-    /// conv weights of density ≤ 0.3 in sparse storage between mask updates; dst methods), or
+    /// conv weights of density ≤ 0.3 in sparse storage between mask updates; dst methods, and
+    /// lbc / nm-magnitude once their N:M masks are final), or
     /// auto (default: sparse for SRigL at ≥ 90% sparsity on an MLP, LeNet-5 or ResNet-18, where
     /// it is the faster).
     #[arg(long, value_enum)]

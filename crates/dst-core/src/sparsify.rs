@@ -47,6 +47,15 @@ pub trait Sparsify: Send {
         false
     }
 
+    /// Whether the masks are final: they will not change again in this run, and all that
+    /// [`Sparsify::after_backward`] still does to a weight's gradient is zero it outside the
+    /// mask (so a training engine may move the weights to sparse storage, where that gradient
+    /// never exists). Methods that move masks say `false` (the default); N:M methods say `true`
+    /// once their mask is fixed.
+    fn masks_final(&self) -> bool {
+        false
+    }
+
     /// After the backward pass, before the optimizer step: rewrites weight gradients.
     fn after_backward(&mut self, grads: &mut GradStore) -> Result<()> {
         let _ = grads;

@@ -390,6 +390,22 @@ impl NmSparsifier {
         Ok(())
     }
 
+    /// Whether the masks are fixed for the rest of the run: one-shot N:M once it has pruned
+    /// (the fine-tuning phase), LBC from the epoch where one combination is left per group
+    /// (`t_f`; from then its masks cannot change, and its scores no longer matter — a sparse
+    /// engine stops stepping them, as the reference's SGD runs freeze them), never SR-STE
+    /// (its mask follows the weights every step).
+    pub fn masks_final(&self) -> bool {
+        match self.method {
+            NmMethod::OneShot { .. } => self.started,
+            NmMethod::Lbc { schedule, .. } => {
+                let c = binomial(self.pattern.m, self.pattern.n) as usize;
+                self.lbc_epoch.is_some_and(|e| schedule.kept(c, e) == 1)
+            }
+            NmMethod::SrSte { .. } => false,
+        }
+    }
+
     /// Everything a checkpoint needs to resume exactly: per layer its mask and LBC state.
     pub fn state(&self) -> NmState {
         NmState {
@@ -482,6 +498,10 @@ impl Sparsify for NmSparsifier {
 
     fn masks(&self) -> Vec<(String, Mask)> {
         NmSparsifier::masks(self)
+    }
+
+    fn masks_final(&self) -> bool {
+        NmSparsifier::masks_final(self)
     }
 
     fn save(&self) -> dst_core::Result<Vec<(String, Tensor)>> {

@@ -86,8 +86,10 @@ pub enum EngineKind {
     Auto,
     /// Dense weights multiplied by a mask.
     DenseMask,
-    /// Linear weights stored sparse (condensed for constant fan-in, CSR otherwise) between
-    /// mask updates; the dense gradient only at mask-update steps.
+    /// Linear and conv weights of density ≤ [`crate::engine::MAX_SPARSE_DENSITY`] stored sparse
+    /// (condensed for constant fan-in, CSR otherwise) between mask updates; the dense gradient
+    /// only at mask-update steps. N:M layers (LBC, one-shot) move there once their masks are
+    /// final (`dst_core::Sparsify::masks_final`); SR-STE cannot use it.
     Sparse,
 }
 
@@ -558,11 +560,15 @@ impl TrainConfig {
             |v| v > 0.0,
             "(0, ∞)",
         )?;
-        if self.engine == EngineKind::Sparse && m.name.dst().is_none() {
+        if self.engine == EngineKind::Sparse
+            && ((m.name.dst().is_none() && !m.name.is_nm()) || m.name == MethodName::Srste)
+        {
             return Err((
                 "engine",
                 format!(
-                    "the sparse engine trains dst methods (static, set, rigl, srigl), not `{}`",
+                    "the sparse engine trains dst methods (static, set, rigl, srigl) and N:M \
+                     layers once their masks are final (lbc from t_f, nm-magnitude after the \
+                     prune), not `{}`",
                     m.name.as_str()
                 ),
             ));

@@ -352,6 +352,8 @@ pub fn stored_sparse(nnz: usize, len: usize) -> bool {
 pub struct Engine {
     opt: Box<dyn MaskAware + Send>,
     layers: Vec<EngineLayer>,
+    /// Layers that go to sparse storage once the method's masks are final (N:M layers).
+    deferred: Vec<EngineLayer>,
     /// The dense variables of `layers`, which the optimizer does not manage.
     skip: Vec<TensorId>,
     /// The current step forms the dense weight gradient.
@@ -392,11 +394,54 @@ impl Engine {
         let mut engine = Engine {
             opt: optimizer.build(vars)?,
             layers,
+            deferred: Vec::new(),
             skip,
             dense_step: false,
         };
         method.register(&mut engine)?;
         Ok(engine)
+    }
+
+    /// Layers (N:M twins, `LayerFactory::nm_engine`) to lay out in sparse storage once the
+    /// method's masks are final ([`Engine::adopt_final_masks`]); until then they train densely
+    /// through the method's own layers.
+    pub fn defer(&mut self, layers: Vec<EngineLayer>) {
+        self.deferred.extend(layers);
+    }
+
+    /// Once `method`'s masks are final (`Sparsify::masks_final`), moves the deferred layers
+    /// whose mask has density at most [`MAX_SPARSE_DENSITY`] to sparse storage — the stored
+    /// values take the optimizer state of the active entries — and drops the rest (they stay
+    /// dense with their masks). Returns how many layers moved; a no-op before that, or once
+    /// done. Called before every forward pass, so a run resumed after the switch makes it again
+    /// at its first step.
+    pub fn adopt_final_masks(&mut self, method: &dyn Sparsify) -> dst_core::Result<usize> {
+        if self.deferred.is_empty() || !method.masks_final() {
+            return Ok(0);
+        }
+        let masks = method.masks();
+        let mut moved = 0;
+        for e in std::mem::take(&mut self.deferred) {
+            let Some((_, mask)) = masks.iter().find(|(n, _)| n == e.param().name()) else {
+                continue;
+            };
+            if !stored_sparse(mask.nnz(), mask.len()) {
+                continue;
+            }
+            let dense = e.param().var().clone();
+            // The twin takes the method's final mask; the weights outside it are zeroed, as
+            // every later refresh of the dense weight from the stored values does (the N:M
+            // layer that read them is not run again).
+            e.param().set(mask.clone(), e.param().weights()?)?;
+            let dense_state = self.opt.state(&dense);
+            let (values, _) = e.compress(&[])?;
+            let state = e.gather_state(&dense_state)?;
+            self.opt.replace_var(&dense, values, state)?;
+            self.skip.push(dense.as_tensor().id());
+            self.layers.push(e);
+            moved += 1;
+        }
+        Ok(moved)
     }
 
     /// Zeroes the optimizer state of every variable of `vars` it manages and its step count:

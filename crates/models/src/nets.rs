@@ -253,8 +253,9 @@ pub enum Layer {
     Linear(SparseLinear),
     /// A dst-core conv layer.
     Conv(SparseConv2d),
-    /// An lbc N:M layer (linear or conv).
-    Nm(NmLayer),
+    /// An lbc N:M layer (linear or conv), with its sparse-engine twin when the run trains N:M
+    /// layers in sparse storage once their masks are final (it takes over from then on).
+    Nm(NmLayer, Option<EngineLayer>),
     /// A linear or conv layer of the sparse training engine.
     Engine(EngineLayer),
 }
@@ -264,7 +265,8 @@ impl Module for Layer {
         match self {
             Layer::Linear(l) => l.forward(x),
             Layer::Conv(l) => l.forward(x),
-            Layer::Nm(l) => l.forward(x),
+            Layer::Nm(_, Some(e)) if e.values().is_some() => e.forward(x),
+            Layer::Nm(l, _) => l.forward(x),
             Layer::Engine(l) => l.forward(x),
         }
     }
@@ -281,6 +283,10 @@ pub struct LayerFactory<'a> {
     pub nm: Vec<NmLayer>,
     /// Sparse-engine linear and conv layers built so far (their weights are in `sparse` too).
     pub engine: Vec<EngineLayer>,
+    /// Sparse-engine twins of the N:M layers built so far (with [`LayerFactory::nm_engine`]).
+    pub nm_engine: Vec<EngineLayer>,
+    /// Build those twins.
+    with_nm_engine: bool,
     /// Weight names built as dst-core layers even when `kind` is N:M (they stay dense).
     keep_dense: Vec<String>,
 }
@@ -295,8 +301,39 @@ impl<'a> LayerFactory<'a> {
             sparse: Vec::new(),
             nm: Vec::new(),
             engine: Vec::new(),
+            nm_engine: Vec::new(),
+            with_nm_engine: false,
             keep_dense: Vec::new(),
         }
+    }
+
+    /// Gives every N:M layer a sparse-engine twin over the same weight and bias (recorded in
+    /// [`LayerFactory::nm_engine`]), which the engine lays out in sparse storage once the N:M
+    /// masks are final (`dst_core::Sparsify::masks_final`); grouped convs get none.
+    pub fn nm_engine(mut self, on: bool) -> Self {
+        self.with_nm_engine = on;
+        self
+    }
+
+    /// The sparse-engine twin of the N:M layer `l` (see [`LayerFactory::nm_engine`]).
+    fn nm_twin(
+        &mut self,
+        l: &NmLayer,
+        conv: Option<Conv2dConfig>,
+    ) -> candle_core::Result<Option<EngineLayer>> {
+        if !self.with_nm_engine || conv.is_some_and(|c| c.groups != 1) {
+            return Ok(None);
+        }
+        let param =
+            SparseParam::new(l.name(), l.weight().clone()).map_err(candle_core::Error::wrap)?;
+        let bias = l.bias().cloned();
+        let e = match conv {
+            None => EngineLayer::new(param, bias),
+            Some(c) => EngineLayer::conv(param, bias, dst_core::layers::conv_spec(&c))
+                .map_err(candle_core::Error::wrap)?,
+        };
+        self.nm_engine.push(e.clone());
+        Ok(Some(e))
     }
 
     /// Builds the weights named here (e.g. `conv1.weight`) as dst-core layers even for N:M
@@ -352,7 +389,8 @@ impl<'a> LayerFactory<'a> {
                     nm_linear_no_bias(in_dim, out_dim, self.seed, vb)?
                 };
                 self.nm.push(l.clone());
-                Layer::Nm(l)
+                let twin = self.nm_twin(&l, None)?;
+                Layer::Nm(l, twin)
             }
         })
     }
@@ -394,7 +432,8 @@ impl<'a> LayerFactory<'a> {
                     nm_conv2d_no_bias(in_c, out_c, kernel, cfg, self.seed, vb)?
                 };
                 self.nm.push(l.clone());
-                Layer::Nm(l)
+                let twin = self.nm_twin(&l, Some(cfg))?;
+                Layer::Nm(l, twin)
             }
         })
     }
@@ -666,6 +705,8 @@ pub struct BuiltLayers {
     pub nm: Vec<NmLayer>,
     /// Sparse-engine linear and conv layers, in build order.
     pub engine: Vec<EngineLayer>,
+    /// Sparse-engine twins of the N:M layers, in build order (empty unless requested).
+    pub nm_engine: Vec<EngineLayer>,
 }
 
 /// Why a configuration cannot be built for a data set.
@@ -796,6 +837,7 @@ impl Network {
                 sparse: f.sparse,
                 nm: f.nm,
                 engine: f.engine,
+                nm_engine: f.nm_engine,
             },
         ))
     }

@@ -305,11 +305,121 @@ fn sparse_engine_resumes_exactly() {
 }
 
 #[test]
-fn sparse_engine_needs_a_dst_method() {
-    let c = cfg(MethodName::Lbc, EngineKind::Sparse);
-    let e = Trainer::new(c.clone(), fixture(&c))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("engine"), "{e}");
+fn sparse_engine_refuses_methods_whose_masks_never_settle() {
+    for m in [MethodName::Srste, MethodName::Dense] {
+        let c = cfg(m, EngineKind::Sparse);
+        let e = Trainer::new(c.clone(), fixture(&c))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("engine") && e.contains(m.as_str()), "{e}");
+    }
+}
+
+fn max_effective_weight_diff(a: &Trainer, b: &Trainer) -> f32 {
+    let masks = a.masks();
+    let effective = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
+        t.variables()
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| {
+                let mut v = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                if let Some((_, m)) = masks.iter().find(|(mn, _)| *mn == n) {
+                    m.apply(&mut v).unwrap();
+                }
+                (n, v)
+            })
+            .collect()
+    };
+    effective(a)
+        .iter()
+        .zip(effective(b))
+        .flat_map(|((_, x), (_, y))| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0.0f32, f32::max)
+}
+
+/// An N:M run whose masks become final after the first epoch: ASP (`nm-magnitude`, pruned
+/// before epoch 1) or LBC with `t_f` = 1; 1:4, so every layer (density 0.25) qualifies for
+/// sparse storage.
+fn nm_cfg(method: MethodName, engine: EngineKind) -> TrainConfig {
+    let mut c = TrainConfig {
+        epochs: 3,
+        batch_size: 50,
+        engine,
+        ..TrainConfig::default()
+    };
+    c.method.name = method;
+    c.method.n = 1;
+    c.method.m = 4;
+    c.method.nm_prune_epoch = Some(1);
+    c.method.lbc_t_f = Some(1);
+    c
+}
+
+/// N:M layers move to sparse storage when their masks become final and then train as the
+/// dense-mask engine does, up to float summation order: the same masks, and weights, losses
+/// and accuracies within rounding (the stored values' products run on the sparse kernels
+/// instead of the GEMM).
+#[test]
+fn fixed_nm_masks_train_in_sparse_storage_like_dense_mask() {
+    for method in [MethodName::NmMagnitude, MethodName::Lbc] {
+        let c = nm_cfg(method, EngineKind::Sparse);
+        let steps_per_epoch = fixture(&c).train.len().div_ceil(c.batch_size);
+        let mut s = Trainer::new(c.clone(), fixture(&c)).unwrap();
+        s.run_until(steps_per_epoch, &mut Silent).unwrap();
+        assert_eq!(
+            s.engine().sparse_layers(),
+            0,
+            "{method:?}: dense until the masks settle"
+        );
+        let mut d = Trainer::new(
+            nm_cfg(method, EngineKind::DenseMask),
+            fixture(&nm_cfg(method, EngineKind::DenseMask)),
+        )
+        .unwrap();
+        d.run_until(steps_per_epoch, &mut Silent).unwrap();
+        assert_eq!(
+            max_weight_diff(&s, &d),
+            0.0,
+            "{method:?}: the same dense first epoch"
+        );
+        let ss = s.run(&mut Silent).unwrap();
+        let sd = d.run(&mut Silent).unwrap();
+        assert_eq!(
+            s.engine().sparse_layers(),
+            3,
+            "{method:?}: every 1:4 layer moved"
+        );
+        assert_eq!(s.masks(), d.masks(), "{method:?}");
+        // What the layers compute with: W ⊙ mask (the dense-mask engine keeps decayed values
+        // under pruned entries, which it never reads; sparse storage has none).
+        let w = max_effective_weight_diff(&s, &d);
+        assert!(w > 0.0 && w < 1e-3, "{method:?}: weights differ by {w}");
+        metrics_close(&ss, &sd, 1e-3);
+    }
+}
+
+/// A run resumed after its N:M layers moved to sparse storage moves them again at its first
+/// step and ends bit-equal to the uninterrupted run.
+#[test]
+fn resume_after_the_move_to_sparse_storage_is_exact() {
+    let c = nm_cfg(MethodName::NmMagnitude, EngineKind::Sparse);
+    let steps_per_epoch = fixture(&c).train.len().div_ceil(c.batch_size);
+    let mut full = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    full.run(&mut Silent).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    first.run_until(steps_per_epoch + 3, &mut Silent).unwrap();
+    assert_eq!(first.engine().sparse_layers(), 3);
+    first.save_checkpoint(dir.path()).unwrap();
+    let mut resumed = Trainer::resume(dir.path(), fixture(&c)).unwrap();
+    resumed.run(&mut Silent).unwrap();
+    assert_eq!(resumed.engine().sparse_layers(), 3);
+    assert_eq!(full.masks(), resumed.masks());
+    assert_eq!(max_weight_diff(&full, &resumed), 0.0);
 }

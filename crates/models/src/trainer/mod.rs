@@ -26,7 +26,7 @@ use dst_core::{Rng, SparseParam, Sparsify, UpdateReport};
 use sparse_formats::Mask;
 
 use crate::checkpoint::{self, CheckpointState};
-use crate::config::TrainConfig;
+use crate::config::{EngineKind, TrainConfig};
 use crate::data::{Datasets, ImageSet};
 use crate::distributed::{self, Collective, CommStats, Metered, SingleProcess};
 use crate::engine::Engine;
@@ -76,20 +76,22 @@ impl Trainer {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let t = &data.train;
-        let factory =
-            LayerFactory::new(vb, cfg.layer_kind(), cfg.seed).keep_dense(&cfg.method.dense_layers);
+        let factory = LayerFactory::new(vb, cfg.layer_kind(), cfg.seed)
+            .keep_dense(&cfg.method.dense_layers)
+            .nm_engine(cfg.method.name.is_nm() && cfg.engine_for_run() == EngineKind::Sparse);
         let (net, built) =
             Network::build_with(&cfg.model, [t.channels, t.rows, t.cols], t.classes, factory)
                 .map_err(|e| config_err("model", e))?;
         let steps_per_epoch = t.len().div_ceil(cfg.batch_size);
         let total_steps = steps_per_epoch * cfg.epochs;
         let (method, unmanaged) = cfg.build_method(&built, total_steps)?;
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             built.engine,
             method.as_ref(),
             varmap.all_vars(),
             &cfg.optimizer,
         )?;
+        engine.defer(built.nm_engine);
         let norm = data.train.channel_stats();
         Ok(Trainer {
             cfg,
@@ -466,6 +468,8 @@ impl Trainer {
         let step = self.step + 1;
         self.engine.set_learning_rate(lr);
         self.method.before_forward(step, epoch, lr)?;
+        // N:M layers of a sparse-engine run go to sparse storage once their masks are final.
+        self.engine.adopt_final_masks(self.method.as_ref())?;
         self.engine.begin_step(self.method.needs_dense_grad(step));
         let size = self.comm.size();
         let local = distributed::shard(idx, self.comm.rank(), size);
