@@ -194,24 +194,21 @@ impl Trainer {
         weight: f32,
     ) -> Result<()> {
         let vars = self.trained_vars();
-        let present: Vec<(&candle_core::Var, &Tensor)> = vars
+        // Handles (not copies) of the gradients, so the store can take the sums back below.
+        let present: Vec<(&candle_core::Var, Tensor)> = vars
             .iter()
-            .filter_map(|v| grads.get(v).map(|g| (v, g)))
+            .filter_map(|v| grads.get(v).map(|g| (v, g.clone())))
             .collect();
         // One pass over each gradient: read in place, scaled into the send buffer.
         let mut buf = Vec::with_capacity(present.iter().map(|(_, g)| g.elem_count()).sum());
         for (_, g) in &present {
             sparse_kernels::storage::with_f32(g, |s| buf.extend(s.iter().map(|x| x * weight)))?;
         }
-        let present: Vec<(&candle_core::Var, candle_core::Shape)> = present
-            .into_iter()
-            .map(|(v, g)| (v, g.shape().clone()))
-            .collect();
         self.comm.all_reduce_sum(&mut buf)?;
         let mut at = 0;
-        for (v, shape) in present {
-            let len = shape.elem_count();
-            let t = Tensor::from_slice(&buf[at..at + len], shape, &self.dev)?;
+        for (v, g) in present {
+            let len = g.elem_count();
+            let t = Tensor::from_slice(&buf[at..at + len], g.shape(), &self.dev)?;
             grads.insert(v.as_tensor(), t);
             at += len;
         }
