@@ -829,6 +829,32 @@ pub fn render_markdown(doc: &Value) -> String {
         }
         s.push('\n');
     }
+    let rule: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["suite"] == "engine-rule")
+        .collect();
+    if !rule.is_empty() {
+        s.push_str(
+            "### Which engine `auto` picks: dense-mask vs sparse engine (batch 128, steps per second)\n\n\
+             | model | method | sparsity / pattern | threads | layers in sparse storage | dense-mask | sparse | sparse ÷ dense-mask |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+        let sps = |r: &Value, k: &str| 1.0 / r[k].as_f64().unwrap_or(f64::NAN);
+        for r in &rule {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2}× |\n",
+                r["model"].as_str().unwrap_or("?"),
+                r["method"].as_str().unwrap_or("?"),
+                r["setting"].as_str().unwrap_or("?"),
+                r["threads"],
+                r["sparse_layers"],
+                sps(r, "dense_mask_s_per_step"),
+                sps(r, "sparse_s_per_step"),
+                sps(r, "sparse_s_per_step") / sps(r, "dense_mask_s_per_step"),
+            ));
+        }
+        s.push('\n');
+    }
     let sconv: Vec<&Value> = recs
         .iter()
         .filter(|r| r["suite"] == "sparse-conv")
@@ -1034,6 +1060,9 @@ mod tests {
                         json!({"suite": "train-conv", "model": "lenet5", "threads": 2,
                                "dense_s_per_step": 0.02, "dense_mask_s_per_step": 0.04,
                                "sparse_s_per_step": 0.025}),
+                        json!({"suite": "engine-rule", "model": "m", "method": "rigl",
+                               "setting": "90%", "threads": 1, "sparse_layers": 3,
+                               "dense_mask_s_per_step": 0.04, "sparse_s_per_step": 0.01}),
                         json!({"suite": "sparse-conv", "op": "forward+backward",
                                "shape": "64→64 32×32 3×3", "batch": 32, "density": 0.1,
                                "threads": 1, "median_ns": 5e7, "dense_median_ns": 1e8,
@@ -1066,6 +1095,10 @@ mod tests {
         );
         assert!(
             md.contains("| lenet5 sparse engine ≥ 2× dense-mask | 1.60× | **no** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| m | rigl | 90% | 1 | 3 | 25.00 | 100.00 | 4.00× |"),
             "{md}"
         );
         assert!(

@@ -134,8 +134,9 @@ pub struct TrainArgs {
     /// Training engine of sparse layers: dense-mask (dense weights × mask), sparse (linear and
     /// conv weights of density ≤ 0.3 in sparse storage between mask updates; dst methods, and
     /// lbc / nm-magnitude once their N:M masks are final), or
-    /// auto (default: sparse for SRigL at ≥ 90% sparsity on an MLP, LeNet-5 or ResNet-18, where
-    /// it is the faster).
+    /// auto (default: sparse for static / set / rigl / srigl and for lbc / nm-magnitude at N:M
+    /// density ≤ 0.3, on an MLP, LeNet-5 or ResNet-18, where it is measured the faster;
+    /// dense-mask otherwise).
     #[arg(long, value_enum)]
     engine: Option<EngineArg>,
     /// Checkpoint every N epochs (0: only at the end).

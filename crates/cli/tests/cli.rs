@@ -40,8 +40,8 @@ fn fails(o: &Output, needles: &[&str]) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// A short `dst train` run with the user's default engine rule named (`auto`: SRigL at 90% on
-/// this MLP trains in the sparse engine, every other run dense-mask).
+/// A short `dst train` run with the user's default engine rule named (`auto`: the dst methods
+/// on this MLP train in the sparse engine; dense, SR-STE and 2:4 runs dense-mask).
 fn train(dir: &Path, extra: &[&str]) -> PathBuf {
     let out = dir.display().to_string();
     let data = data_dir();

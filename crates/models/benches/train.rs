@@ -5,23 +5,25 @@
 //! and the overhead is that cost over ΔT = 100 steps plus one update. Then the conv nets
 //! (`train-conv` records): LeNet-5 on 1×28×28 and the CIFAR ResNet-18 on 3×32×32 images, batch
 //! 128, dense training, dense-mask SRigL and sparse-engine SRigL (convolutions in sparse storage)
-//! at 90% (steps per second with the mask updates at the trainer's ΔT = 100 included).
+//! at 90% (steps per second with the mask updates at the trainer's ΔT = 100 included). Last,
+//! what `engine = "auto"` is decided from (`engine-rule` records, [`engine_rule_suite`]).
 //!
 //! `cargo bench -p models --bench train -- [--quick] [--json FILE] [--model SUBSTRING]
-//! [--sparsity S] [--profile dense|dense-mask|sparse]` (`--model`/`--sparsity` run a subset,
+//! [--sparsity S] [--profile dense|dense-mask|sparse] [--engine-rule]` (`--model`/`--sparsity` run a subset,
 //! e.g. `--model 3072 --sparsity 0.9`; `--profile` runs only that path of the first selected
-//! case, for a profiler: `perf record -g target/release/deps/train-* --profile sparse ...`)
+//! case, for a profiler: `perf record -g target/release/deps/train-* --profile sparse ...`;
+//! `--engine-rule` runs only the engine-rule section)
 
 mod common;
 
-use common::{mlp_case, synthetic, time_steps, MLPS};
+use common::{mlp_case, synthetic, time_steps, time_trainer, MLPS};
 
 /// The allocator the `dst` binary uses (see `crates/cli/src/main.rs`), so the suite times what a
 /// user runs.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use models::{Datasets, EngineKind, MethodName, ModelConfig, TrainConfig};
+use models::{Datasets, EngineKind, MethodName, ModelConfig, TrainConfig, Trainer};
 
 /// The conv nets: dense training, dense-mask SRigL 90% and sparse-engine SRigL 90% steps per
 /// second; the sparse column is the median step plus one update spread over ΔT = 100 steps, as in
@@ -99,6 +101,116 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
     records
 }
 
+/// Seconds per step of one configuration: the median step plus one measured mask update spread
+/// over ΔT = 100 steps (updates every third timed step, at least every second, so the timed
+/// steps hold some), as the conv suite does; and how many layers the run held in sparse storage.
+fn step_with_updates(
+    cfg: &TrainConfig,
+    data: &Datasets,
+    warm: usize,
+    steps: usize,
+) -> (f64, usize) {
+    let mut cfg = cfg.clone();
+    cfg.method.delta_t = (steps / 3).max(2);
+    let mut trainer = Trainer::new(cfg, data.clone()).expect("trainer");
+    let t = time_trainer(&mut trainer, warm, steps);
+    (
+        t.median_step + t.update_extra / 100.0,
+        trainer.engine().sparse_layers(),
+    )
+}
+
+/// What `engine = "auto"` is decided from (`engine-rule` records): dense-mask against sparse
+/// engine for every method the sparse engine trains — Static, SET, RigL (CSR storage: their
+/// rows' fan-ins differ) and SRigL (condensed) at 50/70/90% sparsity (ERK), and the N:M methods
+/// once their masks are final (nm-magnitude after its prune, LBC from `t_f`) at 2:4, 1:4, 2:8
+/// and 1:8 — on the 784-1000-1000-1000-10 MLP and LeNet-5 (N:M on fc1 and fc2), batch 128.
+fn engine_rule_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
+    let steps = if quick { 15 } else { 40 };
+    let mut records = Vec::new();
+    println!(
+        "\n| model | method | sparsity / pattern | layers in sparse storage | dense-mask steps/s | \
+         sparse steps/s | sparse ÷ dense-mask |\n|---|---|---|---|---|---|---|"
+    );
+    let (mlp, mlp_data) = mlp_case(&[1000, 1000, 1000], 1, 28);
+    let lenet = TrainConfig {
+        model: ModelConfig::Lenet5,
+        ..mlp.clone()
+    };
+    let lenet_data = Datasets::split(
+        synthetic(128 * 25, 1, 28, 1),
+        synthetic(128, 1, 28, 2),
+        &lenet,
+    );
+    let cases = [
+        ("784-1000-1000-1000-10", &mlp, &mlp_data, 3),
+        ("lenet5", &lenet, &lenet_data, 5),
+    ];
+    for (name, base, data, warm) in cases {
+        if only_model.is_some_and(|m| !name.contains(m)) {
+            continue;
+        }
+        let mut rows: Vec<(MethodName, String, TrainConfig, usize)> = Vec::new();
+        for method in [
+            MethodName::Static,
+            MethodName::Set,
+            MethodName::Rigl,
+            MethodName::Srigl,
+        ] {
+            for s in [0.5, 0.7, 0.9] {
+                let mut cfg = base.clone();
+                cfg.method.name = method;
+                cfg.method.sparsity = s;
+                rows.push((method, format!("{:.0}%", s * 100.0), cfg, warm));
+            }
+        }
+        // N:M: the masks are final after the first epoch (25 steps); time after it. LeNet-5's
+        // convs and fc3 stay dense (1 and 6 input channels, fan-in 84: no groups of 8).
+        for (method, patterns) in [
+            (
+                MethodName::NmMagnitude,
+                &[(2, 4), (1, 4), (2, 8), (1, 8)][..],
+            ),
+            (MethodName::Lbc, &[(1, 4), (1, 8)][..]),
+        ] {
+            for &(n, m) in patterns {
+                let mut cfg = base.clone();
+                cfg.method.name = method;
+                cfg.method.n = n;
+                cfg.method.m = m;
+                cfg.method.nm_prune_epoch = Some(1);
+                cfg.method.lbc_t_i = 0;
+                cfg.method.lbc_t_f = Some(1);
+                if name == "lenet5" {
+                    cfg.method.dense_layers = ["conv1.weight", "conv2.weight", "fc3.weight"]
+                        .map(String::from)
+                        .to_vec();
+                }
+                rows.push((method, format!("{n}:{m}"), cfg, 25 + warm));
+            }
+        }
+        for (method, setting, mut cfg, warm) in rows {
+            cfg.engine = EngineKind::DenseMask;
+            let (masked, _) = step_with_updates(&cfg, data, warm, steps);
+            cfg.engine = EngineKind::Sparse;
+            let (sparse, layers) = step_with_updates(&cfg, data, warm, steps);
+            println!(
+                "| {name} | {} | {setting} | {layers} | {:.2} | {:.2} | {:.2}× |",
+                method.as_str(),
+                1.0 / masked,
+                1.0 / sparse,
+                masked / sparse
+            );
+            records.push(serde_json::json!({
+                "suite": "engine-rule", "model": name, "method": method.as_str(),
+                "setting": setting, "batch": 128, "threads": rayon::current_num_threads(),
+                "steps": steps, "sparse_layers": layers, "dense_mask_s_per_step": masked, "sparse_s_per_step": sparse,
+            }));
+        }
+    }
+    records
+}
+
 fn main() {
     models::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
@@ -122,6 +234,13 @@ fn main() {
         &[0.9, 0.95, 0.99]
     };
     let mut records = Vec::new();
+    if args.iter().any(|a| a == "--engine-rule") {
+        records.extend(engine_rule_suite(quick, only_model.as_deref()));
+        if let Some(path) = json_out {
+            std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap()).unwrap();
+        }
+        return;
+    }
     println!("| model | sparsity | dense steps/s | dense-mask SRigL | sparse SRigL | sparse ÷ dense | one update costs | update overhead at ΔT = 100 |");
     println!("|---|---|---|---|---|---|---|---|");
     for (name, hidden, c, side) in MLPS {
@@ -191,6 +310,7 @@ fn main() {
     }
     if profile.is_none() {
         records.extend(conv_suite(quick, only_model.as_deref()));
+        records.extend(engine_rule_suite(quick, only_model.as_deref()));
     }
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap()).unwrap();

@@ -62,22 +62,45 @@ fn learning_rate_schedules() {
     close(constant.lr(0.3, 99, 10, 100), 0.3);
 }
 
-/// `engine = "auto"` (the default) resolves to the sparse engine exactly where it is measured to
-/// pay: SRigL, ≥ 90% sparsity, an MLP; an explicit choice is kept.
+/// `engine = "auto"` (the default) resolves to the sparse engine for every method it trains on
+/// the measured models (the engine then decides per layer by density), except N:M patterns
+/// denser than `MAX_SPARSE_DENSITY`, the ViT, SR-STE and dense training; an explicit choice is
+/// kept.
 #[test]
 fn auto_engine_resolution() {
     let mut c = TrainConfig::default();
     assert_eq!(c.engine, EngineKind::Auto);
     let parsed: TrainConfig = serde_json::from_str(r#"{"engine": "auto"}"#).unwrap();
     assert_eq!(parsed.engine, EngineKind::Auto);
-    c.method.name = MethodName::Srigl;
-    c.method.sparsity = 0.9;
-    assert_eq!(c.engine_for_run(), EngineKind::Sparse);
-    c.method.sparsity = 0.8;
-    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
-    c.method.sparsity = 0.99;
-    c.method.name = MethodName::Rigl;
-    assert_eq!(c.engine_for_run(), EngineKind::DenseMask);
+    for method in [
+        MethodName::Static,
+        MethodName::Set,
+        MethodName::Rigl,
+        MethodName::Srigl,
+    ] {
+        for sparsity in [0.5, 0.8, 0.9, 0.99] {
+            c.method.name = method;
+            c.method.sparsity = sparsity;
+            assert_eq!(
+                c.engine_for_run(),
+                EngineKind::Sparse,
+                "{method:?} {sparsity}"
+            );
+        }
+    }
+    for (name, n, m, engine) in [
+        (MethodName::NmMagnitude, 2, 4, EngineKind::DenseMask),
+        (MethodName::NmMagnitude, 1, 4, EngineKind::Sparse),
+        (MethodName::Lbc, 2, 8, EngineKind::Sparse),
+        (MethodName::Lbc, 1, 16, EngineKind::Sparse),
+        (MethodName::Lbc, 2, 4, EngineKind::DenseMask),
+        (MethodName::Lbc, 3, 8, EngineKind::DenseMask),
+        (MethodName::Srste, 1, 16, EngineKind::DenseMask),
+    ] {
+        c.method.name = name;
+        (c.method.n, c.method.m) = (n, m);
+        assert_eq!(c.engine_for_run(), engine, "{name:?} {n}:{m}");
+    }
     c.method.name = MethodName::Srigl;
     c.model = ModelConfig::Lenet5;
     assert_eq!(

@@ -4,7 +4,7 @@
 //! uninterrupted run; thread count does not change results; divergence is a clear error.
 //!
 //! Every config here names its engine: `cfg` is the dense-mask engine (the default, `auto`,
-//! would pick the sparse engine for SRigL at 90% on this MLP); the real-data, resume and
+//! would pick the sparse engine for every dst method on this MLP); the real-data, resume and
 //! thread-count tests also run on the sparse engine.
 
 mod common;
@@ -48,7 +48,7 @@ fn sparse(mut c: TrainConfig) -> TrainConfig {
 }
 
 /// The configs of these tests run the engine they name: dense-mask keeps its coverage now that
-/// `auto` (the default) would run SRigL at 90% on this MLP in the sparse engine.
+/// `auto` (the default) would run SRigL (any dst method) on this MLP in the sparse engine.
 #[test]
 fn tests_run_the_engine_they_name() {
     let c = cfg(MethodName::Srigl);
