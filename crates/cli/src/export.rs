@@ -214,7 +214,7 @@ fn bench_end_to_end(a: &BenchArgs) -> Result<ExitCode> {
     let [c, h, w] = sparse.description().image;
     println!(
         "{:<8} {:>14} {:>14} {:>9}",
-        "batch", "sparse ms", "dense ms", "speed-up"
+        "batch", "sparse µs", "dense µs", "speed-up"
     );
     let mut rng = dst_core::Rng::new(7);
     for batch in [1usize, 256] {
@@ -232,10 +232,16 @@ fn bench_end_to_end(a: &BenchArgs) -> Result<ExitCode> {
                 times.push(t.elapsed().as_secs_f64());
             }
             times.sort_by(f64::total_cmp);
-            Ok(times[times.len() / 2] * 1e3)
+            Ok(times[times.len() / 2] * 1e6)
         };
         let (s, d) = (time(&sparse)?, time(&dense)?);
-        println!("{batch:<8} {s:>14.3} {d:>14.3} {:>8.2}×", d / s);
+        println!("{batch:<8} {s:>14.1} {d:>14.1} {:>8.2}×", d / s);
+    }
+    if !sparse.row_block_layers().is_empty() {
+        println!(
+            "batches below 8 run {} as 8-column row blocks",
+            sparse.row_block_layers().join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

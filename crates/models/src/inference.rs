@@ -16,7 +16,9 @@
 //! plan of kernel calls on slices ([`SparseModel::forward`]): at batch 1 candle's per-op cost
 //! (five ops a layer) outweighs a sparse layer's arithmetic, so the plan calls the kernels
 //! directly — the same values as the network's forward (bias added after the sparse product,
-//! dense layers as candle's dense linear, ReLU as `max(x, 0)`).
+//! dense layers as candle's dense linear, ReLU as `max(x, 0)`) up to float summation order.
+//! Below 8 examples its sparse layers run as 8-column row blocks (`sparse_kernels::RowBlocks`,
+//! built at load time), which need fewer loads than a gathered product.
 //!
 //! ```no_run
 //! use models::inference::SparseModel;
@@ -305,12 +307,30 @@ fn evaluate_with(
     Ok(((loss_sum / n) as f32, (correct / n) as f32))
 }
 
+/// Batches below this run the plan's sparse layers as 8-column row blocks where they pay
+/// (`sparse_kernels::RowBlocks`: a contiguous load of 8 inputs per block instead of a gathered
+/// load per stored weight); larger ones on the batched kernels, which reuse each loaded weight
+/// across a tile of examples.
+const SMALL_BATCH: usize = 8;
+
+/// Whether a layer's row blocks beat its gathered batch-1 product: a block (32 bytes of values
+/// and its start) costs ~1.8 times a gathered stored weight at batch 1 (measured on the
+/// development VM, LeNet-300-100 SRigL 90%: fc1 at 8% density, 0.63 blocks per stored weight,
+/// 12.4 µs as blocks vs 10.7 µs gathered; fc2 at 23%, 0.39 blocks per weight, 2.9 vs 4.5 µs;
+/// docs/benchmarks.md "End-to-end inference"), so blocks run a layer when there are fewer than
+/// 0.55 of them per stored weight — denser layers, whose stored weights cluster in blocks.
+fn blocks_pay(blocks: usize, nnz: usize) -> bool {
+    blocks * 20 < nnz * 11
+}
+
 /// One layer of an [`MlpPlan`].
 enum PlanLayer {
-    /// On the sparse kernels.
+    /// On the sparse kernels: batched through `structure`, small batches through `blocks`
+    /// where they pay ([`blocks_pay`]).
     Sparse {
         structure: SparseStructure,
         values: Vec<f32>,
+        blocks: Option<sparse_kernels::RowBlocks>,
     },
     /// Dense, row-major `[rows, fan_in]`.
     Dense { weight: Vec<f32> },
@@ -330,7 +350,15 @@ impl MlpPlan {
         for (i, (layer, rows, fan_in, bias)) in self.layers.iter().enumerate() {
             let input: &[f32] = if i == 0 { x } else { &h };
             let mut y = match layer {
-                PlanLayer::Sparse { structure, values } => sparse_kernels::forward(
+                PlanLayer::Sparse {
+                    blocks: Some(blocks),
+                    ..
+                } if batch < SMALL_BATCH => blocks
+                    .forward(input, batch, bias.as_deref(), exec)
+                    .map_err(candle_core::Error::wrap)?,
+                PlanLayer::Sparse {
+                    structure, values, ..
+                } => sparse_kernels::forward(
                     structure.weight(),
                     values,
                     bias.as_deref(),
@@ -372,6 +400,8 @@ pub struct SparseModel {
     dev: Device,
     /// Layers running on the sparse kernels, by weight name, with their format.
     sparse: Vec<(String, &'static str)>,
+    /// Sparse layers of the MLP plan that run small batches as row blocks.
+    row_blocks: Vec<String>,
 }
 
 impl SparseModel {
@@ -538,6 +568,7 @@ impl SparseModel {
         }
         let mut sparse = Vec::new();
         let mut plan = Vec::new();
+        let mut row_blocks = Vec::new();
         for e in &built.engine {
             let name = e.param().name().to_string();
             let var = e.param().var().as_tensor();
@@ -554,8 +585,20 @@ impl SparseModel {
                     } =>
                 {
                     e.install(structure.clone(), values.clone())?;
-                    sparse.push((name, format));
-                    PlanLayer::Sparse { structure, values }
+                    sparse.push((name.clone(), format));
+                    let w = var.flatten_all()?.to_vec1::<f32>()?;
+                    let blocks = sparse_kernels::RowBlocks::from_dense(rows, fan_in, &w)
+                        .map_err(candle_core::Error::wrap)?;
+                    let blocks =
+                        blocks_pay(blocks.blocks(), structure.weight().nnz()).then_some(blocks);
+                    if blocks.is_some() && matches!(desc.model, ModelConfig::Mlp { .. }) {
+                        row_blocks.push(name);
+                    }
+                    PlanLayer::Sparse {
+                        structure,
+                        values,
+                        blocks,
+                    }
                 }
                 _ => PlanLayer::Dense {
                     weight: var.flatten_all()?.to_vec1::<f32>()?,
@@ -571,6 +614,7 @@ impl SparseModel {
             plan,
             dev,
             sparse,
+            row_blocks,
         })
     }
 
@@ -582,6 +626,13 @@ impl SparseModel {
     /// The layers that run on the sparse kernels (weight name, format), in build order.
     pub fn sparse_layers(&self) -> &[(String, &'static str)] {
         &self.sparse
+    }
+
+    /// The sparse layers of an MLP that run batches below 8 as 8-column row blocks
+    /// (`sparse_kernels::RowBlocks`) because that is faster for them than the gathered product;
+    /// the others run the format's own kernels at every batch.
+    pub fn row_block_layers(&self) -> &[String] {
+        &self.row_blocks
     }
 
     fn check_set(&self, set: &ImageSet) -> Result<()> {

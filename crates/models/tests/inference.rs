@@ -74,6 +74,21 @@ fn a_model_file_runs_to_the_trainers_accuracy() {
         test.len(),
         "one class per image"
     );
+    // One image at a time (batches below 8: fc2, at ERK's 23% density, as row blocks; fc1, at
+    // 8%, gathered) gives the batched logits.
+    assert_eq!(model.row_block_layers(), ["fc2.weight"]);
+    for i in [0usize, 5, 63] {
+        let one = model.logits(test, &[i]).unwrap();
+        let diff = (&one - x.narrow(0, i, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "image {i}: {diff}");
+    }
 }
 
 /// A LeNet-5 file: its sparse convolution runs on the sparse conv kernels too (condensed and

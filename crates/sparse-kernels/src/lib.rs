@@ -34,6 +34,7 @@
 
 pub mod act;
 pub mod backward;
+mod blocked;
 pub mod conv;
 pub mod cpu;
 pub mod cuda;
@@ -52,6 +53,7 @@ pub mod storage;
 mod vgrad256;
 mod vgrad512;
 
+pub use blocked::RowBlocks;
 pub use cpu::{forward, forward_into, input_grad, value_grad};
 pub use isa::Isa;
 pub use packed::PackedNm;
