@@ -237,11 +237,8 @@ fn bench_end_to_end(a: &BenchArgs) -> Result<ExitCode> {
         let (s, d) = (time(&sparse)?, time(&dense)?);
         println!("{batch:<8} {s:>14.1} {d:>14.1} {:>8.2}×", d / s);
     }
-    if !sparse.row_block_layers().is_empty() {
-        println!(
-            "batches below 8 run {} as 8-column row blocks",
-            sparse.row_block_layers().join(", ")
-        );
+    for (name, layout) in sparse.small_batch_layers() {
+        println!("batches below 8 run {name} as {layout}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,8 +17,9 @@
 //! (five ops a layer) outweighs a sparse layer's arithmetic, so the plan calls the kernels
 //! directly — the same values as the network's forward (bias added after the sparse product,
 //! dense layers as candle's dense linear, ReLU as `max(x, 0)`) up to float summation order.
-//! Below 8 examples its sparse layers run as 8-column row blocks (`sparse_kernels::RowBlocks`,
-//! built at load time), which need fewer loads than a gathered product.
+//! Below 8 examples its N:M layers run packed (`sparse_kernels::PackedNm`) and its other sparse
+//! layers, where that is faster, as 8-column row blocks (`sparse_kernels::RowBlocks`); both are
+//! built at load time ([`SparseModel::small_batch_layers`]).
 //!
 //! ```no_run
 //! use models::inference::SparseModel;
@@ -307,11 +308,62 @@ fn evaluate_with(
     Ok(((loss_sum / n) as f32, (correct / n) as f32))
 }
 
-/// Batches below this run the plan's sparse layers as 8-column row blocks where they pay
-/// (`sparse_kernels::RowBlocks`: a contiguous load of 8 inputs per block instead of a gathered
-/// load per stored weight); larger ones on the batched kernels, which reuse each loaded weight
-/// across a tile of examples.
+/// Batches below this run the plan's sparse layers on a small-batch layout where one pays
+/// ([`SmallBatch`]); larger ones on the batched kernels, which reuse each loaded weight across a
+/// tile of examples.
 const SMALL_BATCH: usize = 8;
+
+/// A sparse layer's layout for batches below [`SMALL_BATCH`], built at load time.
+enum SmallBatch {
+    /// N:M with consecutive groups and `m` dividing 16: `sparse_kernels::PackedNm` (16 rows per
+    /// block, one in-register permute per 16 products, no gathers).
+    Packed(sparse_kernels::PackedNm),
+    /// 8-column row blocks (`sparse_kernels::RowBlocks`: a contiguous load of 8 inputs per
+    /// block instead of a gathered load per stored weight), where [`blocks_pay`].
+    Blocks(sparse_kernels::RowBlocks),
+}
+
+impl SmallBatch {
+    /// The layout for a layer stored as `structure` with dense row-major weights `w`, if one
+    /// beats the format's own batch-1 product.
+    fn choose(structure: &SparseStructure, rows: usize, fan_in: usize, w: &[f32]) -> Option<Self> {
+        if let SparseStructure::Nm(nm) = structure {
+            if let Ok(p) = sparse_kernels::PackedNm::new(nm) {
+                return Some(SmallBatch::Packed(p));
+            }
+        }
+        let blocks = sparse_kernels::RowBlocks::from_dense(rows, fan_in, w).ok()?;
+        blocks_pay(blocks.blocks(), structure.weight().nnz()).then_some(SmallBatch::Blocks(blocks))
+    }
+
+    /// The layout's name, as `SparseModel::small_batch_layers` reports it.
+    fn name(&self) -> &'static str {
+        match self {
+            SmallBatch::Packed(_) => "packed N:M",
+            SmallBatch::Blocks(_) => "row blocks",
+        }
+    }
+
+    /// `y [batch, rows] = x · Wᵀ + bias`.
+    fn forward(
+        &self,
+        x: &[f32],
+        batch: usize,
+        bias: Option<&[f32]>,
+        exec: sparse_kernels::Exec,
+    ) -> std::result::Result<Vec<f32>, sparse_kernels::KernelError> {
+        match self {
+            SmallBatch::Blocks(b) => b.forward(x, batch, bias, exec),
+            SmallBatch::Packed(p) => {
+                let mut y = Vec::with_capacity(batch * p.rows());
+                for xb in x.chunks_exact(p.fan_in().max(1)).take(batch) {
+                    y.extend(p.forward_one(xb, bias, exec)?);
+                }
+                Ok(y)
+            }
+        }
+    }
+}
 
 /// Whether a layer's row blocks beat its gathered batch-1 product: a block (32 bytes of values
 /// and its start) costs ~1.8 times a gathered stored weight at batch 1 (measured on the
@@ -325,12 +377,12 @@ fn blocks_pay(blocks: usize, nnz: usize) -> bool {
 
 /// One layer of an [`MlpPlan`].
 enum PlanLayer {
-    /// On the sparse kernels: batched through `structure`, small batches through `blocks`
-    /// where they pay ([`blocks_pay`]).
+    /// On the sparse kernels: batched through `structure`, small batches through `small`
+    /// where one pays ([`SmallBatch::choose`]).
     Sparse {
         structure: SparseStructure,
         values: Vec<f32>,
-        blocks: Option<sparse_kernels::RowBlocks>,
+        small: Option<SmallBatch>,
     },
     /// Dense, row-major `[rows, fan_in]`.
     Dense { weight: Vec<f32> },
@@ -351,9 +403,8 @@ impl MlpPlan {
             let input: &[f32] = if i == 0 { x } else { &h };
             let mut y = match layer {
                 PlanLayer::Sparse {
-                    blocks: Some(blocks),
-                    ..
-                } if batch < SMALL_BATCH => blocks
+                    small: Some(small), ..
+                } if batch < SMALL_BATCH => small
                     .forward(input, batch, bias.as_deref(), exec)
                     .map_err(candle_core::Error::wrap)?,
                 PlanLayer::Sparse {
@@ -400,8 +451,8 @@ pub struct SparseModel {
     dev: Device,
     /// Layers running on the sparse kernels, by weight name, with their format.
     sparse: Vec<(String, &'static str)>,
-    /// Sparse layers of the MLP plan that run small batches as row blocks.
-    row_blocks: Vec<String>,
+    /// Sparse layers of the MLP plan that run small batches on another layout, and its name.
+    small_batch: Vec<(String, &'static str)>,
 }
 
 impl SparseModel {
@@ -568,7 +619,7 @@ impl SparseModel {
         }
         let mut sparse = Vec::new();
         let mut plan = Vec::new();
-        let mut row_blocks = Vec::new();
+        let mut small_batch = Vec::new();
         for e in &built.engine {
             let name = e.param().name().to_string();
             let var = e.param().var().as_tensor();
@@ -586,18 +637,19 @@ impl SparseModel {
                 {
                     e.install(structure.clone(), values.clone())?;
                     sparse.push((name.clone(), format));
-                    let w = var.flatten_all()?.to_vec1::<f32>()?;
-                    let blocks = sparse_kernels::RowBlocks::from_dense(rows, fan_in, &w)
-                        .map_err(candle_core::Error::wrap)?;
-                    let blocks =
-                        blocks_pay(blocks.blocks(), structure.weight().nnz()).then_some(blocks);
-                    if blocks.is_some() && matches!(desc.model, ModelConfig::Mlp { .. }) {
-                        row_blocks.push(name);
+                    let small = if matches!(desc.model, ModelConfig::Mlp { .. }) {
+                        let w = var.flatten_all()?.to_vec1::<f32>()?;
+                        SmallBatch::choose(&structure, rows, fan_in, &w)
+                    } else {
+                        None
+                    };
+                    if let Some(l) = &small {
+                        small_batch.push((name, l.name()));
                     }
                     PlanLayer::Sparse {
                         structure,
                         values,
-                        blocks,
+                        small,
                     }
                 }
                 _ => PlanLayer::Dense {
@@ -614,7 +666,7 @@ impl SparseModel {
             plan,
             dev,
             sparse,
-            row_blocks,
+            small_batch,
         })
     }
 
@@ -628,11 +680,13 @@ impl SparseModel {
         &self.sparse
     }
 
-    /// The sparse layers of an MLP that run batches below 8 as 8-column row blocks
-    /// (`sparse_kernels::RowBlocks`) because that is faster for them than the gathered product;
-    /// the others run the format's own kernels at every batch.
-    pub fn row_block_layers(&self) -> &[String] {
-        &self.row_blocks
+    /// The sparse layers of an MLP that run batches below 8 on a layout faster there than the
+    /// format's own product (weight name, layout): `"packed N:M"` (`sparse_kernels::PackedNm`)
+    /// for N:M layers whose M divides 16, `"row blocks"` (`sparse_kernels::RowBlocks`) for
+    /// other layers dense enough that their stored weights cluster. The others run the
+    /// format's own kernels at every batch.
+    pub fn small_batch_layers(&self) -> &[(String, &'static str)] {
+        &self.small_batch
     }
 
     fn check_set(&self, set: &ImageSet) -> Result<()> {

@@ -76,10 +76,59 @@ fn a_model_file_runs_to_the_trainers_accuracy() {
     );
     // One image at a time (batches below 8: fc2, at ERK's 23% density, as row blocks; fc1, at
     // 8%, gathered) gives the batched logits.
-    assert_eq!(model.row_block_layers(), ["fc2.weight"]);
+    assert_eq!(
+        model.small_batch_layers(),
+        [("fc2.weight".to_string(), "row blocks")]
+    );
     for i in [0usize, 5, 63] {
         let one = model.logits(test, &[i]).unwrap();
         let diff = (&one - x.narrow(0, i, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "image {i}: {diff}");
+    }
+}
+
+/// An N:M file (ASP at 1:4): its layers run packed at batches below 8 and give the batched
+/// logits, which give the trainer's accuracy.
+#[test]
+fn an_nm_file_runs_packed_at_small_batches() {
+    let mut c = TrainConfig {
+        epochs: 2,
+        batch_size: 50,
+        engine: EngineKind::DenseMask,
+        ..TrainConfig::default()
+    };
+    c.data.limit = Some(400);
+    c.method.name = MethodName::NmMagnitude;
+    (c.method.n, c.method.m) = (1, 4);
+    c.method.nm_prune_epoch = Some(1);
+    let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+    t.run(&mut Silent).unwrap();
+    let desc = ModelDescription::of(&c, t.normalization().to_vec());
+    let model = SparseModel::from_layers(desc, export_layers(&t, ExportFormat::Nm).unwrap(), false)
+        .unwrap();
+    let packed: Vec<(String, &str)> = ["fc1.weight", "fc2.weight", "fc3.weight"]
+        .map(|n| (n.to_string(), "packed N:M"))
+        .to_vec();
+    assert_eq!(model.small_batch_layers(), packed);
+    let test = &t.data().test;
+    let (_, acc) = t.evaluate(test).unwrap();
+    let (_, m_acc) = model.evaluate(test).unwrap();
+    assert!(
+        (m_acc - acc).abs() <= 1.0 / test.len() as f32,
+        "{m_acc} vs {acc}"
+    );
+    let idx: Vec<usize> = (0..16).collect();
+    let batched = model.logits(test, &idx).unwrap();
+    for i in [0usize, 7, 15] {
+        let one = model.logits(test, &[i]).unwrap();
+        let diff = (&one - batched.narrow(0, i, 1).unwrap())
             .unwrap()
             .abs()
             .unwrap()
