@@ -26,6 +26,18 @@ fn trained() -> (Trainer, ModelDescription) {
     (t, desc)
 }
 
+/// The largest absolute difference between two tensors of one shape.
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The model file's layers of `t`, condensed (what `dst export --format condensed` writes).
 fn layers(t: &Trainer) -> Vec<(String, SparseLayer)> {
     export_layers(t, ExportFormat::Condensed).unwrap()
@@ -59,14 +71,7 @@ fn a_model_file_runs_to_the_trainers_accuracy() {
     assert!(dense.sparse_layers().is_empty());
     let d = dense.logits(test, &idx).unwrap();
     for other in [&net, &d] {
-        let diff = (&x - other)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&x, other);
         assert!(diff < 1e-4, "{diff}");
     }
     assert_eq!(
@@ -82,14 +87,7 @@ fn a_model_file_runs_to_the_trainers_accuracy() {
     );
     for i in [0usize, 5, 63] {
         let one = model.logits(test, &[i]).unwrap();
-        let diff = (&one - x.narrow(0, i, 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&one, &x.narrow(0, i, 1).unwrap());
         assert!(diff < 1e-4, "image {i}: {diff}");
     }
 }
@@ -128,14 +126,7 @@ fn an_nm_file_runs_packed_at_small_batches() {
     let batched = model.logits(test, &idx).unwrap();
     for i in [0usize, 7, 15] {
         let one = model.logits(test, &[i]).unwrap();
-        let diff = (&one - batched.narrow(0, i, 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&one, &batched.narrow(0, i, 1).unwrap());
         assert!(diff < 1e-4, "image {i}: {diff}");
     }
 }

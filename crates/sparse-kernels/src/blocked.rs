@@ -12,6 +12,7 @@
 //! any inference layout; it computes the same products as the dense weight (the zeros add
 //! nothing), up to float summation order.
 
+use crate::cpu::check;
 use crate::isa::multiversion;
 use crate::simd::madd;
 use crate::{Exec, KernelError};
@@ -114,17 +115,6 @@ impl RowBlocks {
         bias: Option<&[f32]>,
         exec: Exec,
     ) -> Result<Vec<f32>, KernelError> {
-        let check = |what, found, expected| {
-            if found == expected {
-                Ok(())
-            } else {
-                Err(KernelError::Shape {
-                    what,
-                    expected,
-                    found,
-                })
-            }
-        };
         check("x", x.len(), batch * self.fan_in)?;
         if let Some(b) = bias {
             check("bias", b.len(), self.rows)?;

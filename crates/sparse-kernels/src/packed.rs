@@ -10,6 +10,7 @@
 
 use sparse_formats::NmSparse;
 
+use crate::cpu::check;
 use crate::{Exec, Isa, KernelError};
 
 /// Rows per block (one AVX-512 register of f32).
@@ -109,17 +110,6 @@ impl PackedNm {
         bias: Option<&[f32]>,
         exec: Exec,
     ) -> Result<Vec<f32>, KernelError> {
-        let check = |what, found, expected| {
-            if found == expected {
-                Ok(())
-            } else {
-                Err(KernelError::Shape {
-                    what,
-                    expected,
-                    found,
-                })
-            }
-        };
         check("x", x.len(), self.fan_in)?;
         if let Some(b) = bias {
             check("bias", b.len(), self.rows)?;
