@@ -9,9 +9,9 @@
 //! what `engine = "auto"` is decided from (`engine-rule` records, [`engine_rule_suite`]).
 //!
 //! `cargo bench -p models --bench train -- [--quick] [--json FILE] [--model SUBSTRING]
-//! [--sparsity S] [--profile dense|dense-mask|sparse] [--engine-rule]` (`--model`/`--sparsity` run a subset,
-//! e.g. `--model 3072 --sparsity 0.9`; `--profile` runs only that path of the first selected
-//! case, for a profiler: `perf record -g target/release/deps/train-* --profile sparse ...`;
+//! [--sparsity S] [--profile dense|dense-mask|sparse [--steps N]] [--engine-rule]` (`--model`/`--sparsity` run a subset,
+//! e.g. `--model 3072 --sparsity 0.9`; `--profile` runs only that path (SRigL at `--sparsity`,
+//! default 90%) of the first selected case, MLP or conv net (`--model lenet5`), for a profiler: `perf record -g target/release/deps/train-* --profile sparse ...`;
 //! `--engine-rule` runs only the engine-rule section)
 
 mod common;
@@ -25,12 +25,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use models::{Datasets, EngineKind, MethodName, ModelConfig, TrainConfig, Trainer};
 
-/// The conv nets: dense training, dense-mask SRigL 90% and sparse-engine SRigL 90% steps per
-/// second; the sparse column is the median step plus one update spread over ΔT = 100 steps, as in
-/// the MLP suite.
-fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
-    // (name, model, channels, side, warm-up steps, timed steps); the first steps of a run
-    // fault in its memory, hence several warm-up steps where they are cheap.
+/// One conv net of the suite: its name, base configuration (batch 128), synthetic data, warm-up
+/// and timed steps.
+struct ConvCase {
+    name: &'static str,
+    base: TrainConfig,
+    data: Datasets,
+    warm: usize,
+    steps: usize,
+}
+
+/// LeNet-5 on 1×28×28 and the CIFAR ResNet-18 on 3×32×32 synthetic images; the first steps of a
+/// run fault in its memory, hence several warm-up steps where they are cheap.
+fn conv_cases(quick: bool, only_model: Option<&str>) -> Vec<ConvCase> {
     let nets = [
         (
             "lenet5",
@@ -49,27 +56,49 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
             if quick { 2 } else { 4 },
         ),
     ];
+    nets.into_iter()
+        .filter(|(name, ..)| only_model.is_none_or(|m| name.contains(m)))
+        .map(|(name, model, c, side, warm, steps)| {
+            let base = TrainConfig {
+                model,
+                batch_size: 128,
+                epochs: 20,
+                checkpoint_every: 0,
+                ..TrainConfig::default()
+            };
+            let data = Datasets::split(
+                synthetic(128 * 8, c, side, 1),
+                synthetic(128, c, side, 2),
+                &base,
+            );
+            ConvCase {
+                name,
+                base,
+                data,
+                warm,
+                steps,
+            }
+        })
+        .collect()
+}
+
+/// The conv nets: dense training, dense-mask SRigL 90% and sparse-engine SRigL 90% steps per
+/// second; the sparse column is the median step plus one update spread over ΔT = 100 steps, as in
+/// the MLP suite.
+fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
     let mut records = Vec::new();
     println!(
         "\n| conv net | dense steps/s | dense-mask SRigL 90% steps/s | sparse SRigL 90% steps/s | \
          sparse ÷ dense-mask |\n|---|---|---|---|---|"
     );
-    for (name, model, c, side, warm, steps) in nets {
-        if only_model.is_some_and(|m| !name.contains(m)) {
-            continue;
-        }
-        let base = TrainConfig {
-            model,
-            batch_size: 128,
-            epochs: 20,
-            checkpoint_every: 0,
-            ..TrainConfig::default()
-        };
-        let data = Datasets::split(
-            synthetic(128 * 8, c, side, 1),
-            synthetic(128, c, side, 2),
-            &base,
-        );
+    for case in conv_cases(quick, only_model) {
+        let ConvCase {
+            name,
+            base,
+            data,
+            warm,
+            steps,
+        } = case;
         let mut dense_cfg = base.clone();
         dense_cfg.method.name = MethodName::Dense;
         let dense = time_steps(&dense_cfg, &data, warm, steps).s_per_step;
@@ -78,12 +107,9 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
         cfg.method.sparsity = 0.9;
         cfg.engine = EngineKind::DenseMask;
         let masked = time_steps(&cfg, &data, warm, steps).s_per_step;
-        // Updates every third of the timed steps (at least every 2) so that the timed steps
-        // include some; their cost is spread over ΔT = 100 below.
         cfg.engine = EngineKind::Sparse;
-        cfg.method.delta_t = (steps / 3).max(2);
-        let t = time_steps(&cfg, &data, warm, steps);
-        let sparse = t.median_step + t.update_extra / 100.0;
+        let (t, _) = step_with_updates(&cfg, &data, warm, steps);
+        let sparse = t.s_per_step_at(100);
         println!(
             "| {name} | {:.2} | {:.2} | {:.2} | {:.2}× |",
             1.0 / dense,
@@ -101,23 +127,20 @@ fn conv_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::Value> {
     records
 }
 
-/// Seconds per step of one configuration: the median step plus one measured mask update spread
-/// over ΔT = 100 steps (updates every third timed step, at least every second, so the timed
-/// steps hold some), as the conv suite does; and how many layers the run held in sparse storage.
+/// The timing of one configuration with mask updates every third of the timed steps (at least
+/// every second, so the timed steps hold some; [`common::Timing::s_per_step_at`] spreads their
+/// cost over the ΔT of interest), and how many layers the run held in sparse storage.
 fn step_with_updates(
     cfg: &TrainConfig,
     data: &Datasets,
     warm: usize,
     steps: usize,
-) -> (f64, usize) {
+) -> (common::Timing, usize) {
     let mut cfg = cfg.clone();
     cfg.method.delta_t = (steps / 3).max(2);
     let mut trainer = Trainer::new(cfg, data.clone()).expect("trainer");
     let t = time_trainer(&mut trainer, warm, steps);
-    (
-        t.median_step + t.update_extra / 100.0,
-        trainer.engine().sparse_layers(),
-    )
+    (t, trainer.engine().sparse_layers())
 }
 
 /// What `engine = "auto"` is decided from (`engine-rule` records): dense-mask against sparse
@@ -191,9 +214,12 @@ fn engine_rule_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::V
         }
         for (method, setting, mut cfg, warm) in rows {
             cfg.engine = EngineKind::DenseMask;
-            let (masked, _) = step_with_updates(&cfg, data, warm, steps);
+            let masked = step_with_updates(&cfg, data, warm, steps)
+                .0
+                .s_per_step_at(100);
             cfg.engine = EngineKind::Sparse;
-            let (sparse, layers) = step_with_updates(&cfg, data, warm, steps);
+            let (t, layers) = step_with_updates(&cfg, data, warm, steps);
+            let sparse = t.s_per_step_at(100);
             println!(
                 "| {name} | {} | {setting} | {layers} | {:.2} | {:.2} | {:.2}× |",
                 method.as_str(),
@@ -241,6 +267,43 @@ fn main() {
         }
         return;
     }
+    if let Some(path) = &profile {
+        // The first selected case, MLPs before conv nets.
+        let (name, base, data, warm, steps) = MLPS
+            .iter()
+            .find(|(name, ..)| {
+                only_model
+                    .as_ref()
+                    .is_none_or(|m| name.contains(m.as_str()))
+            })
+            .map(|&(name, hidden, c, side)| {
+                let (base, data) = mlp_case(hidden, c, side);
+                (name, base, data, 3, steps)
+            })
+            .or_else(|| {
+                conv_cases(quick, only_model.as_deref())
+                    .into_iter()
+                    .next()
+                    .map(|c| (c.name, c.base, c.data, c.warm, c.steps))
+            })
+            .expect("--profile: no case matches --model");
+        let mut cfg = base;
+        cfg.method.name = MethodName::Dense;
+        if path != "dense" {
+            cfg.method.name = MethodName::Srigl;
+            cfg.method.sparsity = only_sparsity.unwrap_or(0.9);
+            cfg.method.delta_t = delta_t;
+            cfg.engine = match path.as_str() {
+                "dense-mask" => EngineKind::DenseMask,
+                "sparse" => EngineKind::Sparse,
+                other => panic!("--profile: unknown path `{other}` (dense, dense-mask, sparse)"),
+            };
+        }
+        let steps = flag("--steps").map_or(steps, |s| s.parse().expect("--steps"));
+        let t = time_steps(&cfg, &data, warm, steps);
+        println!("{name} {path}: {:.4} s/step", t.s_per_step);
+        return;
+    }
     println!("| model | sparsity | dense steps/s | dense-mask SRigL | sparse SRigL | sparse ÷ dense | one update costs | update overhead at ΔT = 100 |");
     println!("|---|---|---|---|---|---|---|---|");
     for (name, hidden, c, side) in MLPS {
@@ -253,24 +316,6 @@ fn main() {
         let (base, data) = mlp_case(hidden, c, side);
         let mut dense_cfg = base.clone();
         dense_cfg.method.name = MethodName::Dense;
-        if let Some(path) = &profile {
-            let mut cfg = dense_cfg.clone();
-            if path != "dense" {
-                cfg.method.name = MethodName::Srigl;
-                cfg.method.sparsity = only_sparsity.unwrap_or(0.9);
-                cfg.method.delta_t = delta_t;
-                cfg.engine = match path.as_str() {
-                    "dense-mask" => EngineKind::DenseMask,
-                    "sparse" => EngineKind::Sparse,
-                    other => {
-                        panic!("--profile: unknown path `{other}` (dense, dense-mask, sparse)")
-                    }
-                };
-            }
-            let t = time_steps(&cfg, &data, 3, steps);
-            println!("{name} {path}: {:.4} s/step", t.s_per_step);
-            return;
-        }
         let dense = time_steps(&dense_cfg, &data, 3, steps).s_per_step;
         for &s in sparsities {
             if only_sparsity.is_some_and(|o| (o - s).abs() > 1e-9) {
@@ -308,10 +353,8 @@ fn main() {
             }));
         }
     }
-    if profile.is_none() {
-        records.extend(conv_suite(quick, only_model.as_deref()));
-        records.extend(engine_rule_suite(quick, only_model.as_deref()));
-    }
+    records.extend(conv_suite(quick, only_model.as_deref()));
+    records.extend(engine_rule_suite(quick, only_model.as_deref()));
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap()).unwrap();
     }

@@ -247,6 +247,7 @@ impl Geometry {
     ) {
         let l = self.l();
         let plane = self.h * self.w;
+        let (stride, dilation, padding) = (self.spec.stride, self.spec.dilation, self.spec.padding);
         for ci in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
@@ -258,19 +259,18 @@ impl Geometry {
                             let j0 = si * l + oy * self.ow;
                             let dst = out.segment(r, j0, self.ow);
                             match self.src(oy, ki, self.h) {
-                                None => dst.fill(0.0),
+                                None => zero_run(dst),
                                 Some(iy) => {
                                     let src = &img[iy * self.w..][..self.w];
-                                    dst[..lo].fill(0.0);
-                                    dst[hi..].fill(0.0);
+                                    zero_run(&mut dst[..lo]);
+                                    zero_run(&mut dst[hi..]);
                                     if lo < hi {
-                                        let ix0 = lo * self.spec.stride + kj * self.spec.dilation
-                                            - self.spec.padding;
-                                        if self.spec.stride == 1 {
-                                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                                        let ix0 = lo * stride + kj * dilation - padding;
+                                        if stride == 1 {
+                                            copy_run(&mut dst[lo..hi], &src[ix0..ix0 + (hi - lo)]);
                                         } else {
                                             for (j, d) in dst[lo..hi].iter_mut().enumerate() {
-                                                *d = src[ix0 + j * self.spec.stride];
+                                                *d = src[ix0 + j * stride];
                                             }
                                         }
                                     }
@@ -295,6 +295,7 @@ impl Geometry {
     pub(crate) fn col2im_from(&self, cols: &mut impl SegmentsIn, n: usize, gx: &mut [f32]) {
         let l = self.l();
         let plane = self.h * self.w;
+        let (stride, dilation, padding) = (self.spec.stride, self.spec.dilation, self.spec.padding);
         for ci in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
@@ -303,24 +304,76 @@ impl Geometry {
                     if lo == hi {
                         continue;
                     }
+                    let ix0 = lo * stride + kj * dilation - padding;
                     for si in 0..n {
                         let img = &mut gx[(si * self.c + ci) * plane..][..plane];
                         for oy in 0..self.oh {
                             let Some(iy) = self.src(oy, ki, self.h) else {
                                 continue;
                             };
-                            let src = cols.segment(r, si * l + oy * self.ow, self.ow);
+                            let src = &cols.segment(r, si * l + oy * self.ow, self.ow)[lo..hi];
                             let dst = &mut img[iy * self.w..][..self.w];
-                            let ix0 =
-                                lo * self.spec.stride + kj * self.spec.dilation - self.spec.padding;
-                            for (j, v) in src[lo..hi].iter().enumerate() {
-                                dst[ix0 + j * self.spec.stride] += v;
+                            if stride == 1 {
+                                // Unit stride: a contiguous add the compiler vectorizes.
+                                for (d, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                                    *d += v;
+                                }
+                            } else {
+                                for (j, v) in src.iter().enumerate() {
+                                    dst[ix0 + j * stride] += v;
+                                }
                             }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// `dst = src` for the short runs of im2col (one output row, often under 32 floats) without a
+/// call into `memcpy`: fixed-size (possibly overlapping) block copies the compiler inlines.
+#[inline(always)]
+pub(crate) fn copy_run(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    assert_eq!(n, src.len(), "copy_run: lengths differ");
+    macro_rules! two_blocks {
+        ($b:literal) => {{
+            dst[..$b].copy_from_slice(&src[..$b]);
+            dst[n - $b..].copy_from_slice(&src[n - $b..]);
+        }};
+    }
+    match n {
+        0 => {}
+        1 => dst[0] = src[0],
+        2..=3 => two_blocks!(2),
+        4..=7 => two_blocks!(4),
+        8..=15 => two_blocks!(8),
+        16..=31 => two_blocks!(16),
+        32..=63 => two_blocks!(32),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// `dst = 0` for short runs, as [`copy_run`].
+#[inline(always)]
+pub(crate) fn zero_run(dst: &mut [f32]) {
+    let n = dst.len();
+    macro_rules! two_blocks {
+        ($b:literal) => {{
+            dst[..$b].copy_from_slice(&[0f32; $b]);
+            dst[n - $b..].copy_from_slice(&[0f32; $b]);
+        }};
+    }
+    match n {
+        0 => {}
+        1 => dst[0] = 0.0,
+        2..=3 => two_blocks!(2),
+        4..=7 => two_blocks!(4),
+        8..=15 => two_blocks!(8),
+        16..=31 => two_blocks!(16),
+        32..=63 => two_blocks!(32),
+        _ => dst.fill(0.0),
     }
 }
 
@@ -741,6 +794,21 @@ mod tests {
                 close(&input_grad(&g, &gy, &w, exec), &rgx, &format!("gx {what}"));
                 close(&weight_grad(&g, &x, &gy, exec), &rgw, &format!("gw {what}"));
             }
+        }
+    }
+
+    #[test]
+    fn short_run_copies_and_fills_touch_exactly_their_run() {
+        // Every length around the block sizes, at offsets that leave guard entries either side.
+        for n in 0..=80 {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+            let mut buf = vec![-1f32; n + 6];
+            copy_run(&mut buf[3..3 + n], &src);
+            assert_eq!(&buf[3..3 + n], &src[..], "copy of {n}");
+            assert!(buf[..3].iter().chain(&buf[3 + n..]).all(|&v| v == -1.0));
+            zero_run(&mut buf[3..3 + n]);
+            assert!(buf[3..3 + n].iter().all(|&v| v == 0.0), "zero of {n}");
+            assert!(buf[..3].iter().chain(&buf[3 + n..]).all(|&v| v == -1.0));
         }
     }
 

@@ -47,7 +47,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::conv::{ConvSpec, Geometry, SegmentsIn, SegmentsOut};
+use crate::conv::{copy_run, ConvSpec, Geometry, SegmentsIn, SegmentsOut};
 use crate::cpu::{check, forward_tiles, input_grad_tiles, value_grad_tiles, with_tile};
 use crate::ops::SparseStructure;
 use crate::rows::{Rows, RowsVisitor};
@@ -143,7 +143,10 @@ impl<const TB: usize> TilesOut<'_, TB> {
         while off < vals.len() {
             let (t, lane) = (j / TB, j % TB);
             let n = (TB - lane).min(vals.len() - off);
-            self.tiles[(t * self.rows + r) * TB + lane..][..n].copy_from_slice(&vals[off..off + n]);
+            copy_run(
+                &mut self.tiles[(t * self.rows + r) * TB + lane..][..n],
+                &vals[off..off + n],
+            );
             j += n;
             off += n;
         }

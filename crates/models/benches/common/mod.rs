@@ -72,6 +72,12 @@ impl Timing {
     pub fn overhead_at(&self, delta_t: usize) -> f64 {
         self.update_extra / (delta_t as f64 * self.median_step + self.update_extra)
     }
+
+    /// Seconds per step with one update every `delta_t` steps: the median step plus one
+    /// measured update's extra cost spread over `delta_t` steps.
+    pub fn s_per_step_at(&self, delta_t: usize) -> f64 {
+        self.median_step + self.update_extra / delta_t as f64
+    }
 }
 
 /// Times every step through the trainer's events, so the cost of a mask update is measured on
