@@ -190,15 +190,17 @@ fn convs(
     use candle_core::Var;
     use sparse_kernels::conv::{conv2d, ConvSpec};
     let dev = Device::Cpu;
-    // (in, out, side, kernel, padding, stride): LeNet-5's conv2, ResNet-18's stage convs.
+    // (in, out, side, kernel, padding, stride): LeNet-5's conv1 and conv2, ResNet-18's stage
+    // convs.
     let all: &[(usize, usize, usize, usize, usize, usize)] = &[
+        (1, 6, 28, 5, 2, 1),
         (6, 16, 14, 5, 0, 1),
         (64, 64, 32, 3, 1, 1),
         (128, 128, 16, 3, 1, 1),
         (256, 256, 8, 3, 1, 1),
         (128, 256, 16, 3, 1, 2),
     ];
-    let shapes = if quick { &all[1..2] } else { all };
+    let shapes = if quick { &all[2..3] } else { all };
     let batch = 32;
     let mut out = Vec::new();
     for &(cin, cout, side, k, padding, stride) in shapes {

@@ -5,6 +5,8 @@
 //! passes where `x ≥ 0`, as candle's `ge`), so seeded runs do not change. Other dtypes and
 //! devices fall back to candle's `relu`.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -30,14 +32,11 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = crate::contiguous_f32(s, l, "relu", "x")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &v) in y.iter_mut().zip(x) {
-                    *y = v.max(0.0);
-                }
-            });
+        let y = fill_new(x.len(), |i0, y| {
+            for (y, &v) in y.iter_mut().zip(&x[i0..]) {
+                y.write(v.max(0.0));
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -66,16 +65,31 @@ impl CustomOp2 for ReluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let g = crate::contiguous_f32(gs, gl, "relu backward", "grad")?;
         let x = crate::contiguous_f32(xs, xl, "relu backward", "x")?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
-            .for_each(|(o, (g, x))| {
-                for ((o, &g), &x) in o.iter_mut().zip(g).zip(x) {
-                    *o = g * if x >= 0.0 { 1.0 } else { 0.0 };
-                }
-            });
+        if x.len() != g.len() {
+            candle_core::bail!("relu backward: grad has {} entries, x {}", g.len(), x.len());
+        }
+        let out = fill_new(g.len(), |i0, o| {
+            for ((o, &g), &x) in o.iter_mut().zip(&g[i0..]).zip(&x[i0..]) {
+                o.write(g * if x >= 0.0 { 1.0 } else { 0.0 });
+            }
+        });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
+}
+
+/// A new vector of `n` floats, written by `fill(first index, chunk)` over chunks of [`CHUNK`]
+/// in parallel; each chunk must write every entry. Not zero-filled first: an element-wise op's
+/// output is written exactly once, and the zeroing pass cost as much as the op.
+fn fill_new(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, c)| fill(i * CHUNK, c));
+    // SAFETY: the chunks cover `0..n`, and `fill` writes every entry of its chunk (both callers
+    // zip the chunk with inputs of length `n`).
+    unsafe { v.set_len(n) };
+    v
 }
 
 #[cfg(test)]

@@ -231,21 +231,11 @@ impl Geometry {
         dst.into()
     }
 
-    /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`).
+    /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`), one
+    /// run of `ow` positions of one row `r = (ci·kh + ki)·kw + kj` at a time.
     pub(crate) fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
-        let width = samples.len() * self.l();
-        self.im2col_to(x, samples, &mut RowMajor { buf: cols, width });
-    }
-
-    /// im2col of samples `samples` of `x`, written through `out` one run of `ow` positions of
-    /// one row `r = (ci·kh + ki)·kw + kj` at a time (any layout of the `[K, n·L]` matrix).
-    pub(crate) fn im2col_to(
-        &self,
-        x: &[f32],
-        samples: std::ops::Range<usize>,
-        out: &mut impl SegmentsOut,
-    ) {
         let l = self.l();
+        let width = samples.len() * l;
         let plane = self.h * self.w;
         let (stride, dilation, padding) = (self.spec.stride, self.spec.dilation, self.spec.padding);
         for ci in 0..self.c {
@@ -255,9 +245,13 @@ impl Geometry {
                     let (lo, hi) = self.valid_cols(kj);
                     for (si, s) in samples.clone().enumerate() {
                         let img = &x[(s * self.c + ci) * plane..][..plane];
+                        if stride == 1 && self.ow == self.w {
+                            let dst = &mut cols[r * width + si * l..][..l];
+                            self.im2col_plane(img, ki, kj, (lo, hi), dst);
+                            continue;
+                        }
                         for oy in 0..self.oh {
-                            let j0 = si * l + oy * self.ow;
-                            let dst = out.segment(r, j0, self.ow);
+                            let dst = &mut cols[r * width + si * l + oy * self.ow..][..self.ow];
                             match self.src(oy, ki, self.h) {
                                 None => zero_run(dst),
                                 Some(iy) => {
@@ -276,7 +270,6 @@ impl Geometry {
                                     }
                                 }
                             }
-                            out.commit(r, j0, self.ow);
                         }
                     }
                 }
@@ -284,16 +277,49 @@ impl Geometry {
         }
     }
 
-    /// col2im: adds `cols [K, n·L]` into `gx` (the chunk's samples, `[n, c, h, w]`).
-    pub(crate) fn col2im(&self, cols: &[f32], n: usize, gx: &mut [f32]) {
-        let width = n * self.l();
-        self.col2im_from(&mut RowMajorIn { buf: cols, width }, n, gx);
+    /// One row `(ki, kj)` of one sample's im2col when the output rows are as wide as the input
+    /// rows (stride 1, `ow == w`: "same" padding): output position `j` reads input position
+    /// `j + shift` of the flattened plane, so the valid rows are one contiguous copy, after
+    /// which the columns that fell into the padding (`[0, lo)` and `[hi, w)` of each row, where
+    /// the copy wrapped into the neighbouring input row) and the rows that did are zeroed.
+    /// One copy per plane instead of one per output row: LeNet-5's conv1 has 28 rows of 28.
+    fn im2col_plane(
+        &self,
+        img: &[f32],
+        ki: usize,
+        kj: usize,
+        (lo, hi): (usize, usize),
+        dst: &mut [f32],
+    ) {
+        let (w, d, p) = (self.w, self.spec.dilation, self.spec.padding);
+        // Output rows whose input row `oy + ki·d − p` is inside the image.
+        let y0 = p.saturating_sub(ki * d).min(self.oh);
+        let y1 = (self.h + p).saturating_sub(ki * d).min(self.oh).max(y0);
+        dst[..y0 * w].fill(0.0);
+        dst[y1 * w..].fill(0.0);
+        if y0 == y1 {
+            return;
+        }
+        if lo >= hi {
+            dst[y0 * w..y1 * w].fill(0.0);
+            return;
+        }
+        // Positions j0 .. j1 (first valid entry of the first valid row to the last of the
+        // last) read input j + (ki·d − p)·w + kj·d − p, inside the plane for every j.
+        let (j0, j1) = (y0 * w + lo, (y1 - 1) * w + hi);
+        let src0 = (y0 + ki * d - p) * w + lo + kj * d - p;
+        dst[j0..j1].copy_from_slice(&img[src0..src0 + (j1 - j0)]);
+        for row in dst[y0 * w..y1 * w].chunks_exact_mut(w) {
+            zero_run(&mut row[..lo]);
+            zero_run(&mut row[hi..]);
+        }
     }
 
-    /// col2im reading the `[K, n·L]` matrix through `cols`, one run of `ow` positions of one
-    /// row at a time.
-    pub(crate) fn col2im_from(&self, cols: &mut impl SegmentsIn, n: usize, gx: &mut [f32]) {
+    /// col2im: adds `cols [K, n·L]` into `gx` (the chunk's samples, `[n, c, h, w]`), one run
+    /// of `ow` positions of one row at a time.
+    pub(crate) fn col2im(&self, cols: &[f32], n: usize, gx: &mut [f32]) {
         let l = self.l();
+        let width = n * l;
         let plane = self.h * self.w;
         let (stride, dilation, padding) = (self.spec.stride, self.spec.dilation, self.spec.padding);
         for ci in 0..self.c {
@@ -311,7 +337,7 @@ impl Geometry {
                             let Some(iy) = self.src(oy, ki, self.h) else {
                                 continue;
                             };
-                            let src = &cols.segment(r, si * l + oy * self.ow, self.ow)[lo..hi];
+                            let src = &cols[r * width + si * l + oy * self.ow..][lo..hi];
                             let dst = &mut img[iy * self.w..][..self.w];
                             if stride == 1 {
                                 // Unit stride: a contiguous add the compiler vectorizes.
@@ -334,7 +360,7 @@ impl Geometry {
 /// `dst = src` for the short runs of im2col (one output row, often under 32 floats) without a
 /// call into `memcpy`: fixed-size (possibly overlapping) block copies the compiler inlines.
 #[inline(always)]
-pub(crate) fn copy_run(dst: &mut [f32], src: &[f32]) {
+fn copy_run(dst: &mut [f32], src: &[f32]) {
     let n = dst.len();
     assert_eq!(n, src.len(), "copy_run: lengths differ");
     macro_rules! two_blocks {
@@ -357,7 +383,7 @@ pub(crate) fn copy_run(dst: &mut [f32], src: &[f32]) {
 
 /// `dst = 0` for short runs, as [`copy_run`].
 #[inline(always)]
-pub(crate) fn zero_run(dst: &mut [f32]) {
+fn zero_run(dst: &mut [f32]) {
     let n = dst.len();
     macro_rules! two_blocks {
         ($b:literal) => {{
@@ -374,49 +400,6 @@ pub(crate) fn zero_run(dst: &mut [f32]) {
         16..=31 => two_blocks!(16),
         32..=63 => two_blocks!(32),
         _ => dst.fill(0.0),
-    }
-}
-
-/// Where [`Geometry::im2col_to`] writes: `segment(r, j0, len)` is the place for positions
-/// `j0 .. j0 + len` of row `r` of the `[K, n·L]` matrix, filled by the caller, then `commit`ted.
-pub(crate) trait SegmentsOut {
-    /// A buffer of `len` floats for positions `j0 ..` of row `r`.
-    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &mut [f32];
-    /// The segment last handed out is filled.
-    fn commit(&mut self, r: usize, j0: usize, len: usize) {
-        let _ = (r, j0, len);
-    }
-}
-
-/// Where [`Geometry::col2im_from`] reads: positions `j0 .. j0 + len` of row `r`.
-pub(crate) trait SegmentsIn {
-    /// Positions `j0 .. j0 + len` of row `r`.
-    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32];
-}
-
-/// A row-major `[K, width]` buffer (the dense conv's `cols`).
-struct RowMajor<'b> {
-    buf: &'b mut [f32],
-    width: usize,
-}
-
-impl SegmentsOut for RowMajor<'_> {
-    #[inline]
-    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &mut [f32] {
-        &mut self.buf[r * self.width + j0..][..len]
-    }
-}
-
-/// A row-major `[K, width]` buffer, read.
-struct RowMajorIn<'b> {
-    buf: &'b [f32],
-    width: usize,
-}
-
-impl SegmentsIn for RowMajorIn<'_> {
-    #[inline]
-    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32] {
-        &self.buf[r * self.width + j0..][..len]
     }
 }
 

@@ -306,7 +306,7 @@ fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// Splits `buf` into consecutive pieces of the given lengths.
-fn split_lengths<'b, T>(mut buf: &'b mut [T], lens: &[usize]) -> Vec<&'b mut [T]> {
+pub(crate) fn split_lengths<'b, T>(mut buf: &'b mut [T], lens: &[usize]) -> Vec<&'b mut [T]> {
     let mut out = Vec::with_capacity(lens.len());
     for &l in lens {
         let (head, tail) = buf.split_at_mut(l);
@@ -317,7 +317,7 @@ fn split_lengths<'b, T>(mut buf: &'b mut [T], lens: &[usize]) -> Vec<&'b mut [T]
 }
 
 /// Runs `job` on each item, on `threads` rayon workers when `threads > 1`.
-fn run_parallel<T: Send>(items: Vec<T>, threads: usize, job: impl Fn(T) + Sync + Send) {
+pub(crate) fn run_parallel<T: Send>(items: Vec<T>, threads: usize, job: impl Fn(T) + Sync + Send) {
     if threads > 1 && items.len() > 1 {
         items.into_par_iter().for_each(job);
     } else {
@@ -406,7 +406,12 @@ pub(crate) fn forward_tiles<R: Rows, const TB: usize>(
 
 /// `buf` (`per` outputs for each of `n` stored rows) split for at most `threads` workers:
 /// (first stored row, its outputs) per job.
-fn row_jobs<T>(n: usize, per: usize, threads: usize, buf: &mut [T]) -> Vec<(usize, &mut [T])> {
+pub(crate) fn row_jobs<T>(
+    n: usize,
+    per: usize,
+    threads: usize,
+    buf: &mut [T],
+) -> Vec<(usize, &mut [T])> {
     let ranges = split_ranges(n, threads);
     let lens: Vec<usize> = ranges.iter().map(|g| g.len() * per).collect();
     ranges
@@ -662,7 +667,10 @@ impl RowsVisitor for ValueGrad<'_> {
 }
 
 /// The stored rows split into at most `threads` ranges, and the number of value slots of each.
-fn row_ranges<R: Rows>(r: &R, threads: usize) -> (Vec<std::ops::Range<usize>>, Vec<usize>) {
+pub(crate) fn row_ranges<R: Rows>(
+    r: &R,
+    threads: usize,
+) -> (Vec<std::ops::Range<usize>>, Vec<usize>) {
     let ranges = split_ranges(r.n_stored(), threads);
     let lens = ranges
         .iter()

@@ -36,6 +36,7 @@ pub mod act;
 pub mod backward;
 mod blocked;
 pub mod conv;
+mod conv_lanes;
 pub mod cpu;
 pub mod cuda;
 pub mod dense;

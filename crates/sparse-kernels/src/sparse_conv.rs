@@ -3,25 +3,25 @@
 //! constant fan-in of a condensed conv weight counts the kept weights of a filter, as SRigL's
 //! does), with autograd for the input, the stored values and the bias: [`sparse_conv2d`].
 //!
-//! A sparse convolution is an im2col followed by the sparse product. Per chunk of samples
-//! (at least [`SPARSE_CHUNK_COLUMNS`] output positions), `x`'s im2col matrix `cols [K, n·L]`
-//! (`K = in·kh·kw`, `L = oh·ow`, the same im2col as the dense [`crate::conv`] op) is written
-//! straight into batch tiles of output positions, the layout the linear kernels of
-//! [`crate::cpu`] use (as is `∂y`, and col2im reads `∂x`'s tiles), and:
+//! A sparse convolution is an im2col followed by the sparse product, with the im2col left
+//! implicit: per chunk of up to 64 samples, `x` is transposed once into a padded layout with
+//! the samples as SIMD lanes, in which every entry of the im2col matrix `cols [K, L]`
+//! (`K = in·kh·kw`, `L = oh·ow`) is a cell at a fixed offset from its output position's (see
+//! `conv_lanes.rs`: no `K`-fold copy of the input is written). Then
 //!
-//! - forward: `y_s [out, L] = W · cols(x_s)`, the linear forward with output positions as the
-//!   batch;
-//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s`, the linear input gradient, scattered back by
-//!   col2im (skipped when `x` needs no gradient, a first layer);
+//! - forward: `y_s [out, L] = W · cols(x_s)`, one multiply-add over the chunk's samples per
+//!   stored weight and position;
+//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s` scattered into the padded layout's cells, then
+//!   back to `[batch, in, h, w]` (skipped when `x` needs no gradient, a first layer);
 //! - value gradient: `∂v[slot] = Σ_s Σ_l ∂y_s[row, l] · cols(x_s)[col, l]` at the stored
 //!   positions only, the dense weight gradient never formed.
 //!
-//! Chunks depend only on the shapes. They run in parallel when there are several (each writes
-//! its own samples of `y` or `∂x`; the value gradient keeps one partial sum per chunk and adds
-//! them in chunk order); a lone chunk's kernels split stored rows or tiles over the threads
-//! instead, each output summed by one thread in a fixed order. So results are bit-identical for
-//! any thread count. Grouped convolutions are not supported (the
-//! error says so); f32 on the CPU.
+//! Chunks depend only on the batch size. They run in parallel when there are several (each
+//! writes its own samples of `y` or `∂x`; the value gradient keeps one partial sum per chunk and
+//! adds them in chunk order); within a chunk the forward and value gradient split the stored
+//! rows over the threads, each output summed by one thread in a fixed order. So results are
+//! bit-identical for any thread count. Grouped convolutions are not supported (the error says
+//! so); f32 on the CPU.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -47,15 +47,12 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::conv::{copy_run, ConvSpec, Geometry, SegmentsIn, SegmentsOut};
-use crate::cpu::{check, forward_tiles, input_grad_tiles, value_grad_tiles, with_tile};
+use crate::conv::{ConvSpec, Geometry};
+use crate::conv_lanes;
+use crate::cpu::check;
 use crate::ops::SparseStructure;
 use crate::rows::{Rows, RowsVisitor};
 use crate::{Exec, KernelError, SparseWeight};
-
-/// Each chunk of samples covers at least this many output positions (`samples · L`), so the
-/// sparse products run on full batch tiles when the feature maps are small.
-pub const SPARSE_CHUNK_COLUMNS: usize = 1024;
 
 /// The shape of one sparse convolution: the input `[batch, in, h, w]`, the kernel size and the
 /// convolution's settings. The weight's rows are its output channels, its fan-in `in · kh · kw`.
@@ -97,142 +94,6 @@ impl SparseConvShape {
         let g = self.geometry(w)?;
         Ok([g.batch, g.out, g.oh, g.ow])
     }
-}
-
-/// Samples per chunk: enough for [`SPARSE_CHUNK_COLUMNS`] output positions.
-fn chunk_samples(g: &Geometry) -> usize {
-    SPARSE_CHUNK_COLUMNS
-        .div_ceil(g.l().max(1))
-        .clamp(1, g.batch.max(1))
-}
-
-/// The sample ranges of the chunks of `g` (from the shapes alone).
-fn chunks(g: &Geometry) -> Vec<std::ops::Range<usize>> {
-    let n = chunk_samples(g);
-    (0..g.batch)
-        .step_by(n)
-        .map(|s| s..(s + n).min(g.batch))
-        .collect()
-}
-
-/// Runs `job(part, chunk, threads)` for each chunk of `g` with its part of the output (see
-/// `crate::conv::run_chunks`; the work is `nnz · batch · L` products).
-fn for_chunks<T: Send>(
-    g: &Geometry,
-    exec: Exec,
-    nnz: usize,
-    parts: Vec<T>,
-    job: impl Fn(T, std::ops::Range<usize>, usize) + Sync + Send,
-) {
-    let threads = exec.threads_for(nnz * g.batch * g.l());
-    crate::conv::run_chunks(chunks(g), threads, parts, job);
-}
-
-/// Batch tiles `[ceil(width / TB)][rows][TB]` (the layout of the tiled kernels, position `j` in
-/// tile `j / TB`, lane `j % TB`) written a run of positions at a time.
-struct TilesOut<'b, const TB: usize> {
-    tiles: &'b mut [f32],
-    rows: usize,
-    stage: Vec<f32>,
-}
-
-impl<const TB: usize> TilesOut<'_, TB> {
-    /// Writes `vals` at positions `j0 ..` of row `r`.
-    fn put(&mut self, r: usize, j0: usize, vals: &[f32]) {
-        let (mut j, mut off) = (j0, 0);
-        while off < vals.len() {
-            let (t, lane) = (j / TB, j % TB);
-            let n = (TB - lane).min(vals.len() - off);
-            copy_run(
-                &mut self.tiles[(t * self.rows + r) * TB + lane..][..n],
-                &vals[off..off + n],
-            );
-            j += n;
-            off += n;
-        }
-    }
-}
-
-impl<const TB: usize> SegmentsOut for TilesOut<'_, TB> {
-    /// In place when the run lies within one tile (most runs), else a staging buffer that
-    /// `commit` scatters.
-    #[inline]
-    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &mut [f32] {
-        let (t, lane) = (j0 / TB, j0 % TB);
-        if lane + len <= TB {
-            &mut self.tiles[(t * self.rows + r) * TB + lane..][..len]
-        } else {
-            self.stage.resize(len, 0.0);
-            &mut self.stage[..len]
-        }
-    }
-    #[inline]
-    fn commit(&mut self, r: usize, j0: usize, len: usize) {
-        if j0 % TB + len > TB {
-            let stage = std::mem::take(&mut self.stage);
-            self.put(r, j0, &stage[..len]);
-            self.stage = stage;
-        }
-    }
-}
-
-/// Batch tiles read a run of positions at a time.
-struct TilesIn<'b, const TB: usize> {
-    tiles: &'b [f32],
-    rows: usize,
-    stage: Vec<f32>,
-}
-
-impl<const TB: usize> SegmentsIn for TilesIn<'_, TB> {
-    /// In place when the run lies within one tile, else gathered into a staging buffer.
-    #[inline]
-    fn segment(&mut self, r: usize, j0: usize, len: usize) -> &[f32] {
-        let (t, lane) = (j0 / TB, j0 % TB);
-        if lane + len <= TB {
-            return &self.tiles[(t * self.rows + r) * TB + lane..][..len];
-        }
-        self.stage.clear();
-        let mut j = j0;
-        while self.stage.len() < len {
-            let (t, lane) = (j / TB, j % TB);
-            let n = (TB - lane).min(len - self.stage.len());
-            self.stage
-                .extend_from_slice(&self.tiles[(t * self.rows + r) * TB + lane..][..n]);
-            j += n;
-        }
-        &self.stage
-    }
-}
-
-/// im2col of samples `c` of `x` straight into batch tiles (zero-padded past `width`).
-fn im2col_tiles<const TB: usize>(g: &Geometry, x: &[f32], c: std::ops::Range<usize>) -> Vec<f32> {
-    let width = c.len() * g.l();
-    let mut tiles = vec![0f32; width.div_ceil(TB) * g.k() * TB];
-    let mut out = TilesOut::<TB> {
-        tiles: &mut tiles,
-        rows: g.k(),
-        stage: Vec::new(),
-    };
-    g.im2col_to(x, c, &mut out);
-    tiles
-}
-
-/// Samples `c` of `∂y [batch, out, L]` as batch tiles `[ceil(n·L / TB)][out][TB]`.
-fn grad_tiles<const TB: usize>(g: &Geometry, gy: &[f32], c: std::ops::Range<usize>) -> Vec<f32> {
-    let (l, out) = (g.l(), g.out);
-    let width = c.len() * l;
-    let mut tiles = vec![0f32; width.div_ceil(TB) * out * TB];
-    let mut t = TilesOut::<TB> {
-        tiles: &mut tiles,
-        rows: out,
-        stage: Vec::new(),
-    };
-    for (si, s) in c.enumerate() {
-        for o in 0..out {
-            t.put(o, si * l, &gy[(s * out + o) * l..][..l]);
-        }
-    }
-    tiles
 }
 
 /// `y = conv2d(x, W) + bias` on slices: `x [batch, in, h, w]`, `values` in the layout's slot
@@ -324,38 +185,16 @@ impl RowsVisitor for Forward<'_> {
             x,
             exec,
         } = self;
-        let (k, l, out) = (g.k(), g.l(), g.out);
+        let (l, out) = (g.l(), g.out);
         let mut y = vec![0f32; g.batch * out * l];
         if let Some(b) = bias {
             for (i, plane) in y.chunks_exact_mut(l.max(1)).enumerate() {
                 plane.fill(b[i % out]);
             }
         }
-        if l == 0 || out == 0 {
-            return y;
+        if l > 0 && out > 0 {
+            conv_lanes::forward(g, r, values, x, &mut y, exec);
         }
-        let isa = exec.isa();
-        let parts: Vec<&mut [f32]> = y.chunks_mut(chunk_samples(g) * out * l).collect();
-        for_chunks(g, exec, values.len(), parts, |ys, c, threads| {
-            let n = c.len();
-            let width = n * l;
-            macro_rules! go {
-                ($tb:literal,) => {{
-                    let xt = im2col_tiles::<$tb>(g, x, c);
-                    forward_tiles::<R, $tb>(isa, r, values, &xt, width, k, threads)
-                }};
-            }
-            let acc = with_tile!(width, go!());
-            for a in 0..r.n_stored() {
-                let o = r.out_row(a);
-                for si in 0..n {
-                    let dst = &mut ys[(si * out + o) * l..][..l];
-                    for (d, v) in dst.iter_mut().zip(&acc[a * width + si * l..][..l]) {
-                        *d += v;
-                    }
-                }
-            }
-        });
         y
     }
 }
@@ -376,33 +215,10 @@ impl RowsVisitor for InputGrad<'_> {
             grad_y,
             exec,
         } = self;
-        let (k, l, out) = (g.k(), g.l(), g.out);
-        let per_sample = g.c * g.h * g.w;
-        let mut gx = vec![0f32; g.batch * per_sample];
-        if l == 0 || out == 0 || k == 0 {
-            return gx;
+        if g.l() == 0 || g.out == 0 || g.k() == 0 {
+            return vec![0f32; g.batch * g.c * g.h * g.w];
         }
-        let isa = exec.isa();
-        let parts: Vec<&mut [f32]> = gx.chunks_mut(chunk_samples(g) * per_sample).collect();
-        for_chunks(g, exec, values.len(), parts, |gxs, c, threads| {
-            let n = c.len();
-            let width = n * l;
-            macro_rules! go {
-                ($tb:literal,) => {{
-                    let gyt = grad_tiles::<$tb>(g, grad_y, c);
-                    let gxt =
-                        input_grad_tiles::<R, $tb>(isa, r, values, &gyt, width, k, out, threads);
-                    let mut cols = TilesIn::<$tb> {
-                        tiles: &gxt,
-                        rows: k,
-                        stage: Vec::new(),
-                    };
-                    g.col2im_from(&mut cols, n, gxs);
-                }};
-            }
-            with_tile!(width, go!());
-        });
-        gx
+        conv_lanes::input_grad(g, r, values, grad_y, exec)
     }
 }
 
@@ -424,31 +240,8 @@ impl RowsVisitor for ValueGrad<'_> {
             gv,
             exec,
         } = self;
-        let (k, l, out) = (g.k(), g.l(), g.out);
-        if l == 0 || gv.is_empty() {
-            return;
-        }
-        let isa = exec.isa();
-        // One partial gradient per chunk, summed in chunk order below (the same order for any
-        // thread count).
-        let n_chunks = chunks(g).len();
-        let mut partials = vec![0f32; n_chunks * gv.len()];
-        let parts: Vec<&mut [f32]> = partials.chunks_mut(gv.len()).collect();
-        for_chunks(g, exec, gv.len(), parts, |p, c, threads| {
-            let width = c.len() * l;
-            macro_rules! go {
-                ($tb:literal,) => {{
-                    let xt = im2col_tiles::<$tb>(g, x, c.clone());
-                    let gyt = grad_tiles::<$tb>(g, grad_y, c);
-                    value_grad_tiles::<R, $tb>(isa, r, &xt, &gyt, width, k, out, threads, p);
-                }};
-            }
-            with_tile!(width, go!());
-        });
-        for p in partials.chunks(gv.len()) {
-            for (a, b) in gv.iter_mut().zip(p) {
-                *a += b;
-            }
+        if g.l() > 0 && !gv.is_empty() {
+            conv_lanes::value_grad(g, r, x, grad_y, gv, exec);
         }
     }
 }
@@ -946,8 +739,8 @@ mod tests {
     #[test]
     fn every_product_equals_the_dense_conv_of_the_masked_weight_on_random_shapes() {
         let mut seed = 0xC0_u64;
-        // (batch, c, h, w, out, k, padding, stride, dilation, kept per filter); the batch ·
-        // positions cover every tile width (8 … 64) and several chunks.
+        // (batch, c, h, w, out, k, padding, stride, dilation, kept per filter); the batches
+        // cover every lane width of a chunk (8, 16, 32, 64) and several chunks (> 64 samples).
         let shapes = [
             (2, 4, 7, 5, 5, 3, 1, 1, 1, 7),
             (3, 2, 8, 8, 6, 2, 0, 2, 1, 3),
@@ -957,6 +750,9 @@ mod tests {
             (40, 2, 3, 3, 4, 2, 1, 1, 1, 2), // L = 16: several samples per chunk
             (3, 4, 21, 20, 8, 5, 2, 1, 1, 20), // L = 420: chunks of 3 samples
             (1, 1, 2, 2, 2, 1, 0, 1, 1, 1),  // one output position per sample
+            (12, 3, 5, 5, 4, 3, 1, 1, 1, 5), // 16 lanes
+            (20, 2, 6, 7, 3, 3, 1, 2, 1, 4), // 32 lanes, stride 2
+            (70, 2, 4, 4, 4, 2, 1, 1, 1, 3), // two chunks, 64 + 6 samples
         ];
         for &(b, c, h, wd, out, k, padding, stride, dilation, keep) in &shapes {
             let spec = ConvSpec {

@@ -1,0 +1,356 @@
+//! The sparse convolution's three products with samples as SIMD lanes: an implicit im2col.
+//!
+//! An explicit im2col matrix holds `K = in·kh·kw` floats per output position — 25 copies of the
+//! input for a 5×5 kernel — and a training step writes it twice (forward, value gradient) and
+//! reads the input gradient's back through col2im. At the densities where a convolution goes
+//! to sparse storage those copies cost more than the sparse products (LeNet-5's conv2 at 10%:
+//! docs/benchmarks.md, "Sparse engine on conv nets"). Here a chunk of up to [`LANES`] samples is
+//! transposed once into a padded lane layout `xp [in][ph][pw][TB]` (`ph = h + 2·padding`,
+//! `pw = w + 2·padding`, lane = sample, zero in the padding and in lanes past the chunk), where
+//! the input that kernel entry `col = (ci·kh + ki)·kw + kj` sees at output position
+//! `p = (oy, ox)` is the cell `base(p) + off(col)`, with
+//! `base(p) = oy·stride·pw + ox·stride` and `off(col) = (ci·ph + ki·dilation)·pw + kj·dilation`.
+//! Every stored weight then does one `TB`-wide multiply-add per position, as in the linear
+//! kernels of [`crate::cpu`], with no im2col written:
+//!
+//! - forward: `acc[TB] = Σ_slot v · xp[base(p) + off(col)]` per position and stored row;
+//! - input gradient: `∂xp[base(p) + off(col)] += v · ∂y[row, p]`, then `∂xp` back to
+//!   `[n, in, h, w]` without its padding cells;
+//! - value gradient: per stored weight, `Σ_p ∂y[row, p] ⊙ xp[base(p) + off(col)]` lane-wise,
+//!   summed across the lanes once per chunk.
+//!
+//! Chunks depend only on the batch size. Within a chunk the forward and the value gradient split
+//! the stored rows over the threads and the input gradient runs on one (its rows collide on the
+//! same inputs); chunks run in parallel and the value gradient adds their partial sums in chunk
+//! order. Every output is summed in one fixed order, so results are bit-identical for any thread
+//! count.
+
+use std::ops::Range;
+
+use crate::conv::{run_chunks, Geometry};
+use crate::cpu::{row_jobs, row_ranges, run_parallel, split_lengths, with_tile};
+use crate::isa::multiversion;
+use crate::rows::Rows;
+use crate::simd::{axpy_tile, madd, tile, tile_mut};
+use crate::Exec;
+
+/// Samples per chunk, one SIMD lane each (the widest batch tile of [`crate::cpu`]).
+pub(crate) const LANES: usize = 64;
+
+/// The lane layout of one convolution: padded plane sizes, each output position's base cell
+/// and each kernel entry's cell offset.
+struct Lanes {
+    ph: usize,
+    pw: usize,
+    /// `base(p)` for the `oh · ow` output positions, row-major.
+    bases: Vec<usize>,
+    /// `off(col)` for the `K` kernel entries.
+    offs: Vec<usize>,
+}
+
+impl Lanes {
+    fn new(g: &Geometry) -> Self {
+        let (s, d, pad) = (g.spec.stride, g.spec.dilation, g.spec.padding);
+        let (ph, pw) = (g.h + 2 * pad, g.w + 2 * pad);
+        let bases = (0..g.oh)
+            .flat_map(|oy| (0..g.ow).map(move |ox| oy * s * pw + ox * s))
+            .collect();
+        let offs = (0..g.c)
+            .flat_map(|ci| {
+                (0..g.kh)
+                    .flat_map(move |ki| (0..g.kw).map(move |kj| (ci * ph + ki * d) * pw + kj * d))
+            })
+            .collect();
+        Lanes {
+            ph,
+            pw,
+            bases,
+            offs,
+        }
+    }
+
+    /// Cells of the padded input, `in · ph · pw`.
+    fn cells(&self, g: &Geometry) -> usize {
+        g.c * self.ph * self.pw
+    }
+
+    /// The cell of unpadded input `(ci, iy, ix = 0)`.
+    fn cell(&self, g: &Geometry, ci: usize, iy: usize) -> usize {
+        let pad = g.spec.padding;
+        (ci * self.ph + iy + pad) * self.pw + pad
+    }
+
+    /// Samples `c` of `x [batch, in, h, w]` as `xp [in][ph][pw][TB]`.
+    fn images_to_lanes<const TB: usize>(
+        &self,
+        g: &Geometry,
+        x: &[f32],
+        c: Range<usize>,
+    ) -> Vec<f32> {
+        let mut xp = vec![0f32; self.cells(g) * TB];
+        let plane = g.h * g.w;
+        for ci in 0..g.c {
+            for iy in 0..g.h {
+                let cell = self.cell(g, ci, iy);
+                for ix in 0..g.w {
+                    let src = (c.start * g.c + ci) * plane + iy * g.w + ix;
+                    let dst = &mut xp[(cell + ix) * TB..][..c.len()];
+                    for (lane, d) in dst.iter_mut().enumerate() {
+                        *d = x[src + lane * g.c * plane];
+                    }
+                }
+            }
+        }
+        xp
+    }
+
+    /// `∂xp [in][ph][pw][TB]` back to the chunk's `∂x [n, in, h, w]` (its padding cells dropped).
+    fn lanes_to_images<const TB: usize>(&self, g: &Geometry, gxp: &[f32], gx: &mut [f32]) {
+        let plane = g.h * g.w;
+        let n = gx.len() / (g.c * plane).max(1);
+        for ci in 0..g.c {
+            for iy in 0..g.h {
+                let cell = self.cell(g, ci, iy);
+                for ix in 0..g.w {
+                    let src = &gxp[(cell + ix) * TB..][..n];
+                    let dst = ci * plane + iy * g.w + ix;
+                    for (lane, v) in src.iter().enumerate() {
+                        gx[dst + lane * g.c * plane] = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Samples `c` of `∂y [batch, out, L]` as `[out][L][TB]`.
+fn grad_lanes<const TB: usize>(g: &Geometry, gy: &[f32], c: Range<usize>) -> Vec<f32> {
+    let (out, l) = (g.out, g.l());
+    let mut gyl = vec![0f32; out * l * TB];
+    for o in 0..out {
+        for p in 0..l {
+            let src = (c.start * out + o) * l + p;
+            let dst = &mut gyl[(o * l + p) * TB..][..c.len()];
+            for (lane, d) in dst.iter_mut().enumerate() {
+                *d = gy[src + lane * out * l];
+            }
+        }
+    }
+    gyl
+}
+
+/// The chunks of `g`'s batch, [`LANES`] samples each (the last one shorter).
+fn chunks(g: &Geometry) -> Vec<Range<usize>> {
+    (0..g.batch)
+        .step_by(LANES)
+        .map(|s| s..(s + LANES).min(g.batch))
+        .collect()
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fwd_body<R: Rows, const TB: usize, const FMA: bool>(
+    r: &R,
+    values: &[f32],
+    offs: &[usize],
+    bases: &[usize],
+    xp: &[f32],
+    a0: usize,
+    out: &mut [f32],
+) {
+    let l = bases.len();
+    let n_rows = out.len() / (l * TB).max(1);
+    // Positions outermost: the window of one position (`K` cells) serves every row.
+    for (pi, &b) in bases.iter().enumerate() {
+        let xs = &xp[b * TB..];
+        for i in 0..n_rows {
+            let mut acc = [0f32; TB];
+            for (slot, col) in r.entries(a0 + i) {
+                axpy_tile::<TB, FMA>(&mut acc, values[slot], tile::<TB>(xs, offs[col]));
+            }
+            *tile_mut::<TB>(out, i * l + pi) = acc;
+        }
+    }
+}
+multiversion!(fn fwd_lanes<R: Rows; const TB: usize>(r: &R, values: &[f32], offs: &[usize], bases: &[usize], xp: &[f32], a0: usize, out: &mut [f32]) => fwd_body);
+
+#[inline(always)]
+fn igrad_body<R: Rows, const TB: usize, const FMA: bool>(
+    r: &R,
+    values: &[f32],
+    offs: &[usize],
+    bases: &[usize],
+    gyl: &[f32],
+    gxp: &mut [f32],
+) {
+    let l = bases.len();
+    for (pi, &b) in bases.iter().enumerate() {
+        let gxs = &mut gxp[b * TB..];
+        for a in 0..r.n_stored() {
+            let g = tile::<TB>(gyl, r.out_row(a) * l + pi);
+            for (slot, col) in r.entries(a) {
+                axpy_tile::<TB, FMA>(tile_mut::<TB>(gxs, offs[col]), values[slot], g);
+            }
+        }
+    }
+}
+multiversion!(fn igrad_lanes<R: Rows; const TB: usize>(r: &R, values: &[f32], offs: &[usize], bases: &[usize], gyl: &[f32], gxp: &mut [f32]) => igrad_body);
+
+/// `Σ acc` in a fixed order (8 partial sums, then a tree).
+#[inline(always)]
+fn sum_lanes<const TB: usize>(acc: &[f32; TB]) -> f32 {
+    let mut p = [0f32; 8];
+    for c in 0..TB / 8 {
+        for (l, q) in p.iter_mut().enumerate() {
+            *q += acc[c * 8 + l];
+        }
+    }
+    let q: [f32; 4] = std::array::from_fn(|l| p[l] + p[l + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn vgrad_body<R: Rows, const TB: usize, const FMA: bool>(
+    r: &R,
+    offs: &[usize],
+    bases: &[usize],
+    xp: &[f32],
+    gyl: &[f32],
+    a0: usize,
+    n_rows: usize,
+    gv: &mut [f32],
+) {
+    let l = bases.len();
+    let first = r.slots(a0).start;
+    for a in a0..a0 + n_rows {
+        let gs = &gyl[r.out_row(a) * l * TB..][..l * TB];
+        for (slot, col) in r.entries(a) {
+            let xs = &xp[offs[col] * TB..];
+            let mut acc = [0f32; TB];
+            for (pi, &b) in bases.iter().enumerate() {
+                let (g, x) = (tile::<TB>(gs, pi), tile::<TB>(xs, b));
+                for t in 0..TB {
+                    acc[t] = madd::<FMA>(g[t], x[t], acc[t]);
+                }
+            }
+            gv[slot - first] += sum_lanes(&acc);
+        }
+    }
+}
+multiversion!(fn vgrad_lanes<R: Rows; const TB: usize>(r: &R, offs: &[usize], bases: &[usize], xp: &[f32], gyl: &[f32], a0: usize, n_rows: usize, gv: &mut [f32]) => vgrad_body);
+
+/// Adds the convolution of `x` with the stored rows of `r` into `y [batch, out, oh, ow]` (which
+/// holds the bias, or zeros).
+pub(crate) fn forward<R: Rows>(
+    g: &Geometry,
+    r: &R,
+    values: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    exec: Exec,
+) {
+    let (l, out, n_stored) = (g.l(), g.out, r.n_stored());
+    let lanes = Lanes::new(g);
+    let isa = exec.isa();
+    let threads = exec.threads_for(values.len() * g.batch * l);
+    let parts: Vec<&mut [f32]> = y.chunks_mut(LANES * out * l).collect();
+    run_chunks(chunks(g), threads, parts, |ys, c, inner| {
+        let n = c.len();
+        macro_rules! go {
+            ($tb:literal,) => {{
+                let xp = lanes.images_to_lanes::<$tb>(g, x, c);
+                let mut yl = vec![0f32; n_stored * l * $tb];
+                let jobs = row_jobs(n_stored, l * $tb, inner, &mut yl);
+                run_parallel(jobs, inner, |(a0, o)| {
+                    fwd_lanes::<R, $tb>(isa, r, values, &lanes.offs, &lanes.bases, &xp, a0, o)
+                });
+                for a in 0..n_stored {
+                    let o = r.out_row(a);
+                    for lane in 0..n {
+                        let dst = &mut ys[(lane * out + o) * l..][..l];
+                        for (p, d) in dst.iter_mut().enumerate() {
+                            *d += yl[(a * l + p) * $tb + lane];
+                        }
+                    }
+                }
+            }};
+        }
+        with_tile!(n, go!());
+    });
+}
+
+/// `∂x [batch, in, h, w]` of [`forward`] for `∂y [batch, out, oh, ow]`.
+pub(crate) fn input_grad<R: Rows>(
+    g: &Geometry,
+    r: &R,
+    values: &[f32],
+    gy: &[f32],
+    exec: Exec,
+) -> Vec<f32> {
+    let per_sample = g.c * g.h * g.w;
+    let mut gx = vec![0f32; g.batch * per_sample];
+    let lanes = Lanes::new(g);
+    let isa = exec.isa();
+    let threads = exec.threads_for(values.len() * g.batch * g.l());
+    let parts: Vec<&mut [f32]> = gx.chunks_mut(LANES * per_sample).collect();
+    run_chunks(chunks(g), threads, parts, |gxs, c, _| {
+        macro_rules! go {
+            ($tb:literal,) => {{
+                let gyl = grad_lanes::<$tb>(g, gy, c);
+                let mut gxp = vec![0f32; lanes.cells(g) * $tb];
+                igrad_lanes::<R, $tb>(isa, r, values, &lanes.offs, &lanes.bases, &gyl, &mut gxp);
+                lanes.lanes_to_images::<$tb>(g, &gxp, gxs);
+            }};
+        }
+        with_tile!(c.len(), go!());
+    });
+    gx
+}
+
+/// Adds the gradient of the stored values (slot order) of [`forward`] into `gv`.
+pub(crate) fn value_grad<R: Rows>(
+    g: &Geometry,
+    r: &R,
+    x: &[f32],
+    gy: &[f32],
+    gv: &mut [f32],
+    exec: Exec,
+) {
+    let lanes = Lanes::new(g);
+    let isa = exec.isa();
+    let threads = exec.threads_for(gv.len() * g.batch * g.l());
+    let chunks = chunks(g);
+    // One partial gradient per chunk, summed in chunk order below.
+    let mut partials = vec![0f32; chunks.len() * gv.len()];
+    let parts: Vec<&mut [f32]> = partials.chunks_mut(gv.len().max(1)).collect();
+    run_chunks(chunks, threads, parts, |part, c, inner| {
+        macro_rules! go {
+            ($tb:literal,) => {{
+                let xp = lanes.images_to_lanes::<$tb>(g, x, c.clone());
+                let gyl = grad_lanes::<$tb>(g, gy, c);
+                let (ranges, lens) = row_ranges(r, inner);
+                let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(part, &lens)).collect();
+                run_parallel(jobs, inner, |(rows, out)| {
+                    vgrad_lanes::<R, $tb>(
+                        isa,
+                        r,
+                        &lanes.offs,
+                        &lanes.bases,
+                        &xp,
+                        &gyl,
+                        rows.start,
+                        rows.len(),
+                        out,
+                    )
+                });
+            }};
+        }
+        with_tile!(c.len(), go!());
+    });
+    for p in partials.chunks(gv.len().max(1)) {
+        for (a, b) in gv.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+}
