@@ -14,7 +14,7 @@
 
 use crate::cpu::check;
 use crate::isa::multiversion;
-use crate::simd::madd;
+use crate::simd::fma_tile;
 use crate::{Exec, KernelError};
 
 /// Columns per block.
@@ -191,17 +191,13 @@ fn forward_one_body<const FMA: bool>(
         while i + 4 <= hi {
             for (j, a) in acc.iter_mut().enumerate() {
                 let (xs, vs) = block(i + j);
-                for k in 0..W {
-                    a[k] = madd::<FMA>(vs[k], xs[k], a[k]);
-                }
+                fma_tile::<W, FMA>(a, vs, xs);
             }
             i += 4;
         }
         while i < hi {
             let (xs, vs) = block(i);
-            for k in 0..W {
-                acc[0][k] = madd::<FMA>(vs[k], xs[k], acc[0][k]);
-            }
+            fma_tile::<W, FMA>(&mut acc[0], vs, xs);
             i += 1;
         }
         // A fixed tree over accumulators and lanes (vector adds and shuffles, not a serial

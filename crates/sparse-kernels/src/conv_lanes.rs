@@ -33,7 +33,7 @@ use crate::conv::{run_chunks, Geometry};
 use crate::cpu::{row_jobs, row_ranges, run_parallel, split_lengths, with_tile};
 use crate::isa::multiversion;
 use crate::rows::Rows;
-use crate::simd::{axpy_tile, madd, tile, tile_mut};
+use crate::simd::{axpy_tile, fma_tile, tile, tile_mut};
 use crate::Exec;
 
 /// Samples per chunk, one SIMD lane each (the widest batch tile of [`crate::cpu`]).
@@ -215,14 +215,6 @@ fn igrad_body<R: Rows, const TB: usize, const FMA: bool>(
     }
 }
 multiversion!(fn igrad_lanes<R: Rows; const TB: usize>(r: &R, values: &[f32], offs: &[usize], bases: &[usize], gyl: &[f32], gxp: &mut [f32]) => igrad_body);
-
-/// `acc += g ⊙ x` lane-wise.
-#[inline(always)]
-fn fma_tile<const TB: usize, const FMA: bool>(acc: &mut [f32; TB], g: &[f32; TB], x: &[f32; TB]) {
-    for t in 0..TB {
-        acc[t] = madd::<FMA>(g[t], x[t], acc[t]);
-    }
-}
 
 /// `Σ acc` in a fixed order: 16 partial sums (8 for `TB = 8`), then a tree — the shape of one
 /// 16-lane register, so the accumulation above stays in full-width vectors.

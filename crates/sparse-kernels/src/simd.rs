@@ -21,6 +21,18 @@ pub fn axpy_tile<const TB: usize, const FMA: bool>(acc: &mut [f32; TB], v: f32, 
     }
 }
 
+/// `acc += g ⊙ x` lane-wise over one tile.
+#[inline(always)]
+pub fn fma_tile<const TB: usize, const FMA: bool>(
+    acc: &mut [f32; TB],
+    g: &[f32; TB],
+    x: &[f32; TB],
+) {
+    for t in 0..TB {
+        acc[t] = madd::<FMA>(g[t], x[t], acc[t]);
+    }
+}
+
 /// `Σ_t g[t] · x[t]` over one batch tile (`TB` a multiple of 8), with 8 (`TB = 8`) or 16
 /// independent partial sums reduced in a fixed order.
 #[inline(always)]
