@@ -94,15 +94,15 @@ impl Lanes {
         c: Range<usize>,
     ) -> Vec<f32> {
         let mut xp = vec![0f32; self.cells(g) * TB];
-        let plane = g.h * g.w;
+        // One input row of every lane at a time: each lane's row is read contiguously and the
+        // row's `w · TB` cells stay in L1 while the lanes fill them.
         for ci in 0..g.c {
             for iy in 0..g.h {
-                let cell = self.cell(g, ci, iy);
-                for ix in 0..g.w {
-                    let src = (c.start * g.c + ci) * plane + iy * g.w + ix;
-                    let dst = &mut xp[(cell + ix) * TB..][..c.len()];
-                    for (lane, d) in dst.iter_mut().enumerate() {
-                        *d = x[src + lane * g.c * plane];
+                let cells = &mut xp[self.cell(g, ci, iy) * TB..][..g.w * TB];
+                for (lane, s) in c.clone().enumerate() {
+                    let src = &x[((s * g.c + ci) * g.h + iy) * g.w..][..g.w];
+                    for (ix, &v) in src.iter().enumerate() {
+                        cells[ix * TB + lane] = v;
                     }
                 }
             }
@@ -116,12 +116,11 @@ impl Lanes {
         let n = gx.len() / (g.c * plane).max(1);
         for ci in 0..g.c {
             for iy in 0..g.h {
-                let cell = self.cell(g, ci, iy);
-                for ix in 0..g.w {
-                    let src = &gxp[(cell + ix) * TB..][..n];
-                    let dst = ci * plane + iy * g.w + ix;
-                    for (lane, v) in src.iter().enumerate() {
-                        gx[dst + lane * g.c * plane] = *v;
+                let cells = &gxp[self.cell(g, ci, iy) * TB..][..g.w * TB];
+                for lane in 0..n {
+                    let dst = &mut gx[(lane * g.c + ci) * plane + iy * g.w..][..g.w];
+                    for (ix, d) in dst.iter_mut().enumerate() {
+                        *d = cells[ix * TB + lane];
                     }
                 }
             }
@@ -145,12 +144,17 @@ fn slot_offsets<R: Rows>(r: &R, lanes: &Lanes, nnz: usize) -> Vec<usize> {
 fn grad_lanes<const TB: usize>(g: &Geometry, gy: &[f32], c: Range<usize>) -> Vec<f32> {
     let (out, l) = (g.out, g.l());
     let mut gyl = vec![0f32; out * l * TB];
+    // Blocks of 16 positions of one channel: each lane's run is read contiguously and the
+    // block's `16 · TB` cells stay in L1 while the lanes fill them.
     for o in 0..out {
-        for p in 0..l {
-            let src = (c.start * out + o) * l + p;
-            let dst = &mut gyl[(o * l + p) * TB..][..c.len()];
-            for (lane, d) in dst.iter_mut().enumerate() {
-                *d = gy[src + lane * out * l];
+        for p0 in (0..l).step_by(16) {
+            let len = 16.min(l - p0);
+            let cells = &mut gyl[(o * l + p0) * TB..][..len * TB];
+            for (lane, s) in c.clone().enumerate() {
+                let src = &gy[(s * out + o) * l + p0..][..len];
+                for (p, &v) in src.iter().enumerate() {
+                    cells[p * TB + lane] = v;
+                }
             }
         }
     }
