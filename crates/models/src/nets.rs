@@ -848,9 +848,10 @@ impl Network {
         match &self.body {
             Body::Mlp(layers) => relu_chain(layers, x.flatten_from(1)?),
             Body::Lenet5 { conv1, conv2, fcs } => {
-                let pool = sparse_kernels::pool::max_pool2d;
-                let h = pool(&relu(&conv1.forward(x)?)?, 2)?;
-                let h = pool(&relu(&conv2.forward(&h)?)?, 2)?;
+                // ReLU then 2×2 max pooling, as one op (same values and gradients).
+                let relu_pool = sparse_kernels::pool::relu_max_pool2d;
+                let h = relu_pool(&conv1.forward(x)?, 2)?;
+                let h = relu_pool(&conv2.forward(&h)?, 2)?;
                 relu_chain(fcs, h.flatten_from(1)?)
             }
             Body::Resnet { stem, blocks, fc } => {

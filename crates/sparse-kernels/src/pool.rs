@@ -1,4 +1,5 @@
-//! 2-D max pooling with its own backward pass: [`max_pool2d`].
+//! 2-D max pooling with its own backward pass: [`max_pool2d`], and ReLU followed by max pooling
+//! as one op: [`relu_max_pool2d`].
 //!
 //! candle's `max_pool2d` backward is a chain of generic ops (upsample the result, compare with
 //! the input, convert the mask, average-pool it, divide, upsample the gradient, multiply), each
@@ -12,6 +13,12 @@
 //! ties every input gradient is `k²` times too small (a quarter for 2×2 windows; a network's
 //! layers below two poolings learned at 1/16 of their rate). The test below checks the
 //! gradient against a direct loop.
+//!
+//! [`relu_max_pool2d`] is `max_pool2d(relu(x))` (this crate's [`crate::act::relu`]) in one op:
+//! the same values, the same maxima and the same gradients, without the ReLU's output tensor,
+//! its two passes and the zeros-plus-add that candle's backward spends on every intermediate
+//! tensor's gradient. A conv net's largest activation is the conv output before its pooling
+//! (LeNet-5's conv1: 128 × 6 × 28 × 28 floats at batch 128).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -42,12 +49,34 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     }
     x.contiguous()?.apply_op1(MaxPool {
         k,
+        relu: false,
+        argmax: Arc::new(OnceLock::new()),
+    })
+}
+
+/// `max_pool2d(relu(x), k)` as one op (see the module documentation): each window's maximum
+/// of `max(x, 0)`, ties to the first position in row-major order; the gradient goes to that
+/// position where `x ≥ 0` there (ReLU's gradient), exactly as the two ops give it. f32 CPU
+/// tensors run this op; others run [`crate::act::relu`] then [`max_pool2d`].
+pub fn relu_max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
+        return max_pool2d(&crate::act::relu(x)?, k);
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if k == 0 || k > h || k > w {
+        candle_core::bail!("relu_max_pool2d: a {k}×{k} window does not fit a {h}×{w} input");
+    }
+    x.contiguous()?.apply_op1(MaxPool {
+        k,
+        relu: true,
         argmax: Arc::new(OnceLock::new()),
     })
 }
 
 struct MaxPool {
     k: usize,
+    /// Pool `max(x, 0)` instead of `x` ([`relu_max_pool2d`]).
+    relu: bool,
     /// For every output, the flat index of its maximum in the input; set by the forward.
     argmax: Arc<OnceLock<Vec<u32>>>,
 }
@@ -63,9 +92,20 @@ fn better(a: f32, b: f32) -> bool {
     a > b || (a.is_nan() && !b.is_nan())
 }
 
+/// `max(v, 0)` when `RELU` (`f32::max`: a NaN becomes 0, as in [`crate::act::relu`]), else `v`.
+#[inline(always)]
+fn act<const RELU: bool>(v: f32) -> f32 {
+    if RELU {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
 /// 2×2 windows of one `[h, w]` plane (`plane`, whose first value has flat index `base`): the
-/// common case, two input rows at a time and no inner window loops.
-fn pool2(
+/// common case, two input rows at a time and no inner window loops. Pools `act::<RELU>` of the
+/// inputs.
+fn pool2<const RELU: bool>(
     plane: &[f32],
     w: usize,
     base: usize,
@@ -85,8 +125,8 @@ fn pool2(
         for ox in 0..ow {
             // Row-major order inside the window: (0,0), (0,1), (1,0), (1,1); selects, not
             // branches (the comparisons are unpredictable on real activations).
-            let (a, b) = (r0[2 * ox], r0[2 * ox + 1]);
-            let (c, d) = (r1[2 * ox], r1[2 * ox + 1]);
+            let (a, b) = (act::<RELU>(r0[2 * ox]), act::<RELU>(r0[2 * ox + 1]));
+            let (c, d) = (act::<RELU>(r1[2 * ox]), act::<RELU>(r1[2 * ox + 1]));
             let first = row0 + 2 * ox as u32;
             let tb = better(b, a);
             let (v, i) = (if tb { b } else { a }, if tb { first + 1 } else { first });
@@ -119,27 +159,31 @@ impl CustomOp1 for MaxPool {
         if x.len() > u32::MAX as usize {
             candle_core::bail!("max_pool2d: inputs above 2³² values are not supported");
         }
-        let k = self.k;
+        let (k, relu) = (self.k, self.relu);
         let (oh, ow) = (h / k, w / k);
         let mut y = vec![0f32; b * c * oh * ow];
         let mut arg = vec![0u32; y.len()];
         let job = |(p, (ys, args)): (usize, (&mut [f32], &mut [u32]))| {
             let base = p * h * w;
-            if k == 2 {
-                return pool2(&x[base..base + h * w], w, base, oh, ow, ys, args);
+            let plane = &x[base..base + h * w];
+            match (k, relu) {
+                (2, false) => return pool2::<false>(plane, w, base, oh, ow, ys, args),
+                (2, true) => return pool2::<true>(plane, w, base, oh, ow, ys, args),
+                _ => {}
             }
+            let v = |i: usize| if relu { x[i].max(0.0) } else { x[i] };
             for oy in 0..oh {
                 for ox in 0..ow {
                     let mut best = base + oy * k * w + ox * k;
                     for dy in 0..k {
                         let row = base + (oy * k + dy) * w + ox * k;
                         for i in row..row + k {
-                            if better(x[i], x[best]) {
+                            if better(v(i), v(best)) {
                                 best = i;
                             }
                         }
                     }
-                    ys[oy * ow + ox] = x[best];
+                    ys[oy * ow + ox] = v(best);
                     args[oy * ow + ox] = best as u32;
                 }
             }
@@ -169,16 +213,22 @@ impl CustomOp1 for MaxPool {
             .argmax
             .get()
             .ok_or_else(|| candle_core::Error::Msg("max_pool2d: backward before forward".into()))?;
-        let gx = grad
-            .contiguous()?
-            .apply_op2_no_bwd(x, &Scatter { argmax })?;
+        let gx = grad.contiguous()?.apply_op2_no_bwd(
+            x,
+            &Scatter {
+                argmax,
+                relu: self.relu,
+            },
+        )?;
         Ok(Some(gx))
     }
 }
 
-/// `(∂y, x) → ∂x`: each output gradient added at its window's maximum (`x` gives the shape).
+/// `(∂y, x) → ∂x`: each output gradient added at its window's maximum (`x` gives the shape),
+/// times ReLU's gradient `[x ≥ 0]` there when `relu`.
 struct Scatter<'a> {
     argmax: &'a [u32],
+    relu: bool,
 }
 
 impl CustomOp2 for Scatter<'_> {
@@ -190,14 +240,23 @@ impl CustomOp2 for Scatter<'_> {
         &self,
         gs: &CpuStorage,
         gl: &Layout,
-        _xs: &CpuStorage,
+        xs: &CpuStorage,
         xl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let gy = slice(gs, gl)?;
         let mut gx = vec![0f32; xl.shape().elem_count()];
         // Windows do not overlap (stride = window), so every input gets at most one term.
-        for (g, &i) in gy.iter().zip(self.argmax) {
-            gx[i as usize] += g;
+        if self.relu {
+            let x = slice(xs, xl)?;
+            for (g, &i) in gy.iter().zip(self.argmax) {
+                let i = i as usize;
+                // The product, as `act::ReluGrad` forms it (a NaN or infinite ∂y stays so).
+                gx[i] += g * if x[i] >= 0.0 { 1.0 } else { 0.0 };
+            }
+        } else {
+            for (g, &i) in gy.iter().zip(self.argmax) {
+                gx[i as usize] += g;
+            }
         }
         Ok((CpuStorage::F32(gx), xl.shape().clone()))
     }
@@ -264,6 +323,59 @@ mod tests {
             assert!(y.flatten_all()?.to_vec1::<f32>()?[0].is_nan(), "k = {k}");
         }
         let e = max_pool2d(x.as_tensor(), 3).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_relu_pool_equals_relu_then_pool_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for ((b, c, h, w), k) in [((2, 3, 6, 8), 2), ((1, 2, 7, 5), 2), ((3, 1, 9, 10), 3)] {
+            let n = b * c * h * w;
+            // Small integers around 0: ties, exact zeros of both signs, all-negative windows.
+            let mut vals: Vec<f32> = (0..n).map(|i| ((i * 7919) % 7) as f32 - 4.0).collect();
+            vals[1] = -0.0;
+            vals[n / 2] = f32::NAN;
+            let x = Var::from_vec(vals, (b, c, h, w), &dev)?;
+            let fused = relu_max_pool2d(x.as_tensor(), k)?;
+            let composed = max_pool2d(&crate::act::relu(x.as_tensor())?, k)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(&fused)?, bits(&composed)?, "{:?}", (b, c, h, w));
+            // Weights with both signs; compare gradients up to the sign of zero (candle's
+            // `0 + g` accumulation turns -0.0 into 0.0 on the composed path).
+            let u: Vec<f32> = (0..fused.elem_count()).map(|i| i as f32 - 3.5).collect();
+            let ut = Tensor::from_vec(u, fused.shape(), &dev)?;
+            let gf = (fused * &ut)?.sum_all()?.backward()?;
+            let gc = (composed * &ut)?.sum_all()?.backward()?;
+            let (gf, gc) = (gf.get(&x).unwrap(), gc.get(&x).unwrap());
+            let (gf, gc) = (
+                gf.flatten_all()?.to_vec1::<f32>()?,
+                gc.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert_eq!(gf, gc, "{:?}", (b, c, h, w));
+            assert!(gf.iter().any(|&g| g != 0.0), "a gradient reaches x");
+        }
+        // Windows whose ReLU maximum is 0: the first position takes it, and the gradient passes
+        // only where x ≥ 0 there (an exact zero), as ReLU then pooling gives it.
+        let x = Var::new(
+            &[[[[0f32, -1.0], [-2.0, -3.0]], [[-1.0, 0.0], [-2.0, -3.0]]]],
+            &dev,
+        )?;
+        let y = relu_max_pool2d(x.as_tensor(), 2)?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![0.0, 0.0]);
+        let g = y.sum_all()?.backward()?;
+        assert_eq!(
+            g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?,
+            vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        );
+        let x = Tensor::zeros((1, 1, 2, 2), DType::F32, &dev)?;
+        let e = relu_max_pool2d(&x, 3).unwrap_err();
         assert!(e.to_string().contains("does not fit"), "{e}");
         Ok(())
     }
