@@ -38,6 +38,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use crate::dense::gemm;
+use crate::scratch;
 use crate::Exec;
 
 /// Each GEMM of a chunk covers at least this many output positions (`samples · L`), so the
@@ -448,33 +449,51 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     crate::contiguous_f32(s, l, "conv2d", what)
 }
 
-pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], exec: Exec) -> Vec<f32> {
+/// `y = conv(x, w) (+ bias)`; the bias is added while each chunk's output is still in cache.
+pub(crate) fn forward(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    exec: Exec,
+) -> Vec<f32> {
     let (k, l, out) = (g.k(), g.l(), g.out);
     let mut y = vec![0f32; g.batch * out * l];
     let parts = split_chunks(g, &mut y, out * l);
     for_chunks(g, exec, parts, |ys, r, threads| {
         let n = r.len();
-        let mut cols = vec![0f32; k * n * l];
-        g.im2col(x, r, &mut cols);
-        if n == 1 {
-            gemm((out, l, k), ys, l, false, w, (1, k), &cols, (1, l), threads);
-        } else {
-            let mut yc = vec![0f32; out * n * l];
-            gemm(
-                (out, n * l, k),
-                &mut yc,
-                n * l,
-                false,
-                w,
-                (1, k),
-                &cols,
-                (1, n * l),
-                threads,
-            );
-            for si in 0..n {
-                for o in 0..out {
-                    ys[(si * out + o) * l..][..l].copy_from_slice(&yc[o * n * l + si * l..][..l]);
-                }
+        // Both temporaries are written in full before they are read (im2col fills every
+        // column; the GEMM does not accumulate).
+        scratch::with(k * n * l, |cols| {
+            g.im2col(x, r, cols);
+            if n == 1 {
+                gemm((out, l, k), ys, l, false, w, (1, k), cols, (1, l), threads);
+            } else {
+                scratch::with(out * n * l, |yc| {
+                    gemm(
+                        (out, n * l, k),
+                        yc,
+                        n * l,
+                        false,
+                        w,
+                        (1, k),
+                        cols,
+                        (1, n * l),
+                        threads,
+                    );
+                    for si in 0..n {
+                        for o in 0..out {
+                            ys[(si * out + o) * l..][..l]
+                                .copy_from_slice(&yc[o * n * l + si * l..][..l]);
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(b) = bias {
+            for (i, row) in ys.chunks_mut(l.max(1)).enumerate() {
+                let v = b[i % out];
+                row.iter_mut().for_each(|e| *e += v);
             }
         }
     });
@@ -488,20 +507,21 @@ pub(crate) fn input_grad(g: &Geometry, gy: &[f32], w: &[f32], exec: Exec) -> Vec
     for_chunks(g, exec, parts, |gxs, r, threads| {
         let n = r.len();
         let gyc = g.channel_major(gy, &r);
-        let mut cols = vec![0f32; k * n * l];
-        // cols [K, nL] = Wᵀ [K, out] · gy [out, nL]
-        gemm(
-            (k, n * l, out),
-            &mut cols,
-            n * l,
-            false,
-            w,
-            (k, 1),
-            &gyc,
-            (1, n * l),
-            threads,
-        );
-        g.col2im(&cols, n, gxs);
+        // cols [K, nL] = Wᵀ [K, out] · gy [out, nL] (written in full: no accumulation)
+        scratch::with(k * n * l, |cols| {
+            gemm(
+                (k, n * l, out),
+                cols,
+                n * l,
+                false,
+                w,
+                (k, 1),
+                &gyc,
+                (1, n * l),
+                threads,
+            );
+            g.col2im(cols, n, gxs);
+        });
     });
     gx
 }
@@ -517,20 +537,21 @@ pub(crate) fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Ve
     for_chunks(g, exec, parts, |gw, r, threads| {
         let n = r.len();
         let gyc = g.channel_major(gy, &r);
-        let mut cols = vec![0f32; k * n * l];
-        g.im2col(x, r, &mut cols);
-        // gw [out, K] = gy [out, nL] · colsᵀ [nL, K]
-        gemm(
-            (out, k, n * l),
-            gw,
-            k,
-            false,
-            &gyc,
-            (1, n * l),
-            &cols,
-            (n * l, 1),
-            threads,
-        );
+        scratch::with(k * n * l, |cols| {
+            g.im2col(x, r, cols);
+            // gw [out, K] = gy [out, nL] · colsᵀ [nL, K]
+            gemm(
+                (out, k, n * l),
+                gw,
+                k,
+                false,
+                &gyc,
+                (1, n * l),
+                cols,
+                (n * l, 1),
+                threads,
+            );
+        });
     });
     // Sum the chunks in order (the same order for every thread count).
     let (first, rest) = partials.split_at_mut(out * k);
@@ -562,7 +583,7 @@ impl CustomOp2 for ConvForward {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
-        let y = forward(g, slice(xs, xl, "x")?, slice(ws, wl, "w")?, self.exec);
+        let y = forward(g, slice(xs, xl, "x")?, slice(ws, wl, "w")?, None, self.exec);
         Ok((
             CpuStorage::F32(y),
             Shape::from((g.batch, g.out, g.oh, g.ow)),
@@ -617,17 +638,21 @@ impl CustomOp3 for ConvForwardBias {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = self.0.cpu_fwd(xs, xl, ws, wl)?;
-        let CpuStorage::F32(mut y) = y else {
-            unreachable!("the forward op returns f32")
-        };
+        let g = &self.0.g;
         let b = slice(bs, bl, "bias")?;
-        let l = self.0.g.l();
-        for (i, row) in y.chunks_mut(l).enumerate() {
-            let v = b[i % b.len()];
-            row.iter_mut().for_each(|e| *e += v);
+        if b.len() != g.out {
+            candle_core::bail!(
+                "conv2d: bias has {} entries for {} channels",
+                b.len(),
+                g.out
+            );
         }
-        Ok((CpuStorage::F32(y), shape))
+        let (x, w) = (slice(xs, xl, "x")?, slice(ws, wl, "w")?);
+        let y = forward(g, x, w, Some(b), self.0.exec);
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((g.batch, g.out, g.oh, g.ow)),
+        ))
     }
 
     fn bwd(
@@ -773,7 +798,7 @@ mod tests {
             for threads in [1, 2, 3] {
                 let exec = Exec::default().with_threads(threads);
                 let what = format!("{:?} threads {threads}", (b, c, h, wd, out, k, spec));
-                close(&forward(&g, &x, &w, exec), &ry, &format!("y {what}"));
+                close(&forward(&g, &x, &w, None, exec), &ry, &format!("y {what}"));
                 close(&input_grad(&g, &gy, &w, exec), &rgx, &format!("gx {what}"));
                 close(&weight_grad(&g, &x, &gy, exec), &rgw, &format!("gw {what}"));
             }
@@ -812,7 +837,7 @@ mod tests {
             let run = |t: usize| {
                 let e = Exec::default().with_threads(t);
                 (
-                    forward(&g, &x, &w, e),
+                    forward(&g, &x, &w, None, e),
                     input_grad(&g, &gy, &w, e),
                     weight_grad(&g, &x, &gy, e),
                 )

@@ -48,6 +48,7 @@ mod packed;
 pub mod pool;
 pub mod reference;
 mod rows;
+mod scratch;
 mod simd;
 pub mod sparse_conv;
 pub mod storage;

@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -244,20 +245,49 @@ impl CustomOp2 for Scatter<'_> {
         xl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let gy = slice(gs, gl)?;
-        let mut gx = vec![0f32; xl.shape().elem_count()];
-        // Windows do not overlap (stride = window), so every input gets at most one term.
-        if self.relu {
-            let x = slice(xs, xl)?;
-            for (g, &i) in gy.iter().zip(self.argmax) {
-                let i = i as usize;
-                // The product, as `act::ReluGrad` forms it (a NaN or infinite ∂y stays so).
-                gx[i] += g * if x[i] >= 0.0 { 1.0 } else { 0.0 };
-            }
-        } else {
-            for (g, &i) in gy.iter().zip(self.argmax) {
-                gx[i as usize] += g;
-            }
+        let x = slice(xs, xl)?;
+        let (&[.., h, w], &[.., oh, ow]) = (xl.dims(), gl.dims()) else {
+            candle_core::bail!("max_pool2d backward: expected rank-4 tensors");
+        };
+        let (plane, out_plane) = ((h * w).max(1), (oh * ow).max(1));
+        if gy.len() != self.argmax.len() || x.len() / plane != gy.len() / out_plane {
+            candle_core::bail!("max_pool2d backward: gradient and input shapes do not match");
         }
+        let relu = self.relu;
+        // One plane of ∂x per task: its windows' maxima lie in the same plane of x, and every
+        // entry is written (zero, then the plane's terms), so no zero-filled allocation first.
+        let job = |(p, gxp): (usize, &mut [MaybeUninit<f32>])| {
+            gxp.fill(MaybeUninit::new(0.0));
+            // SAFETY: every entry was just initialised.
+            let gxp = unsafe { &mut *(gxp as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let (base, o) = (p * plane, p * out_plane);
+            let terms = gy[o..o + out_plane]
+                .iter()
+                .zip(&self.argmax[o..o + out_plane]);
+            // Windows do not overlap (stride = window), so every input gets at most one term.
+            for (g, &i) in terms {
+                let i = i as usize - base;
+                if relu {
+                    // The product, as `act::ReluGrad` forms it (a NaN or infinite ∂y stays so).
+                    gxp[i] += g * if x[base + i] >= 0.0 { 1.0 } else { 0.0 };
+                } else {
+                    gxp[i] += g;
+                }
+            }
+        };
+        let mut gx: Vec<f32> = Vec::with_capacity(x.len());
+        let cells = &mut gx.spare_capacity_mut()[..x.len()];
+        if crate::candle_threads() > 1 && x.len() >= crate::MIN_WORK_PER_THREAD {
+            cells
+                .par_chunks_mut(plane)
+                .enumerate()
+                .with_min_len((1 << 14) / plane + 1)
+                .for_each(job);
+        } else {
+            cells.chunks_mut(plane).enumerate().for_each(job);
+        }
+        // SAFETY: the planes cover `0..x.len()` and each task initialised its plane.
+        unsafe { gx.set_len(x.len()) };
         Ok((CpuStorage::F32(gx), xl.shape().clone()))
     }
 }

@@ -773,7 +773,7 @@ mod tests {
             let bias = random(out, &mut seed);
             for (name, s, dense, _) in layouts(out, fan_in, keep.min(fan_in), k * k, &mut seed) {
                 let e1 = Exec::default().with_threads(1);
-                let mut ry = crate::conv::forward(&g, &x, &dense, e1);
+                let mut ry = crate::conv::forward(&g, &x, &dense, None, e1);
                 for (i, plane) in ry.chunks_mut(g.l()).enumerate() {
                     plane.iter_mut().for_each(|v| *v += bias[i % out]);
                 }
