@@ -17,7 +17,7 @@ use models::{Datasets, MethodName, Silent, TrainConfig, Trainer};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
-    models::alloc::keep_freed_memory();
+    models::process::init();
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
         args.iter()

@@ -21,7 +21,7 @@ use models::{Control, Datasets, EngineKind, Event, MethodName, TrainConfig, Trai
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
-    models::alloc::keep_freed_memory();
+    models::process::init();
     // LeNet-300-100, SRigL 90% ERK, 20 epochs, batch 128, Nesterov SGD 0.1 with cosine decay.
     let mut cfg = TrainConfig::default();
     let mut out: Option<PathBuf> = None;

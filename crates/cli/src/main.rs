@@ -121,7 +121,7 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    models::alloc::keep_freed_memory();
+    models::process::init();
     let cli = match parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -26,7 +26,7 @@ use models::{EngineKind, MethodName, Trainer};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    models::alloc::keep_freed_memory();
+    models::process::init();
     let args: Vec<String> = std::env::args().collect();
     let has = |name: &str| args.iter().any(|a| a == name);
     let flag = |name: &str| {

@@ -238,7 +238,7 @@ fn engine_rule_suite(quick: bool, only_model: Option<&str>) -> Vec<serde_json::V
 }
 
 fn main() {
-    models::alloc::keep_freed_memory();
+    models::process::init();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json_out = args

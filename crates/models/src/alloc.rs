@@ -10,7 +10,7 @@
 //! run's peak rather than shrinking between steps.
 //!
 //! ```
-//! models::alloc::keep_freed_memory(); // first thing in `main`
+//! models::alloc::keep_freed_memory(); // first thing in `main` (`models::process::init` does it)
 //! ```
 
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (`mimalloc.h`, v2 and v3): how long

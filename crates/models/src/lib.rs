@@ -12,7 +12,8 @@
 //! - [`checkpoint`]: the checkpoint files and the state ⇄ tensors mapping;
 //! - [`metrics`]: per-layer statistics, epoch records, `metrics.jsonl`;
 //! - [`error`]: the error type, [`TrainError`];
-//! - [`alloc`]: the allocator setting of a training process ([`alloc::keep_freed_memory`]).
+//! - [`alloc`]: the allocator setting of a training process ([`alloc::keep_freed_memory`]);
+//! - [`process`]: what a training process sets first thing in `main` ([`process::init`]).
 //!
 //! ```no_run
 //! use models::{Datasets, Silent, TrainConfig, Trainer};
@@ -37,6 +38,7 @@ pub mod error;
 pub mod inference;
 pub mod metrics;
 pub mod nets;
+pub mod process;
 pub mod trainer;
 
 pub use config::{
