@@ -300,6 +300,9 @@ fn main() {
             };
         }
         let steps = flag("--steps").map_or(steps, |s| s.parse().expect("--steps"));
+        // Enough epochs for the warm-up and the timed steps (a shorter run would end early).
+        let per_epoch = data.train.len().div_ceil(cfg.batch_size);
+        cfg.epochs = cfg.epochs.max((warm + steps).div_ceil(per_epoch));
         let t = time_steps(&cfg, &data, warm, steps);
         println!("{name} {path}: {:.4} s/step", t.s_per_step);
         return;

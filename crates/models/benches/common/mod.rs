@@ -92,6 +92,11 @@ pub fn time_steps(cfg: &TrainConfig, data: &Datasets, warm: usize, steps: usize)
 /// [`time_steps`] on a trainer built by the caller (e.g. one rank of a data-parallel run); the
 /// timing also holds the communication of the timed steps.
 pub fn time_trainer(t: &mut Trainer, warm: usize, steps: usize) -> Timing {
+    assert!(
+        warm + steps <= t.total_steps(),
+        "{warm} warm-up and {steps} timed steps do not fit the run's {} steps: raise its epochs",
+        t.total_steps()
+    );
     t.run_until(warm, &mut Silent).expect("warm-up");
     let comm_before = t.communication();
     let start = Instant::now();
