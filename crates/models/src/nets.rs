@@ -513,10 +513,29 @@ impl BatchNorm {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// `relu(self.forward_t(x, train))`; in training one op (`batch_norm_relu_train`: the same
+    /// values and gradients without the normalised tensor).
+    fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(x, train, true)
+    }
+
+    fn forward_act(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu_after: bool,
+    ) -> candle_core::Result<Tensor> {
         let m = Self::MOMENTUM;
         if train {
-            let (y, st) =
-                sparse_kernels::norm::batch_norm_train(x, &self.weight, &self.bias, Self::EPS)?;
+            let norm = if relu_after {
+                sparse_kernels::norm::batch_norm_relu_train
+            } else {
+                sparse_kernels::norm::batch_norm_train
+            };
+            let (y, st) = norm(x, &self.weight, &self.bias, Self::EPS)?;
             let dev = x.device();
             let mean = Tensor::new(st.mean.as_slice(), dev)?;
             let var = Tensor::new(st.var.as_slice(), dev)?;
@@ -533,8 +552,14 @@ impl BatchNorm {
             let inv = (self.running_var.as_detached_tensor() + Self::EPS)?.sqrt()?;
             let scale = self.weight.broadcast_div(&inv)?;
             let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-            x.broadcast_mul(&scale.reshape(shape.as_slice())?)?
-                .broadcast_add(&shift.reshape(shape.as_slice())?)
+            let y = x
+                .broadcast_mul(&scale.reshape(shape.as_slice())?)?
+                .broadcast_add(&shift.reshape(shape.as_slice())?)?;
+            if relu_after {
+                relu(&y)
+            } else {
+                Ok(y)
+            }
         }
     }
 }
@@ -606,13 +631,14 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
+        let h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
         let s = match &self.shortcut {
             Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        relu(&(h + s)?)
+        // relu(h + s) as one op (same values and gradients).
+        sparse_kernels::act::add_relu(&h, &s)
     }
 }
 
@@ -855,7 +881,7 @@ impl Network {
                 relu_chain(fcs, h.flatten_from(1)?)
             }
             Body::Resnet { stem, blocks, fc } => {
-                let mut h = relu(&stem.1.forward_t(&stem.0.forward(x)?, train)?)?;
+                let mut h = stem.1.forward_relu_t(&stem.0.forward(x)?, train)?;
                 for b in blocks {
                     h = b.forward_t(&h, train)?;
                 }

@@ -4,6 +4,10 @@
 //! activation per step). Values and gradients are candle's exactly (`x.max(0)`; the gradient
 //! passes where `x ≥ 0`, as candle's `ge`), so seeded runs do not change. Other dtypes and
 //! devices fall back to candle's `relu`.
+//!
+//! [`add_relu`] is `relu(a + b)` (a residual block's output) as one op: without the sum's
+//! tensor, whose gradient candle's backward would build as `zeros + g`, and in one pass each
+//! way.
 
 use std::mem::MaybeUninit;
 
@@ -20,6 +24,18 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
         x.apply_op1(Relu)
     } else {
         x.relu()
+    }
+}
+
+/// `relu(a + b)` as one op (see the module documentation): the same values as [`relu`] of
+/// candle's sum, and the same gradient `∂y · [a + b ≥ 0]` for both `a` and `b`. Tensors of
+/// different shapes, dtypes other than f32 and other devices run the two ops.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if f32_cpu(a) && f32_cpu(b) && a.shape() == b.shape() {
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    } else {
+        relu(&(a + b)?)
     }
 }
 
@@ -77,6 +93,82 @@ impl CustomOp2 for ReluGrad {
     }
 }
 
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = crate::contiguous_f32(s1, l1, "add_relu", "a")?;
+        let b = crate::contiguous_f32(s2, l2, "add_relu", "b")?;
+        if a.len() != b.len() {
+            candle_core::bail!("add_relu: a has {} entries, b {}", a.len(), b.len());
+        }
+        let y = fill_new(a.len(), |i0, y| {
+            for ((y, &a), &b) in y.iter_mut().zip(&a[i0..]).zip(&b[i0..]) {
+                y.write((a + b).max(0.0));
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?.apply_op3_no_bwd(a, b, &AddReluGrad)?;
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// `(∂y, a, b) → ∂y · [a + b ≥ 0]` (the sum formed as the forward formed it).
+struct AddReluGrad;
+
+impl candle_core::CustomOp3 for AddReluGrad {
+    fn name(&self) -> &'static str {
+        "add-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = crate::contiguous_f32(gs, gl, "add_relu backward", "grad")?;
+        let a = crate::contiguous_f32(s1, l1, "add_relu backward", "a")?;
+        let b = crate::contiguous_f32(s2, l2, "add_relu backward", "b")?;
+        if a.len() != g.len() || b.len() != g.len() {
+            candle_core::bail!(
+                "add_relu backward: grad has {} entries, a {}",
+                g.len(),
+                a.len()
+            );
+        }
+        let out = fill_new(g.len(), |i0, o| {
+            let terms = o.iter_mut().zip(&g[i0..]).zip(&a[i0..]).zip(&b[i0..]);
+            for (((o, &g), &a), &b) in terms {
+                o.write(g * if a + b >= 0.0 { 1.0 } else { 0.0 });
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
 /// A new vector of `n` floats, written by `fill(first index, chunk)` over chunks of [`CHUNK`]
 /// in parallel; each chunk must write every entry. Not zero-filled first: an element-wise op's
 /// output is written exactly once, and the zeroing pass cost as much as the op.
@@ -127,6 +219,44 @@ mod tests {
                 gt.get(x.as_tensor()).unwrap(),
             );
             assert_eq!(bits(go)?, bits(gt)?, "gradient, n = {n}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn add_relu_equals_relu_of_the_sum_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for n in [9usize, 100_000] {
+            // Sums that are exactly zero, of both signs, negative and positive; a NaN.
+            let av: Vec<f32> = (0..n).map(|i| ((i * 7919) % 9) as f32 - 4.0).collect();
+            let mut bv: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 7) as f32 - 3.0).collect();
+            bv[3] = f32::NAN;
+            let a = Var::from_vec(av, n, &dev)?;
+            let b = Var::from_vec(bv, n, &dev)?;
+            let w: Vec<f32> = (0..n).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
+            let w = Tensor::from_vec(w, n, &dev)?;
+            let fused = add_relu(a.as_tensor(), b.as_tensor())?;
+            let composed = relu(&(a.as_tensor() + b.as_tensor())?)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+            };
+            assert_eq!(bits(&fused)?, bits(&composed)?, "forward, n = {n}");
+            let gf = (fused * &w)?.sum_all()?.backward()?;
+            let gc = (composed * &w)?.sum_all()?.backward()?;
+            for v in [&a, &b] {
+                let (f, c) = (
+                    gf.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                );
+                // Equal as numbers (candle's `0 + g` accumulation may turn -0.0 into 0.0).
+                assert_eq!(
+                    f.to_vec1::<f32>()?,
+                    c.to_vec1::<f32>()?,
+                    "gradient, n = {n}"
+                );
+            }
+            let g = gf.get(a.as_tensor()).unwrap().to_vec1::<f32>()?;
+            assert!(g.iter().any(|&v| v != 0.0) && g.contains(&0.0));
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! Training-mode batch normalisation of `[batch, channels, …]` tensors as one op with its own
-//! backward pass: [`batch_norm_train`].
+//! backward pass: [`batch_norm_train`], and the same followed by ReLU as one op:
+//! [`batch_norm_relu_train`] (a ResNet's `relu(bn(conv(x)))` without the normalised tensor, its
+//! ReLU passes and candle's `zeros + g` for its gradient).
 //!
 //! candle-nn's `BatchNorm::forward_train` is built from about ten generic tensor ops (a
 //! transposed copy, two means, subtract, square, divide, scale, shift, and a transposed
@@ -52,6 +54,28 @@ pub fn batch_norm_train(
     beta: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, BatchStats)> {
+    batch_norm(x, gamma, beta, eps, false)
+}
+
+/// `relu(y)` of [`batch_norm_train`]'s `y`, as one op: the same values as
+/// [`crate::act::relu`] of it, the same statistics, and the same gradients (ReLU's `[y ≥ 0]`,
+/// with `y` recomputed in the backward pass exactly as the forward formed it).
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
+    batch_norm(x, gamma, beta, eps, true)
+}
+
+fn batch_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
     if x.rank() < 2 {
         candle_core::bail!(
             "batch_norm: x must be [batch, channels, …], got {:?}",
@@ -78,6 +102,7 @@ pub fn batch_norm_train(
     let op = Forward {
         channels: c,
         eps,
+        relu,
         stats: saved.clone(),
     };
     let y = x
@@ -147,11 +172,16 @@ struct Saved {
     stats: BatchStats,
     /// `1 / √(var + eps)` per channel.
     inv_std: Vec<f32>,
+    /// With a ReLU after the normalisation: `gamma · inv_std` and `beta` per channel, to form
+    /// the pre-activation again in the backward pass.
+    relu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 struct Forward {
     channels: usize,
     eps: f64,
+    /// Apply ReLU to the output ([`batch_norm_relu_train`]).
+    relu: bool,
     /// Filled by the forward pass; read by the caller and by the backward pass.
     stats: Arc<OnceLock<Saved>>,
 }
@@ -191,8 +221,15 @@ impl CustomOp3 for Forward {
         let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
         let scale: Vec<f32> = (0..c).map(|ch| inv_std[ch] * gamma[ch]).collect();
         let mut y = vec![0f32; x.len()];
+        let relu = self.relu;
         per_plane(c, plane, &mut y, |ch, i| {
-            (x[i] - mean32[ch]) * scale[ch] + beta[ch]
+            let v = pre_activation(x[i], mean32[ch], scale[ch], beta[ch]);
+            // `f32::max`, as `crate::act::relu` (a NaN becomes 0).
+            if relu {
+                v.max(0.0)
+            } else {
+                v
+            }
         });
         let saved = Saved {
             stats: BatchStats {
@@ -201,6 +238,7 @@ impl CustomOp3 for Forward {
                 count: batch * plane,
             },
             inv_std,
+            relu: relu.then(|| (scale, beta.to_vec())),
         };
         if self.stats.set(saved).is_err() {
             candle_core::bail!("batch_norm: the op ran twice");
@@ -228,6 +266,10 @@ impl CustomOp3 for Forward {
                 channels: c,
                 mean: &saved.stats.mean,
                 inv_std: &saved.inv_std,
+                relu: saved
+                    .relu
+                    .as_ref()
+                    .map(|(s, b)| (s.as_slice(), b.as_slice())),
             },
         )?;
         let n = x.elem_count();
@@ -238,11 +280,20 @@ impl CustomOp3 for Forward {
     }
 }
 
+/// The normalised, scaled and shifted value (before a ReLU): one expression, so that the
+/// backward pass of [`batch_norm_relu_train`] forms the forward's value bit for bit.
+#[inline(always)]
+fn pre_activation(x: f32, mean: f32, scale: f32, beta: f32) -> f32 {
+    (x - mean) * scale + beta
+}
+
 /// `(x, ∂y, gamma) → [∂x (flattened), ∂gamma, ∂beta]` in one buffer.
 struct Backward<'a> {
     channels: usize,
     mean: &'a [f32],
     inv_std: &'a [f32],
+    /// `(scale, beta)` when a ReLU followed: `∂y` is first multiplied by `[pre-activation ≥ 0]`.
+    relu: Option<(&'a [f32], &'a [f32])>,
 }
 
 impl CustomOp3 for Backward<'_> {
@@ -267,9 +318,19 @@ impl CustomOp3 for Backward<'_> {
         let plane: usize = dims[2..].iter().product();
         let n = (batch * plane).max(1) as f32;
         let (mean, inv_std) = (self.mean, self.inv_std);
+        // ∂ of the normalisation's output: ∂y, times ReLU's gradient when one followed (the
+        // product as `crate::act::ReluGrad` forms it).
+        let relu = self.relu;
+        let g_at = |ch: usize, i: usize| match relu {
+            Some((scale, beta)) => {
+                let v = pre_activation(x[i], mean[ch], scale[ch], beta[ch]);
+                gy[i] * if v >= 0.0 { 1.0 } else { 0.0 }
+            }
+            None => gy[i],
+        };
         // Σ ∂y and Σ ∂y · x̂ per channel, x̂ = (x − mean) · inv_std.
         let sums = per_channel(c, plane, batch, |ch, i| {
-            let g = gy[i] as f64;
+            let g = g_at(ch, i) as f64;
             [g, g * ((x[i] - mean[ch]) * inv_std[ch]) as f64]
         });
         let sgy: Vec<f32> = sums.iter().map(|s| s[0] as f32).collect();
@@ -282,7 +343,7 @@ impl CustomOp3 for Backward<'_> {
         let mx: Vec<f32> = sgx.iter().map(|s| s / n).collect();
         per_plane(c, plane, gx, |ch, i| {
             let xh = (x[i] - mean[ch]) * inv_std[ch];
-            k[ch] * (gy[i] - mg[ch] - xh * mx[ch])
+            k[ch] * (g_at(ch, i) - mg[ch] - xh * mx[ch])
         });
         rest[..c].copy_from_slice(&sgx);
         rest[c..].copy_from_slice(&sgy);
@@ -352,5 +413,44 @@ mod tests {
         assert!(e.to_string().contains("3 values"), "{e}");
         let e = batch_norm_train(&x, &p3, &p3, f64::NAN).unwrap_err();
         assert!(e.to_string().contains("eps"), "{e}");
+    }
+
+    #[test]
+    fn fused_relu_equals_relu_after_the_batch_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut seed = 17u64;
+        // Random data; and data whose channel 0 holds its mean exactly (x = 2 of 1, 2, 3 with
+        // beta 0: a pre-activation of exactly 0, where ReLU's gradient passes).
+        let exact: Vec<f32> = [1f32, 2.0, 3.0, 5.0, 6.0, 7.0].repeat(2);
+        let cases = [
+            (
+                vec![4, 3, 5, 6],
+                random(360, &mut seed),
+                random(3, &mut seed),
+            ),
+            (vec![2, 2, 3], exact, vec![0.0, 0.5]),
+        ];
+        for (dims, xv, beta) in cases {
+            let c = dims[1];
+            let x = Var::from_vec(xv, dims.as_slice(), &dev)?;
+            let g = Var::from_vec(random(c, &mut seed), c, &dev)?;
+            let b = Var::from_vec(beta, c, &dev)?;
+            let (fused, sf) =
+                batch_norm_relu_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?;
+            let (y, sc) = batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?;
+            let composed = crate::act::relu(&y)?;
+            assert_eq!(sf, sc, "statistics {dims:?}");
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(v(&fused), v(&composed), "y {dims:?}");
+            let n = fused.elem_count();
+            let w = Tensor::from_vec(random(n, &mut seed), dims.as_slice(), &dev)?;
+            let gf = (fused * &w)?.sum_all()?.backward()?;
+            let gc = (composed * &w)?.sum_all()?.backward()?;
+            for (name, t) in [("x", &x), ("gamma", &g), ("beta", &b)] {
+                let (f, c) = (v(gf.get(t).unwrap()), v(gc.get(t).unwrap()));
+                assert_eq!(f, c, "∂{name} {dims:?}");
+            }
+        }
+        Ok(())
     }
 }
