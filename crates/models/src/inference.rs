@@ -258,12 +258,29 @@ pub(crate) fn normalized_batch(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let d = set.image_len();
     let hw = set.rows * set.cols;
-    let mut x = Vec::with_capacity(idx.len() * d);
-    for &i in idx {
+    if norm.len() != set.channels {
+        candle_core::bail!(
+            "input normalisation has {} channels, the images {}",
+            norm.len(),
+            set.channels
+        );
+    }
+    let mut x = vec![0f32; idx.len() * d];
+    // One image per task when there are threads (the values do not depend on the split).
+    let fill = |(dst, &i): (&mut [f32], &usize)| {
         let img = &set.images[i * d..(i + 1) * d];
         for (c, &(mean, std)) in norm.iter().enumerate() {
-            x.extend(img[c * hw..(c + 1) * hw].iter().map(|p| (p - mean) / std));
+            let (src, out) = (&img[c * hw..(c + 1) * hw], &mut dst[c * hw..(c + 1) * hw]);
+            for (o, p) in out.iter_mut().zip(src) {
+                *o = (p - mean) / std;
+            }
         }
+    };
+    if d > 0 && sparse_kernels::candle_threads() > 1 && x.len() >= 1 << 16 {
+        use rayon::prelude::*;
+        x.par_chunks_mut(d).zip(idx.par_iter()).for_each(fill);
+    } else if d > 0 {
+        x.chunks_mut(d).zip(idx).for_each(fill);
     }
     let y: Vec<u32> = idx.iter().map(|&i| set.labels[i] as u32).collect();
     Ok((
