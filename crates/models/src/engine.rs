@@ -334,8 +334,10 @@ impl Module for EngineLayer {
 /// dense-mask path, GEMM products). Measured on the development machine (docs/benchmarks.md,
 /// "Sparse engine on conv nets", the kernel bench's `--op sparse-conv`): a 3×3 conv's forward
 /// and backward on the sparse kernels against the GEMM conv is 2.2–2.4× faster at density 0.1,
-/// 1.1–1.4× at 0.3, 0.94–1.11× at 0.4 and 0.77–0.97× at 0.5; a linear layer's batched kernels
-/// beat the GEMM below density ≈ 0.4 ("Reading the targets"). SRigL and RigL keep each layer's
+/// 1.1–1.4× at 0.3, 0.94–1.11× at 0.4 and 0.77–0.97× at 0.5; against the GEMM conv on `gemm`'s
+/// AVX-512 kernels (an AVX-512 CPU) 1.8–2.5× at 0.1 and 0.87–1.06× at 0.3, the crossover; a
+/// linear layer's batched kernels beat the GEMM below density ≈ 0.4 ("Reading the targets").
+/// SRigL and RigL keep each layer's
 /// density fixed, so the choice made when the run starts holds for the whole run.
 pub const MAX_SPARSE_DENSITY: f64 = 0.3;
 
