@@ -44,15 +44,7 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
         return x.max_pool2d(k);
     }
-    let (_, _, h, w) = x.dims4()?;
-    if k == 0 || k > h || k > w {
-        candle_core::bail!("max_pool2d: a {k}×{k} window does not fit a {h}×{w} input");
-    }
-    x.contiguous()?.apply_op1(MaxPool {
-        k,
-        relu: false,
-        argmax: Arc::new(OnceLock::new()),
-    })
+    pool_op(x, k, false, "max_pool2d")
 }
 
 /// `max_pool2d(relu(x), k)` as one op (see the module documentation): each window's maximum
@@ -63,13 +55,18 @@ pub fn relu_max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
         return max_pool2d(&crate::act::relu(x)?, k);
     }
+    pool_op(x, k, true, "relu_max_pool2d")
+}
+
+/// The [`MaxPool`] op on a rank-4 f32 CPU tensor, after checking that the window fits.
+fn pool_op(x: &Tensor, k: usize, relu: bool, name: &str) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if k == 0 || k > h || k > w {
-        candle_core::bail!("relu_max_pool2d: a {k}×{k} window does not fit a {h}×{w} input");
+        candle_core::bail!("{name}: a {k}×{k} window does not fit a {h}×{w} input");
     }
     x.contiguous()?.apply_op1(MaxPool {
         k,
-        relu: true,
+        relu,
         argmax: Arc::new(OnceLock::new()),
     })
 }
