@@ -304,7 +304,7 @@ fn main() {
         let per_epoch = data.train.len().div_ceil(cfg.batch_size);
         cfg.epochs = cfg.epochs.max((warm + steps).div_ceil(per_epoch));
         let t = time_steps(&cfg, &data, warm, steps);
-        println!("{name} {path}: {:.4} s/step", t.s_per_step);
+        println!("{name} {path}: {:.3} ms/step", t.s_per_step * 1e3);
         return;
     }
     println!("| model | sparsity | dense steps/s | dense-mask SRigL | sparse SRigL | sparse ÷ dense | one update costs | update overhead at ΔT = 100 |");

@@ -34,6 +34,7 @@ use crate::cpu::{row_jobs, row_ranges, run_parallel, split_lengths, with_tile};
 use crate::isa::multiversion;
 use crate::rows::Rows;
 use crate::simd::{axpy_tile, fma_tile, tile, tile_mut};
+use crate::transpose::{from_lanes, to_lanes};
 use crate::Exec;
 
 /// Samples per chunk, one SIMD lane each (the widest batch tile of [`crate::cpu`]).
@@ -94,16 +95,27 @@ impl Lanes {
         c: Range<usize>,
     ) -> Vec<f32> {
         let mut xp = vec![0f32; self.cells(g) * TB];
-        // One input row of every lane at a time: each lane's row is read contiguously and the
-        // row's `w · TB` cells stay in L1 while the lanes fill them.
+        let (n, s0) = (c.len(), c.start);
+        if n == 0 {
+            return xp;
+        }
+        let (plane, stride) = (g.h * g.w, g.c * g.h * g.w);
         for ci in 0..g.c {
-            for iy in 0..g.h {
-                let cells = &mut xp[self.cell(g, ci, iy) * TB..][..g.w * TB];
-                for (lane, s) in c.clone().enumerate() {
-                    let src = &x[((s * g.c + ci) * g.h + iy) * g.w..][..g.w];
-                    for (ix, &v) in src.iter().enumerate() {
-                        cells[ix * TB + lane] = v;
-                    }
+            let first = (s0 * g.c + ci) * plane;
+            if g.spec.padding == 0 {
+                // Unpadded, a channel's rows are one run of cells.
+                to_lanes(
+                    &x[first..],
+                    stride,
+                    n,
+                    plane,
+                    &mut xp[self.cell(g, ci, 0) * TB..],
+                    TB,
+                );
+            } else {
+                for iy in 0..g.h {
+                    let cells = &mut xp[self.cell(g, ci, iy) * TB..];
+                    to_lanes(&x[first + iy * g.w..], stride, n, g.w, cells, TB);
                 }
             }
         }
@@ -115,13 +127,13 @@ impl Lanes {
         let plane = g.h * g.w;
         let n = gx.len() / (g.c * plane).max(1);
         for ci in 0..g.c {
-            for iy in 0..g.h {
-                let cells = &gxp[self.cell(g, ci, iy) * TB..][..g.w * TB];
-                for lane in 0..n {
-                    let dst = &mut gx[(lane * g.c + ci) * plane + iy * g.w..][..g.w];
-                    for (ix, d) in dst.iter_mut().enumerate() {
-                        *d = cells[ix * TB + lane];
-                    }
+            let (dst, stride) = (&mut gx[ci * plane..], g.c * plane);
+            if g.spec.padding == 0 {
+                from_lanes::<false>(&gxp[self.cell(g, ci, 0) * TB..], TB, n, plane, dst, stride);
+            } else {
+                for iy in 0..g.h {
+                    let cells = &gxp[self.cell(g, ci, iy) * TB..];
+                    from_lanes::<false>(cells, TB, n, g.w, &mut dst[iy * g.w..], stride);
                 }
             }
         }
@@ -144,19 +156,9 @@ fn slot_offsets<R: Rows>(r: &R, lanes: &Lanes, nnz: usize) -> Vec<usize> {
 fn grad_lanes<const TB: usize>(g: &Geometry, gy: &[f32], c: Range<usize>) -> Vec<f32> {
     let (out, l) = (g.out, g.l());
     let mut gyl = vec![0f32; out * l * TB];
-    // Blocks of 16 positions of one channel: each lane's run is read contiguously and the
-    // block's `16 · TB` cells stay in L1 while the lanes fill them.
     for o in 0..out {
-        for p0 in (0..l).step_by(16) {
-            let len = 16.min(l - p0);
-            let cells = &mut gyl[(o * l + p0) * TB..][..len * TB];
-            for (lane, s) in c.clone().enumerate() {
-                let src = &gy[(s * out + o) * l + p0..][..len];
-                for (p, &v) in src.iter().enumerate() {
-                    cells[p * TB + lane] = v;
-                }
-            }
-        }
+        let src = &gy[(c.start * out + o) * l..];
+        to_lanes(src, out * l, c.len(), l, &mut gyl[o * l * TB..], TB);
     }
     gyl
 }
@@ -357,13 +359,8 @@ pub(crate) fn forward<R: Rows>(
                     fwd_lanes::<R, $tb>(isa, r, values, &offs, &lanes.bases, &xp, a0, o)
                 });
                 for a in 0..n_stored {
-                    let o = r.out_row(a);
-                    for lane in 0..n {
-                        let dst = &mut ys[(lane * out + o) * l..][..l];
-                        for (p, d) in dst.iter_mut().enumerate() {
-                            *d += yl[(a * l + p) * $tb + lane];
-                        }
-                    }
+                    let dst = &mut ys[r.out_row(a) * l..];
+                    from_lanes::<true>(&yl[a * l * $tb..], $tb, n, l, dst, out * l);
                 }
             }};
         }

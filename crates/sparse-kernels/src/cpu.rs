@@ -180,37 +180,17 @@ fn transpose4(
     slab: &mut [MaybeUninit<f32>],
     tb: usize,
 ) {
-    let rows: [&[f32]; 4] =
-        std::array::from_fn(|i| &src[(l + i) * cols + c..(l + i) * cols + c + 4]);
-    let outs: [usize; 4] = std::array::from_fn(|j| (c + j) * tb + l);
-    assert!(outs[3] + 4 <= slab.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: SSE is part of x86_64; each load reads 4 floats of a row slice of length 4,
-        // each store writes 4 floats at `outs[j]..outs[j] + 4`, inside `slab` (asserted).
-        unsafe {
-            let r0 = _mm_loadu_ps(rows[0].as_ptr());
-            let r1 = _mm_loadu_ps(rows[1].as_ptr());
-            let r2 = _mm_loadu_ps(rows[2].as_ptr());
-            let r3 = _mm_loadu_ps(rows[3].as_ptr());
-            let t0 = _mm_unpacklo_ps(r0, r1);
-            let t1 = _mm_unpacklo_ps(r2, r3);
-            let t2 = _mm_unpackhi_ps(r0, r1);
-            let t3 = _mm_unpackhi_ps(r2, r3);
-            let base = slab.as_mut_ptr() as *mut f32;
-            _mm_storeu_ps(base.add(outs[0]), _mm_movelh_ps(t0, t1));
-            _mm_storeu_ps(base.add(outs[1]), _mm_movehl_ps(t1, t0));
-            _mm_storeu_ps(base.add(outs[2]), _mm_movelh_ps(t2, t3));
-            _mm_storeu_ps(base.add(outs[3]), _mm_movehl_ps(t3, t2));
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for (j, &o) in outs.iter().enumerate() {
-        for i in 0..4 {
-            slab[o + i].write(rows[i][j]);
-        }
-    }
+    assert!((l + 3) * cols + c + 4 <= src.len() && (c + 3) * tb + l + 4 <= slab.len());
+    // SAFETY: the block's four source rows and four destination runs are inside `src` and
+    // `slab` (asserted), which are distinct slices.
+    unsafe {
+        crate::transpose::block4(
+            src.as_ptr().add(l * cols + c),
+            cols,
+            slab.as_mut_ptr().add(c * tb + l) as *mut f32,
+            tb,
+        )
+    };
 }
 
 /// Copies `src [n, cols]` into batch tiles `[ceil(n / TB)][cols][TB]`, zero-padded.
@@ -273,12 +253,17 @@ fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize, threads: usize)
 
 /// Inverse of [`to_tiles`]: writes the first `n` batch entries back to `dst [n, cols]`.
 fn from_tiles<const TB: usize>(tiles: &[f32], n: usize, cols: usize, dst: &mut [f32]) {
-    for (b, row) in dst.chunks_exact_mut(cols).enumerate().take(n) {
-        let (t, l) = (b / TB, b % TB);
+    for t in 0..n.div_ceil(TB) {
+        let rows = TB.min(n - t * TB);
         let slab = &tiles[t * cols * TB..(t + 1) * cols * TB];
-        for (c, v) in row.iter_mut().enumerate() {
-            *v = slab[c * TB + l];
-        }
+        crate::transpose::from_lanes::<false>(
+            slab,
+            TB,
+            rows,
+            cols,
+            &mut dst[t * TB * cols..],
+            cols,
+        );
     }
 }
 

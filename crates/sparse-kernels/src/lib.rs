@@ -52,6 +52,7 @@ mod scratch;
 mod simd;
 pub mod sparse_conv;
 pub mod storage;
+mod transpose;
 mod vgrad256;
 mod vgrad512;
 
