@@ -278,7 +278,8 @@ multiversion!(fn vgrad_lanes<R: Rows; const TB: usize>(r: &R, offs: &[usize], ba
 /// [`vgrad_body`] in AVX-512 intrinsics for `TB` a multiple of 16: the same sums in the same
 /// order (16-lane accumulators, folded and reduced as [`sum_lanes`] does). The generic body is
 /// vectorised by LLVM two lanes at a time here (the reduction after the loop steers its SLP
-/// vectoriser), which made the value gradient 4× slower than the forward.
+/// vectoriser), which made the value gradient 4× slower than the forward. Four stored weights
+/// of a row run together ([`vgrad_slots`]), so each load of `∂y` serves four multiply-adds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -292,7 +293,6 @@ unsafe fn vgrad_avx512<R: Rows, const TB: usize>(
     n_rows: usize,
     gv: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
     assert!(TB.is_multiple_of(16) && TB <= 64, "vgrad_avx512: TB = {TB}");
     let l = bases.len();
     let first = r.slots(a0).start;
@@ -300,36 +300,86 @@ unsafe fn vgrad_avx512<R: Rows, const TB: usize>(
         let block = &bases[p0..(p0 + POSITION_BLOCK).min(l)];
         for a in a0..a0 + n_rows {
             let gs = &gyl[(r.out_row(a) * l + p0) * TB..][..block.len() * TB];
-            for slot in r.slots(a) {
-                let off = offs[slot];
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for (pi, &b) in block.iter().enumerate() {
-                    let g = &gs[pi * TB..][..TB];
-                    let x = &xp[(b + off) * TB..][..TB];
-                    for (c, acc) in acc.iter_mut().enumerate().take(TB / 16) {
-                        // SAFETY: `g` and `x` hold `TB` floats, lanes `16c .. 16c + 16` of them.
-                        let (gv, xv) = unsafe {
-                            (
-                                _mm512_loadu_ps(g.as_ptr().add(c * 16)),
-                                _mm512_loadu_ps(x.as_ptr().add(c * 16)),
-                            )
-                        };
-                        *acc = _mm512_fmadd_ps(gv, xv, *acc);
-                    }
+            let slots = r.slots(a);
+            let mut slot = slots.start;
+            while slot + 4 <= slots.end {
+                let o = [offs[slot], offs[slot + 1], offs[slot + 2], offs[slot + 3]];
+                let sums = vgrad_slots::<TB, 4>(xp, o, block, gs);
+                for (j, s) in sums.into_iter().enumerate() {
+                    gv[slot + j - first] += s;
                 }
-                let mut sum = acc[0];
-                for v in &acc[1..TB / 16] {
-                    sum = _mm512_add_ps(sum, *v);
-                }
-                let mut p = [0f32; 16];
-                // SAFETY: `p` holds 16 floats.
-                unsafe { _mm512_storeu_ps(p.as_mut_ptr(), sum) };
-                let q: [f32; 8] = std::array::from_fn(|i| p[i] + p[i + 8]);
-                let r4: [f32; 4] = std::array::from_fn(|i| q[i] + q[i + 4]);
-                gv[slot - first] += (r4[0] + r4[2]) + (r4[1] + r4[3]);
+                slot += 4;
+            }
+            for slot in slot..slots.end {
+                let [s] = vgrad_slots::<TB, 1>(xp, [offs[slot]], block, gs);
+                gv[slot - first] += s;
             }
         }
     }
+}
+
+/// The value-gradient sums of `S` stored weights (cell offsets `offs`) of one row over one
+/// block of positions: `Σ_p ∂y[p] ⊙ xp[base(p) + off]` in 16-lane accumulators, then reduced
+/// as [`sum_lanes`] does. Each weight's sum is the one it would have alone. (No closures
+/// here: they would not inherit the target features.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+fn vgrad_slots<const TB: usize, const S: usize>(
+    xp: &[f32],
+    offs: [usize; S],
+    block: &[usize],
+    gs: &[f32],
+) -> [f32; S] {
+    use std::arch::x86_64::*;
+    let mut out = [0f32; S];
+    let (Some(&last), Some(&far)) = (block.iter().max(), offs.iter().max()) else {
+        return out;
+    };
+    assert!((last + far + 1) * TB <= xp.len() && block.len() * TB <= gs.len());
+    // Two 16-lane slices of the tile at a time (one for `TB = 16`), so that the `2·S`
+    // accumulators and the loaded `∂y` stay in registers and enough independent
+    // multiply-add chains are in flight; the slices' sums are folded in slice order afterwards.
+    let mut parts = [[_mm512_setzero_ps(); 4]; S];
+    let pair = if TB >= 32 { 2 } else { 1 };
+    for c0 in (0..TB / 16).step_by(pair) {
+        let mut acc = [[_mm512_setzero_ps(); S]; 2];
+        for (pi, &b) in block.iter().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate().take(pair) {
+                let c = c0 + h;
+                // SAFETY: `pi < block.len()`, so `∂y`'s lanes `16c .. 16c + 16` of position
+                // `pi` are inside `gs`; `b + offs[j] ≤ last + far`, so the cell's lanes are
+                // inside `xp` (both asserted above).
+                let gv = unsafe { _mm512_loadu_ps(gs.as_ptr().add(pi * TB + c * 16)) };
+                for j in 0..S {
+                    // SAFETY: as for `gv`.
+                    let xv =
+                        unsafe { _mm512_loadu_ps(xp.as_ptr().add((b + offs[j]) * TB + c * 16)) };
+                    acc[j] = _mm512_fmadd_ps(gv, xv, acc[j]);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate().take(pair) {
+            for j in 0..S {
+                parts[j][c0 + h] = acc[j];
+            }
+        }
+    }
+    for j in 0..S {
+        let mut sum = parts[j][0];
+        for v in &parts[j][1..TB / 16] {
+            sum = _mm512_add_ps(sum, *v);
+        }
+        let mut p = [0f32; 16];
+        // SAFETY: `p` holds 16 floats.
+        unsafe { _mm512_storeu_ps(p.as_mut_ptr(), sum) };
+        let mut q = [0f32; 8];
+        for i in 0..8 {
+            q[i] = p[i] + p[i + 8];
+        }
+        out[j] = ((q[0] + q[4]) + (q[2] + q[6])) + ((q[1] + q[5]) + (q[3] + q[7]));
+    }
+    out
 }
 
 /// Adds the convolution of `x` with the stored rows of `r` into `y [batch, out, oh, ow]` (which
