@@ -14,16 +14,18 @@
 //! kernels of [`crate::cpu`], with no im2col written:
 //!
 //! - forward: `acc[TB] = Σ_slot v · xp[base(p) + off(col)]` per position and stored row;
-//! - input gradient: `∂xp[base(p) + off(col)] += v · ∂y[row, p]`, then `∂xp` back to
-//!   `[n, in, h, w]` without its padding cells;
+//! - input gradient, stride 1: a gather per input cell over a zero-padded lane layout of `∂y`
+//!   (the transposed convolution, see [`Gather`]), each cell's sum kept in registers;
+//!   other strides: the scatter `∂xp[base(p) + off(col)] += v · ∂y[row, p]`, then `∂xp` back
+//!   to `[n, in, h, w]` without its padding cells;
 //! - value gradient: per stored weight, `Σ_p ∂y[row, p] ⊙ xp[base(p) + off(col)]` lane-wise
 //!   over blocks of [`POSITION_BLOCK`] positions (a block of `∂y` stays in L1 while the row's
 //!   weights use it), each block's sum reduced across the lanes and added in block order
 //!   (written in AVX-512 intrinsics where available: see `vgrad_avx512`).
 //!
 //! Chunks depend only on the batch size. Within a chunk the forward and the value gradient split
-//! the stored rows over the threads and the input gradient runs on one (its rows collide on the
-//! same inputs); chunks run in parallel and the value gradient adds their partial sums in chunk
+//! the stored rows over the threads, the gathered input gradient the input channels, and the
+//! scattered one runs on one thread (its rows collide on the same inputs); chunks run in parallel and the value gradient adds their partial sums in chunk
 //! order. Every output is summed in one fixed order, so results are bit-identical for any thread
 //! count.
 
@@ -418,7 +420,8 @@ pub(crate) fn forward<R: Rows>(
     });
 }
 
-/// `∂x [batch, in, h, w]` of [`forward`] for `∂y [batch, out, oh, ow]`.
+/// `∂x [batch, in, h, w]` of [`forward`] for `∂y [batch, out, oh, ow]`: gathered per input
+/// cell for stride 1 ([`Gather`]), scattered from the output positions otherwise.
 pub(crate) fn input_grad<R: Rows>(
     g: &Geometry,
     r: &R,
@@ -428,11 +431,44 @@ pub(crate) fn input_grad<R: Rows>(
 ) -> Vec<f32> {
     let per_sample = g.c * g.h * g.w;
     let mut gx = vec![0f32; g.batch * per_sample];
-    let lanes = Lanes::new(g);
-    let offs = slot_offsets(r, &lanes, values.len());
     let isa = exec.isa();
     let threads = exec.threads_for(values.len() * g.batch * g.l());
     let parts: Vec<&mut [f32]> = gx.chunks_mut(LANES * per_sample).collect();
+    if g.spec.stride == 1 {
+        let ga = Gather::new(g, r, values);
+        let plane = g.h * g.w;
+        run_chunks(chunks(g), threads, parts, |gxs, c, inner| {
+            macro_rules! go {
+                ($tb:literal,) => {{
+                    let n = c.len();
+                    let gyp = ga.grad_lanes::<$tb>(g, gy, c);
+                    // `∂x` of the chunk in lanes, `[in][h·w][TB]`, every cell written below.
+                    let mut gl = vec![0f32; g.c * plane * $tb];
+                    let jobs = row_jobs(g.c, plane * $tb, inner, &mut gl);
+                    run_parallel(jobs, inner, |(c0, o)| {
+                        let starts = &ga.starts[c0..=c0 + o.len() / (plane * $tb).max(1)];
+                        let (v, offs) = (&ga.values, &ga.offs);
+                        igather_lanes::<$tb>(isa, v, offs, starts, &ga.bases, &gyp, o);
+                    });
+                    for ci in 0..g.c {
+                        let dst = &mut gxs[ci * plane..];
+                        from_lanes::<false>(
+                            &gl[ci * plane * $tb..],
+                            $tb,
+                            n,
+                            plane,
+                            dst,
+                            per_sample,
+                        );
+                    }
+                }};
+            }
+            with_tile!(c.len(), go!());
+        });
+        return gx;
+    }
+    let lanes = Lanes::new(g);
+    let offs = slot_offsets(r, &lanes, values.len());
     run_chunks(chunks(g), threads, parts, |gxs, c, _| {
         macro_rules! go {
             ($tb:literal,) => {{
@@ -446,6 +482,117 @@ pub(crate) fn input_grad<R: Rows>(
     });
     gx
 }
+
+/// The input gradient of a stride-1 convolution as a gather: the transposed convolution
+/// `∂x[ci, iy, ix] = Σ_{row, ki, kj} W[row, ci, ki, kj] · ∂y[row, iy + p − ki·d, ix + p − kj·d]`
+/// (`p` padding, `d` dilation, out-of-range `∂y` zero), each input cell summing its `TB`
+/// lanes in registers and written once — where the scatter form (`igrad_body`) reads, adds and
+/// writes back a cell of `∂xp` per stored weight and position. `∂y` goes into a zero-padded
+/// lane layout `[out][gph][gpw][TB]` so that every term is a cell at a fixed offset from the
+/// input position's base cell, as in the forward: `base(iy, ix) = (iy + ay)·gpw + ix + ax` and,
+/// per stored weight, `off = (row·gph + (kh − 1 − ki)·d)·gpw + (kw − 1 − kj)·d`. The stored
+/// weights are bucketed by input channel (in stored-row, then slot order: a fixed order per
+/// cell), so channels split over threads with no shared writes.
+struct Gather {
+    gph: usize,
+    gpw: usize,
+    /// Rows and columns of zeros above and left of `∂y` in its padded layout.
+    top: usize,
+    left: usize,
+    /// `base(iy, ix)` for the `h · w` input positions, row-major.
+    bases: Vec<usize>,
+    /// Bucket `ci` is `starts[ci]..starts[ci + 1]` of `values` / `offs`.
+    starts: Vec<usize>,
+    values: Vec<f32>,
+    offs: Vec<usize>,
+}
+
+impl Gather {
+    fn new<R: Rows>(g: &Geometry, r: &R, values: &[f32]) -> Self {
+        debug_assert_eq!(g.spec.stride, 1);
+        let (d, pad) = (g.spec.dilation, g.spec.padding);
+        let (reach_y, reach_x) = ((g.kh - 1) * d, (g.kw - 1) * d);
+        let (top, left) = (reach_y.saturating_sub(pad), reach_x.saturating_sub(pad));
+        let (gph, gpw) = (g.oh + 2 * top, g.ow + 2 * left);
+        let (ay, ax) = (pad.saturating_sub(reach_y), pad.saturating_sub(reach_x));
+        let bases = (0..g.h)
+            .flat_map(|iy| (0..g.w).map(move |ix| (iy + ay) * gpw + ix + ax))
+            .collect();
+        let kk = g.kh * g.kw;
+        let mut starts = vec![0usize; g.c + 1];
+        for a in 0..r.n_stored() {
+            for (_, col) in r.entries(a) {
+                starts[col / kk + 1] += 1;
+            }
+        }
+        for ci in 0..g.c {
+            starts[ci + 1] += starts[ci];
+        }
+        let mut next = starts.clone();
+        let (mut vals, mut offs) = (vec![0f32; values.len()], vec![0usize; values.len()]);
+        for a in 0..r.n_stored() {
+            let row = r.out_row(a);
+            for (slot, col) in r.entries(a) {
+                let (ci, ki, kj) = (col / kk, col % kk / g.kw, col % g.kw);
+                let i = next[ci];
+                next[ci] += 1;
+                vals[i] = values[slot];
+                offs[i] = (row * gph + (g.kh - 1 - ki) * d) * gpw + (g.kw - 1 - kj) * d;
+            }
+        }
+        Gather {
+            gph,
+            gpw,
+            top,
+            left,
+            bases,
+            starts,
+            values: vals,
+            offs,
+        }
+    }
+
+    /// Samples `c` of `∂y [batch, out, oh, ow]` in the zero-padded lane layout.
+    fn grad_lanes<const TB: usize>(&self, g: &Geometry, gy: &[f32], c: Range<usize>) -> Vec<f32> {
+        let (out, l) = (g.out, g.l());
+        let mut gyp = vec![0f32; out * self.gph * self.gpw * TB];
+        for o in 0..out {
+            for oy in 0..g.oh {
+                let src = &gy[(c.start * out + o) * l + oy * g.ow..];
+                let cell = (o * self.gph + oy + self.top) * self.gpw + self.left;
+                to_lanes(src, out * l, c.len(), g.ow, &mut gyp[cell * TB..], TB);
+            }
+        }
+        gyp
+    }
+}
+
+#[inline(always)]
+fn igather_body<const TB: usize, const FMA: bool>(
+    values: &[f32],
+    offs: &[usize],
+    starts: &[usize],
+    bases: &[usize],
+    gyp: &[f32],
+    out: &mut [f32],
+) {
+    let plane = bases.len();
+    // Positions outermost, as in the forward: the cells one position reads (its window across
+    // every row of `∂y`) serve all the channels before the next position's. (Channels
+    // outermost re-read every row's cells from memory for each channel: no faster than the
+    // scatter.)
+    for (pi, &b) in bases.iter().enumerate() {
+        let gs = &gyp[b * TB..];
+        for (i, e) in starts.windows(2).enumerate() {
+            let mut acc = [0f32; TB];
+            for (&v, &off) in values[e[0]..e[1]].iter().zip(&offs[e[0]..e[1]]) {
+                axpy_tile::<TB, FMA>(&mut acc, v, tile::<TB>(gs, off));
+            }
+            *tile_mut::<TB>(out, i * plane + pi) = acc;
+        }
+    }
+}
+multiversion!(fn igather_lanes<; const TB: usize>(values: &[f32], offs: &[usize], starts: &[usize], bases: &[usize], gyp: &[f32], out: &mut [f32]) => igather_body);
 
 /// Adds the gradient of the stored values (slot order) of [`forward`] into `gv`.
 pub(crate) fn value_grad<R: Rows>(

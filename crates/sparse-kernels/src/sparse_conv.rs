@@ -11,8 +11,9 @@
 //!
 //! - forward: `y_s [out, L] = W · cols(x_s)`, one multiply-add over the chunk's samples per
 //!   stored weight and position;
-//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s` scattered into the padded layout's cells, then
-//!   back to `[batch, in, h, w]` (skipped when `x` needs no gradient, a first layer);
+//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s` back onto `[batch, in, h, w]` — for stride 1
+//!   gathered per input cell as the transposed convolution of `∂y`, otherwise scattered into
+//!   the padded layout's cells (skipped when `x` needs no gradient, a first layer);
 //! - value gradient: `∂v[slot] = Σ_s Σ_l ∂y_s[row, l] · cols(x_s)[col, l]` at the stored
 //!   positions only, the dense weight gradient never formed.
 //!
@@ -753,6 +754,8 @@ mod tests {
             (12, 3, 5, 5, 4, 3, 1, 1, 1, 5), // 16 lanes
             (20, 2, 6, 7, 3, 3, 1, 2, 1, 4), // 32 lanes, stride 2
             (70, 2, 4, 4, 4, 2, 1, 1, 1, 3), // two chunks, 64 + 6 samples
+            (6, 3, 5, 4, 4, 2, 2, 1, 1, 5),  // padding beyond the kernel's reach
+            (9, 2, 7, 6, 3, 3, 3, 1, 2, 6),  // the same with dilation 2
         ];
         for &(b, c, h, wd, out, k, padding, stride, dilation, keep) in &shapes {
             let spec = ConvSpec {
