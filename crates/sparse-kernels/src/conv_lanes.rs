@@ -421,7 +421,7 @@ pub(crate) fn forward<R: Rows>(
 }
 
 /// `∂x [batch, in, h, w]` of [`forward`] for `∂y [batch, out, oh, ow]`: gathered per input
-/// cell for stride 1 ([`Gather`]), scattered from the output positions otherwise.
+/// cell ([`Gather`]) where [`gathers`] says so, scattered from the output positions otherwise.
 pub(crate) fn input_grad<R: Rows>(
     g: &Geometry,
     r: &R,
@@ -434,7 +434,7 @@ pub(crate) fn input_grad<R: Rows>(
     let isa = exec.isa();
     let threads = exec.threads_for(values.len() * g.batch * g.l());
     let parts: Vec<&mut [f32]> = gx.chunks_mut(LANES * per_sample).collect();
-    if g.spec.stride == 1 {
+    if gathers(g) {
         let ga = Gather::new(g, r, values);
         let plane = g.h * g.w;
         run_chunks(chunks(g), threads, parts, |gxs, c, inner| {
@@ -481,6 +481,15 @@ pub(crate) fn input_grad<R: Rows>(
         with_tile!(c.len(), go!());
     });
     gx
+}
+
+/// Whether [`input_grad`] gathers: for stride 1 (the gather form needs it) when the input has
+/// at most 1.5× as many positions as the output. The gather does `h · w` multiply-adds per
+/// stored weight and sample, the scatter `oh · ow`, so it pays for a "same" convolution
+/// (ResNet-18's 3×3, padding 1: equal counts, the gather ~1.6× faster on the kernel bench) and
+/// not for an unpadded 5×5 (LeNet-5's conv2, 12×12 → 8×8: 2.25× the work, measured slower).
+fn gathers(g: &Geometry) -> bool {
+    g.spec.stride == 1 && 2 * g.h * g.w <= 3 * g.l()
 }
 
 /// The input gradient of a stride-1 convolution as a gather: the transposed convolution

@@ -756,6 +756,7 @@ mod tests {
             (70, 2, 4, 4, 4, 2, 1, 1, 1, 3), // two chunks, 64 + 6 samples
             (6, 3, 5, 4, 4, 2, 2, 1, 1, 5),  // padding beyond the kernel's reach
             (9, 2, 7, 6, 3, 3, 3, 1, 2, 6),  // the same with dilation 2
+            (66, 3, 12, 12, 5, 5, 0, 1, 1, 8), // unpadded 5×5, stride 1: scattered
         ];
         for &(b, c, h, wd, out, k, padding, stride, dilation, keep) in &shapes {
             let spec = ConvSpec {
