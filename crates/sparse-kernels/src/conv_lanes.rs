@@ -35,6 +35,7 @@ use crate::conv::{run_chunks, Geometry};
 use crate::cpu::{row_jobs, row_ranges, run_parallel, split_lengths, with_tile};
 use crate::isa::multiversion;
 use crate::rows::Rows;
+use crate::scratch;
 use crate::simd::{axpy_tile, fma_tile, tile, tile_mut};
 use crate::transpose::{from_lanes, to_lanes};
 use crate::Exec;
@@ -89,17 +90,21 @@ impl Lanes {
         (ci * self.ph + iy + pad) * self.pw + pad
     }
 
-    /// Samples `c` of `x [batch, in, h, w]` as `xp [in][ph][pw][TB]`.
+    /// Writes samples `c` of `x [batch, in, h, w]` to `xp [in][ph][pw][TB]` (`cells · TB`
+    /// floats, every one written: the padding and the lanes past the chunk with zeros).
     fn images_to_lanes<const TB: usize>(
         &self,
         g: &Geometry,
         x: &[f32],
         c: Range<usize>,
-    ) -> Vec<f32> {
-        let mut xp = vec![0f32; self.cells(g) * TB];
+        xp: &mut [f32],
+    ) {
         let (n, s0) = (c.len(), c.start);
+        if g.spec.padding > 0 || n == 0 {
+            xp.fill(0.0);
+        }
         if n == 0 {
-            return xp;
+            return;
         }
         let (plane, stride) = (g.h * g.w, g.c * g.h * g.w);
         for ci in 0..g.c {
@@ -121,7 +126,6 @@ impl Lanes {
                 }
             }
         }
-        xp
     }
 
     /// `∂xp [in][ph][pw][TB]` back to the chunk's `∂x [n, in, h, w]` (its padding cells dropped).
@@ -154,15 +158,13 @@ fn slot_offsets<R: Rows>(r: &R, lanes: &Lanes, nnz: usize) -> Vec<usize> {
     offs
 }
 
-/// Samples `c` of `∂y [batch, out, L]` as `[out][L][TB]`.
-fn grad_lanes<const TB: usize>(g: &Geometry, gy: &[f32], c: Range<usize>) -> Vec<f32> {
+/// Writes samples `c` of `∂y [batch, out, L]` to `gyl [out][L][TB]` (every float of it).
+fn grad_lanes<const TB: usize>(g: &Geometry, gy: &[f32], c: Range<usize>, gyl: &mut [f32]) {
     let (out, l) = (g.out, g.l());
-    let mut gyl = vec![0f32; out * l * TB];
     for o in 0..out {
         let src = &gy[(c.start * out + o) * l..];
         to_lanes(src, out * l, c.len(), l, &mut gyl[o * l * TB..], TB);
     }
-    gyl
 }
 
 /// The chunks of `g`'s batch, [`LANES`] samples each (the last one shorter).
@@ -404,16 +406,21 @@ pub(crate) fn forward<R: Rows>(
         let n = c.len();
         macro_rules! go {
             ($tb:literal,) => {{
-                let xp = lanes.images_to_lanes::<$tb>(g, x, c);
-                let mut yl = vec![0f32; n_stored * l * $tb];
-                let jobs = row_jobs(n_stored, l * $tb, inner, &mut yl);
-                run_parallel(jobs, inner, |(a0, o)| {
-                    fwd_lanes::<R, $tb>(isa, r, values, &offs, &lanes.bases, &xp, a0, o)
+                scratch::with(lanes.cells(g) * $tb, |xp| {
+                    lanes.images_to_lanes::<$tb>(g, x, c, xp);
+                    let xp = &*xp;
+                    // Every tile of `yl` is written by `fwd_lanes`.
+                    scratch::with(n_stored * l * $tb, |yl| {
+                        let jobs = row_jobs(n_stored, l * $tb, inner, yl);
+                        run_parallel(jobs, inner, |(a0, o)| {
+                            fwd_lanes::<R, $tb>(isa, r, values, &offs, &lanes.bases, xp, a0, o)
+                        });
+                        for a in 0..n_stored {
+                            let dst = &mut ys[r.out_row(a) * l..];
+                            from_lanes::<true>(&yl[a * l * $tb..], $tb, n, l, dst, out * l);
+                        }
+                    });
                 });
-                for a in 0..n_stored {
-                    let dst = &mut ys[r.out_row(a) * l..];
-                    from_lanes::<true>(&yl[a * l * $tb..], $tb, n, l, dst, out * l);
-                }
             }};
         }
         with_tile!(n, go!());
@@ -441,26 +448,24 @@ pub(crate) fn input_grad<R: Rows>(
             macro_rules! go {
                 ($tb:literal,) => {{
                     let n = c.len();
-                    let gyp = ga.grad_lanes::<$tb>(g, gy, c);
-                    // `∂x` of the chunk in lanes, `[in][h·w][TB]`, every cell written below.
-                    let mut gl = vec![0f32; g.c * plane * $tb];
-                    let jobs = row_jobs(g.c, plane * $tb, inner, &mut gl);
-                    run_parallel(jobs, inner, |(c0, o)| {
-                        let starts = &ga.starts[c0..=c0 + o.len() / (plane * $tb).max(1)];
-                        let (v, offs) = (&ga.values, &ga.offs);
-                        igather_lanes::<$tb>(isa, v, offs, starts, &ga.bases, &gyp, o);
+                    scratch::with(ga.cells(g) * $tb, |gyp| {
+                        ga.grad_lanes::<$tb>(g, gy, c, gyp);
+                        let gyp = &*gyp;
+                        // `∂x` of the chunk in lanes, `[in][h·w][TB]`, every cell written by
+                        // `igather_lanes`.
+                        scratch::with(g.c * plane * $tb, |gl| {
+                            let jobs = row_jobs(g.c, plane * $tb, inner, gl);
+                            run_parallel(jobs, inner, |(c0, o)| {
+                                let starts = &ga.starts[c0..=c0 + o.len() / (plane * $tb).max(1)];
+                                let (v, offs) = (&ga.values, &ga.offs);
+                                igather_lanes::<$tb>(isa, v, offs, starts, &ga.bases, gyp, o);
+                            });
+                            for ci in 0..g.c {
+                                let (src, dst) = (&gl[ci * plane * $tb..], &mut gxs[ci * plane..]);
+                                from_lanes::<false>(src, $tb, n, plane, dst, per_sample);
+                            }
+                        });
                     });
-                    for ci in 0..g.c {
-                        let dst = &mut gxs[ci * plane..];
-                        from_lanes::<false>(
-                            &gl[ci * plane * $tb..],
-                            $tb,
-                            n,
-                            plane,
-                            dst,
-                            per_sample,
-                        );
-                    }
                 }};
             }
             with_tile!(c.len(), go!());
@@ -472,10 +477,15 @@ pub(crate) fn input_grad<R: Rows>(
     run_chunks(chunks(g), threads, parts, |gxs, c, _| {
         macro_rules! go {
             ($tb:literal,) => {{
-                let gyl = grad_lanes::<$tb>(g, gy, c);
-                let mut gxp = vec![0f32; lanes.cells(g) * $tb];
-                igrad_lanes::<R, $tb>(isa, r, values, &offs, &lanes.bases, &gyl, &mut gxp);
-                lanes.lanes_to_images::<$tb>(g, &gxp, gxs);
+                scratch::with(g.out * g.l() * $tb, |gyl| {
+                    grad_lanes::<$tb>(g, gy, c, gyl);
+                    // Accumulated into: zeroed first.
+                    scratch::with(lanes.cells(g) * $tb, |gxp| {
+                        gxp.fill(0.0);
+                        igrad_lanes::<R, $tb>(isa, r, values, &offs, &lanes.bases, gyl, gxp);
+                        lanes.lanes_to_images::<$tb>(g, gxp, gxs);
+                    });
+                });
             }};
         }
         with_tile!(c.len(), go!());
@@ -561,10 +571,24 @@ impl Gather {
         }
     }
 
-    /// Samples `c` of `∂y [batch, out, oh, ow]` in the zero-padded lane layout.
-    fn grad_lanes<const TB: usize>(&self, g: &Geometry, gy: &[f32], c: Range<usize>) -> Vec<f32> {
+    /// Cells of the padded `∂y` layout, `out · gph · gpw`.
+    fn cells(&self, g: &Geometry) -> usize {
+        g.out * self.gph * self.gpw
+    }
+
+    /// Writes samples `c` of `∂y [batch, out, oh, ow]` to `gyp`, the zero-padded lane layout
+    /// (`cells · TB` floats, every one written).
+    fn grad_lanes<const TB: usize>(
+        &self,
+        g: &Geometry,
+        gy: &[f32],
+        c: Range<usize>,
+        gyp: &mut [f32],
+    ) {
         let (out, l) = (g.out, g.l());
-        let mut gyp = vec![0f32; out * self.gph * self.gpw * TB];
+        if self.top > 0 || self.left > 0 {
+            gyp.fill(0.0);
+        }
         for o in 0..out {
             for oy in 0..g.oh {
                 let src = &gy[(c.start * out + o) * l + oy * g.ow..];
@@ -572,7 +596,6 @@ impl Gather {
                 to_lanes(src, out * l, c.len(), g.ow, &mut gyp[cell * TB..], TB);
             }
         }
-        gyp
     }
 }
 
@@ -623,22 +646,28 @@ pub(crate) fn value_grad<R: Rows>(
     run_chunks(chunks, threads, parts, |part, c, inner| {
         macro_rules! go {
             ($tb:literal,) => {{
-                let xp = lanes.images_to_lanes::<$tb>(g, x, c.clone());
-                let gyl = grad_lanes::<$tb>(g, gy, c);
-                let (ranges, lens) = row_ranges(r, inner);
-                let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(part, &lens)).collect();
-                run_parallel(jobs, inner, |(rows, out)| {
-                    let (a0, n) = (rows.start, rows.len());
-                    #[cfg(target_arch = "x86_64")]
-                    if $tb >= 16 && isa == crate::Isa::Avx512 {
-                        // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU supports it
-                        // (`Exec`).
-                        unsafe {
-                            vgrad_avx512::<R, $tb>(r, &offs, &lanes.bases, &xp, &gyl, a0, n, out)
-                        };
-                        return;
-                    }
-                    vgrad_lanes::<R, $tb>(isa, r, &offs, &lanes.bases, &xp, &gyl, a0, n, out)
+                scratch::with(lanes.cells(g) * $tb, |xp| {
+                    scratch::with(g.out * g.l() * $tb, |gyl| {
+                        lanes.images_to_lanes::<$tb>(g, x, c.clone(), xp);
+                        grad_lanes::<$tb>(g, gy, c, gyl);
+                        let (xp, gyl, bases) = (&*xp, &*gyl, &lanes.bases);
+                        let (ranges, lens) = row_ranges(r, inner);
+                        let jobs: Vec<_> =
+                            ranges.into_iter().zip(split_lengths(part, &lens)).collect();
+                        run_parallel(jobs, inner, |(rows, out)| {
+                            let (a0, n) = (rows.start, rows.len());
+                            #[cfg(target_arch = "x86_64")]
+                            if $tb >= 16 && isa == crate::Isa::Avx512 {
+                                // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU
+                                // supports it (`Exec`).
+                                unsafe {
+                                    vgrad_avx512::<R, $tb>(r, &offs, bases, xp, gyl, a0, n, out)
+                                };
+                                return;
+                            }
+                            vgrad_lanes::<R, $tb>(isa, r, &offs, bases, xp, gyl, a0, n, out)
+                        });
+                    });
                 });
             }};
         }

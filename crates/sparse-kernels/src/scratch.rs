@@ -1,5 +1,6 @@
 //! Per-thread scratch buffers for kernels whose temporaries are fully overwritten before they
-//! are read (im2col columns, GEMM outputs with `accumulate = false`).
+//! are read (im2col columns, GEMM outputs with `accumulate = false`, the sparse convolution's
+//! lane layouts; one that is accumulated into is zeroed by its user).
 //!
 //! `vec![0f32; n]` for such a temporary is an allocation plus a zero-fill pass that nothing
 //! reads: the GEMM conv's columns are `K × n·L` floats per chunk (5 MB for LeNet-5's conv1 at

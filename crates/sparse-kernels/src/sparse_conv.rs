@@ -187,11 +187,13 @@ impl RowsVisitor for Forward<'_> {
             exec,
         } = self;
         let (l, out) = (g.l(), g.out);
-        let mut y = vec![0f32; g.batch * out * l];
-        if let Some(b) = bias {
-            for (i, plane) in y.chunks_exact_mut(l.max(1)).enumerate() {
-                plane.fill(b[i % out]);
+        // The bias (or zeros) written once, with no zero-fill before it.
+        let mut y = Vec::with_capacity(g.batch * out * l);
+        match bias {
+            Some(b) => {
+                (0..g.batch * out).for_each(|i| y.extend(std::iter::repeat_n(b[i % out], l)))
             }
+            None => y.resize(g.batch * out * l, 0.0),
         }
         if l > 0 && out > 0 {
             conv_lanes::forward(g, r, values, x, &mut y, exec);
