@@ -100,11 +100,21 @@ impl Lanes {
         xp: &mut [f32],
     ) {
         let (n, s0) = (c.len(), c.start);
-        if g.spec.padding > 0 || n == 0 {
-            xp.fill(0.0);
-        }
         if n == 0 {
+            xp.fill(0.0);
             return;
+        }
+        if g.spec.padding > 0 {
+            // Only the padding cells: the runs between one input row's cells and the next's.
+            let mut at = 0;
+            for ci in 0..g.c {
+                for iy in 0..g.h {
+                    let start = self.cell(g, ci, iy);
+                    xp[at * TB..start * TB].fill(0.0);
+                    at = start + g.w;
+                }
+            }
+            xp[at * TB..].fill(0.0);
         }
         let (plane, stride) = (g.h * g.w, g.c * g.h * g.w);
         for ci in 0..g.c {

@@ -29,6 +29,25 @@ pub(crate) fn with<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     r
 }
 
+/// Fills every buffer this thread keeps, at least three of 2¹⁶ floats, with NaN — what a
+/// previous user might leave in them: tests run a kernel after this to show that it writes
+/// every float of a scratch buffer that it reads.
+#[cfg(test)]
+pub(crate) fn poison() {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        while p.len() < 3 {
+            p.push(Vec::new());
+        }
+        for b in p.iter_mut() {
+            if b.len() < 1 << 16 {
+                b.resize(1 << 16, 0.0);
+            }
+            b.fill(f32::NAN);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -799,8 +799,13 @@ mod tests {
                         (b, c, h, wd, out, k, spec),
                         isa.name()
                     );
+                    // Stale scratch buffers (the 1-thread runs use this thread's) must not
+                    // leak into the results.
+                    crate::scratch::poison();
                     let y = conv_forward(w, &v, Some(&bias), &x, shape, exec).unwrap();
+                    crate::scratch::poison();
                     let gx = conv_input_grad(w, &v, &gy, shape, exec).unwrap();
+                    crate::scratch::poison();
                     let gv = conv_value_grad(w, &x, &gy, shape, exec).unwrap();
                     close(&y, &ry, &format!("y {what}"));
                     close(&gx, &rgx, &format!("gx {what}"));
