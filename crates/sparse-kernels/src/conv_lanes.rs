@@ -356,9 +356,14 @@ fn vgrad_slots<const TB: usize, const S: usize>(
     // multiply-add chains are in flight; the slices' sums are folded in slice order afterwards.
     let mut parts = [[_mm512_setzero_ps(); 4]; S];
     let pair = if TB >= 32 { 2 } else { 1 };
+    // Each weight's first cell, so that a load's address is that plus the position's `b · TB`
+    // (one multiply per position instead of one per weight and position).
+    // SAFETY: `offs[j] ≤ far`, inside `xp` (asserted above).
+    let xs: [*const f32; S] = std::array::from_fn(|j| unsafe { xp.as_ptr().add(offs[j] * TB) });
     for c0 in (0..TB / 16).step_by(pair) {
         let mut acc = [[_mm512_setzero_ps(); S]; 2];
         for (pi, &b) in block.iter().enumerate() {
+            let bt = b * TB;
             for (h, acc) in acc.iter_mut().enumerate().take(pair) {
                 let c = c0 + h;
                 // SAFETY: `pi < block.len()`, so `∂y`'s lanes `16c .. 16c + 16` of position
@@ -367,8 +372,7 @@ fn vgrad_slots<const TB: usize, const S: usize>(
                 let gv = unsafe { _mm512_loadu_ps(gs.as_ptr().add(pi * TB + c * 16)) };
                 for j in 0..S {
                     // SAFETY: as for `gv`.
-                    let xv =
-                        unsafe { _mm512_loadu_ps(xp.as_ptr().add((b + offs[j]) * TB + c * 16)) };
+                    let xv = unsafe { _mm512_loadu_ps(xs[j].add(bt + c * 16)) };
                     acc[j] = _mm512_fmadd_ps(gv, xv, acc[j]);
                 }
             }
