@@ -185,6 +185,25 @@ fn chunks(g: &Geometry) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// `Σ v · xs[off]` over the weights `(values, offs)` for the `P` positions whose cells start at
+/// `xs[p]`, one `TB`-lane sum each, every sum in weight order. Several positions at once keep
+/// `P` independent multiply-add chains per lane group in flight (one position alone waits on
+/// the previous weight's multiply-add: with `TB = 32`, two chains for two FMA units).
+#[inline(always)]
+fn dot_positions<const TB: usize, const P: usize, const FMA: bool>(
+    values: &[f32],
+    offs: &[usize],
+    xs: [&[f32]; P],
+) -> [[f32; TB]; P] {
+    let mut acc = [[0f32; TB]; P];
+    for (&v, &off) in values.iter().zip(offs) {
+        for (a, x) in acc.iter_mut().zip(xs) {
+            axpy_tile::<TB, FMA>(a, v, tile::<TB>(x, off));
+        }
+    }
+    acc
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn fwd_body<R: Rows, const TB: usize, const FMA: bool>(
@@ -198,16 +217,24 @@ fn fwd_body<R: Rows, const TB: usize, const FMA: bool>(
 ) {
     let l = bases.len();
     let n_rows = out.len() / (l * TB).max(1);
-    // Positions outermost: the window of one position (`K` cells) serves every row.
-    for (pi, &b) in bases.iter().enumerate() {
-        let xs = &xp[b * TB..];
+    // Positions outermost, two at a time: the windows of two positions (`K` cells each) serve
+    // every row.
+    let pairs = l / 2 * 2;
+    for pi in (0..pairs).step_by(2) {
+        let xs = [&xp[bases[pi] * TB..], &xp[bases[pi + 1] * TB..]];
         for i in 0..n_rows {
-            let mut acc = [0f32; TB];
             let slots = r.slots(a0 + i);
-            for (&v, &off) in values[slots.clone()].iter().zip(&offs[slots]) {
-                axpy_tile::<TB, FMA>(&mut acc, v, tile::<TB>(xs, off));
-            }
-            *tile_mut::<TB>(out, i * l + pi) = acc;
+            let [y0, y1] = dot_positions::<TB, 2, FMA>(&values[slots.clone()], &offs[slots], xs);
+            *tile_mut::<TB>(out, i * l + pi) = y0;
+            *tile_mut::<TB>(out, i * l + pi + 1) = y1;
+        }
+    }
+    for pi in pairs..l {
+        let xs = [&xp[bases[pi] * TB..]];
+        for i in 0..n_rows {
+            let slots = r.slots(a0 + i);
+            let [y] = dot_positions::<TB, 1, FMA>(&values[slots.clone()], &offs[slots], xs);
+            *tile_mut::<TB>(out, i * l + pi) = y;
         }
     }
 }
@@ -623,18 +650,26 @@ fn igather_body<const TB: usize, const FMA: bool>(
     out: &mut [f32],
 ) {
     let plane = bases.len();
-    // Positions outermost, as in the forward: the cells one position reads (its window across
-    // every row of `∂y`) serve all the channels before the next position's. (Channels
-    // outermost re-read every row's cells from memory for each channel: no faster than the
-    // scatter.)
-    for (pi, &b) in bases.iter().enumerate() {
-        let gs = &gyp[b * TB..];
+    // Positions outermost (two at a time, as in the forward): the cells they read (their
+    // windows across every row of `∂y`) serve all the channels before the next positions'.
+    // (Channels outermost re-read every row's cells from memory for each channel: no faster
+    // than the scatter.)
+    let pairs = plane / 2 * 2;
+    for pi in (0..pairs).step_by(2) {
+        let gs = [&gyp[bases[pi] * TB..], &gyp[bases[pi + 1] * TB..]];
         for (i, e) in starts.windows(2).enumerate() {
-            let mut acc = [0f32; TB];
-            for (&v, &off) in values[e[0]..e[1]].iter().zip(&offs[e[0]..e[1]]) {
-                axpy_tile::<TB, FMA>(&mut acc, v, tile::<TB>(gs, off));
-            }
-            *tile_mut::<TB>(out, i * plane + pi) = acc;
+            let (v, o) = (&values[e[0]..e[1]], &offs[e[0]..e[1]]);
+            let [y0, y1] = dot_positions::<TB, 2, FMA>(v, o, gs);
+            *tile_mut::<TB>(out, i * plane + pi) = y0;
+            *tile_mut::<TB>(out, i * plane + pi + 1) = y1;
+        }
+    }
+    for pi in pairs..plane {
+        let gs = [&gyp[bases[pi] * TB..]];
+        for (i, e) in starts.windows(2).enumerate() {
+            let (v, o) = (&values[e[0]..e[1]], &offs[e[0]..e[1]]);
+            let [y] = dot_positions::<TB, 1, FMA>(v, o, gs);
+            *tile_mut::<TB>(out, i * plane + pi) = y;
         }
     }
 }
