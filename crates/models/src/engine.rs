@@ -333,10 +333,11 @@ impl Module for EngineLayer {
 /// denser layers of a sparse-engine run stay dense weights with their masks applied (the
 /// dense-mask path, GEMM products). Measured on the development machine (docs/benchmarks.md,
 /// "Sparse engine on conv nets", the kernel bench's `--op sparse-conv`): a 3×3 conv's forward
-/// and backward on the sparse kernels against the GEMM conv is 2.2–2.4× faster at density 0.1,
-/// 1.1–1.4× at 0.3, 0.94–1.11× at 0.4 and 0.77–0.97× at 0.5; against the GEMM conv on `gemm`'s
-/// AVX-512 kernels (an AVX-512 CPU) 1.8–2.5× at 0.1 and 0.87–1.06× at 0.3, the crossover; a
-/// linear layer's batched kernels beat the GEMM below density ≈ 0.4 ("Reading the targets").
+/// and backward on the sparse kernels against the GEMM conv on `gemm`'s AVX-512 kernels (an
+/// AVX-512 CPU) is 3.0–3.2× faster at density 0.1, 1.2–1.6× at 0.3, 0.96–1.22× at 0.4 and
+/// 0.81–1.09× at 0.5 on one thread, 1.7–2.6× / 1.1–1.3× / 0.88–1.07× / 0.77–0.90× on two: 0.3
+/// keeps every sparse layer on the winning side; a linear layer's batched kernels beat the
+/// GEMM below density ≈ 0.4 ("Reading the targets").
 /// SRigL and RigL keep each layer's
 /// density fixed, so the choice made when the run starts holds for the whole run.
 pub const MAX_SPARSE_DENSITY: f64 = 0.3;
