@@ -168,12 +168,33 @@ fn slot_offsets<R: Rows>(r: &R, lanes: &Lanes, nnz: usize) -> Vec<usize> {
     offs
 }
 
-/// Writes samples `c` of `∂y [batch, out, L]` to `gyl [out][L][TB]` (every float of it).
-fn grad_lanes<const TB: usize>(g: &Geometry, gy: &[f32], c: Range<usize>, gyl: &mut [f32]) {
+/// Writes samples `c` of `∂y [batch, out, oh, ow]` to `dst`, lane-major with `top` rows and
+/// `left` columns of zeros around each plane: `[out][oh + 2·top][ow + 2·left][TB]` (`[out][L][TB]`
+/// without padding; [`Gather`] pads), every float written.
+fn grad_lanes<const TB: usize>(
+    g: &Geometry,
+    gy: &[f32],
+    c: Range<usize>,
+    (top, left): (usize, usize),
+    dst: &mut [f32],
+) {
     let (out, l) = (g.out, g.l());
+    let (n, stride) = (c.len(), out * l);
+    if top == 0 && left == 0 {
+        for o in 0..out {
+            let src = &gy[(c.start * out + o) * l..];
+            to_lanes(src, stride, n, l, &mut dst[o * l * TB..], TB);
+        }
+        return;
+    }
+    dst.fill(0.0);
+    let (gph, gpw) = (g.oh + 2 * top, g.ow + 2 * left);
     for o in 0..out {
-        let src = &gy[(c.start * out + o) * l..];
-        to_lanes(src, out * l, c.len(), l, &mut gyl[o * l * TB..], TB);
+        for oy in 0..g.oh {
+            let src = &gy[(c.start * out + o) * l + oy * g.ow..];
+            let cell = (o * gph + oy + top) * gpw + left;
+            to_lanes(src, stride, n, g.ow, &mut dst[cell * TB..], TB);
+        }
     }
 }
 
@@ -204,41 +225,52 @@ fn dot_positions<const TB: usize, const P: usize, const FMA: bool>(
     acc
 }
 
+/// `out[i][p] = Σ v · src[bases[p] + off]` (lane-wise, `out [groups][positions][TB]`) over the
+/// weights `starts[i]..starts[i + 1]` of `(values, offs)` for each group `i`: the forward
+/// (groups = stored rows, `src` = the input's lanes) and the gathered input gradient (groups =
+/// input channels, `src` = `∂y`'s padded lanes). Positions outermost, two at a time: the cells
+/// they read (a window across every input channel or every row of `∂y`) serve all the groups
+/// before the next positions'. (Groups outermost re-read those cells from memory for each
+/// group: for the gather, no faster than the scatter.)
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn fwd_body<R: Rows, const TB: usize, const FMA: bool>(
-    r: &R,
+fn dots_body<const TB: usize, const FMA: bool>(
     values: &[f32],
     offs: &[usize],
+    starts: &[usize],
     bases: &[usize],
-    xp: &[f32],
-    a0: usize,
+    src: &[f32],
     out: &mut [f32],
 ) {
-    let l = bases.len();
-    let n_rows = out.len() / (l * TB).max(1);
-    // Positions outermost, two at a time: the windows of two positions (`K` cells each) serve
-    // every row.
-    let pairs = l / 2 * 2;
+    let plane = bases.len();
+    let pairs = plane / 2 * 2;
     for pi in (0..pairs).step_by(2) {
-        let xs = [&xp[bases[pi] * TB..], &xp[bases[pi + 1] * TB..]];
-        for i in 0..n_rows {
-            let slots = r.slots(a0 + i);
-            let [y0, y1] = dot_positions::<TB, 2, FMA>(&values[slots.clone()], &offs[slots], xs);
-            *tile_mut::<TB>(out, i * l + pi) = y0;
-            *tile_mut::<TB>(out, i * l + pi + 1) = y1;
+        let xs = [&src[bases[pi] * TB..], &src[bases[pi + 1] * TB..]];
+        for (i, e) in starts.windows(2).enumerate() {
+            let (v, o) = (&values[e[0]..e[1]], &offs[e[0]..e[1]]);
+            let [y0, y1] = dot_positions::<TB, 2, FMA>(v, o, xs);
+            *tile_mut::<TB>(out, i * plane + pi) = y0;
+            *tile_mut::<TB>(out, i * plane + pi + 1) = y1;
         }
     }
-    for pi in pairs..l {
-        let xs = [&xp[bases[pi] * TB..]];
-        for i in 0..n_rows {
-            let slots = r.slots(a0 + i);
-            let [y] = dot_positions::<TB, 1, FMA>(&values[slots.clone()], &offs[slots], xs);
-            *tile_mut::<TB>(out, i * l + pi) = y;
+    for pi in pairs..plane {
+        let xs = [&src[bases[pi] * TB..]];
+        for (i, e) in starts.windows(2).enumerate() {
+            let (v, o) = (&values[e[0]..e[1]], &offs[e[0]..e[1]]);
+            let [y] = dot_positions::<TB, 1, FMA>(v, o, xs);
+            *tile_mut::<TB>(out, i * plane + pi) = y;
         }
     }
 }
-multiversion!(fn fwd_lanes<R: Rows; const TB: usize>(r: &R, values: &[f32], offs: &[usize], bases: &[usize], xp: &[f32], a0: usize, out: &mut [f32]) => fwd_body);
+multiversion!(fn dots_lanes<; const TB: usize>(values: &[f32], offs: &[usize], starts: &[usize], bases: &[usize], src: &[f32], out: &mut [f32]) => dots_body);
+
+/// Stored row `a`'s slots are `starts[a]..starts[a + 1]` (consecutive in every layout).
+fn row_starts<R: Rows>(r: &R) -> Vec<usize> {
+    let n = r.n_stored();
+    let mut starts: Vec<usize> = (0..n).map(|a| r.slots(a).start).collect();
+    starts.push(if n > 0 { r.slots(n - 1).end } else { 0 });
+    debug_assert!((1..n).all(|a| r.slots(a - 1).end == r.slots(a).start));
+    starts
+}
 
 #[inline(always)]
 fn igrad_body<R: Rows, const TB: usize, const FMA: bool>(
@@ -439,7 +471,7 @@ pub(crate) fn forward<R: Rows>(
 ) {
     let (l, out, n_stored) = (g.l(), g.out, r.n_stored());
     let lanes = Lanes::new(g);
-    let offs = slot_offsets(r, &lanes, values.len());
+    let (offs, starts) = (slot_offsets(r, &lanes, values.len()), row_starts(r));
     let isa = exec.isa();
     let threads = exec.threads_for(values.len() * g.batch * l);
     let parts: Vec<&mut [f32]> = y.chunks_mut(LANES * out * l).collect();
@@ -450,11 +482,12 @@ pub(crate) fn forward<R: Rows>(
                 scratch::with(lanes.cells(g) * $tb, |xp| {
                     lanes.images_to_lanes::<$tb>(g, x, c, xp);
                     let xp = &*xp;
-                    // Every tile of `yl` is written by `fwd_lanes`.
+                    // Every tile of `yl` is written by `dots_lanes`.
                     scratch::with(n_stored * l * $tb, |yl| {
                         let jobs = row_jobs(n_stored, l * $tb, inner, yl);
                         run_parallel(jobs, inner, |(a0, o)| {
-                            fwd_lanes::<R, $tb>(isa, r, values, &offs, &lanes.bases, xp, a0, o)
+                            let rows = &starts[a0..=a0 + o.len() / (l * $tb).max(1)];
+                            dots_lanes::<$tb>(isa, values, &offs, rows, &lanes.bases, xp, o)
                         });
                         for a in 0..n_stored {
                             let dst = &mut ys[r.out_row(a) * l..];
@@ -490,16 +523,16 @@ pub(crate) fn input_grad<R: Rows>(
                 ($tb:literal,) => {{
                     let n = c.len();
                     scratch::with(ga.cells(g) * $tb, |gyp| {
-                        ga.grad_lanes::<$tb>(g, gy, c, gyp);
+                        grad_lanes::<$tb>(g, gy, c, (ga.top, ga.left), gyp);
                         let gyp = &*gyp;
                         // `∂x` of the chunk in lanes, `[in][h·w][TB]`, every cell written by
-                        // `igather_lanes`.
+                        // `dots_lanes`.
                         scratch::with(g.c * plane * $tb, |gl| {
                             let jobs = row_jobs(g.c, plane * $tb, inner, gl);
                             run_parallel(jobs, inner, |(c0, o)| {
                                 let starts = &ga.starts[c0..=c0 + o.len() / (plane * $tb).max(1)];
                                 let (v, offs) = (&ga.values, &ga.offs);
-                                igather_lanes::<$tb>(isa, v, offs, starts, &ga.bases, gyp, o);
+                                dots_lanes::<$tb>(isa, v, offs, starts, &ga.bases, gyp, o);
                             });
                             for ci in 0..g.c {
                                 let (src, dst) = (&gl[ci * plane * $tb..], &mut gxs[ci * plane..]);
@@ -519,7 +552,7 @@ pub(crate) fn input_grad<R: Rows>(
         macro_rules! go {
             ($tb:literal,) => {{
                 scratch::with(g.out * g.l() * $tb, |gyl| {
-                    grad_lanes::<$tb>(g, gy, c, gyl);
+                    grad_lanes::<$tb>(g, gy, c, (0, 0), gyl);
                     // Accumulated into: zeroed first.
                     scratch::with(lanes.cells(g) * $tb, |gxp| {
                         gxp.fill(0.0);
@@ -616,64 +649,7 @@ impl Gather {
     fn cells(&self, g: &Geometry) -> usize {
         g.out * self.gph * self.gpw
     }
-
-    /// Writes samples `c` of `∂y [batch, out, oh, ow]` to `gyp`, the zero-padded lane layout
-    /// (`cells · TB` floats, every one written).
-    fn grad_lanes<const TB: usize>(
-        &self,
-        g: &Geometry,
-        gy: &[f32],
-        c: Range<usize>,
-        gyp: &mut [f32],
-    ) {
-        let (out, l) = (g.out, g.l());
-        if self.top > 0 || self.left > 0 {
-            gyp.fill(0.0);
-        }
-        for o in 0..out {
-            for oy in 0..g.oh {
-                let src = &gy[(c.start * out + o) * l + oy * g.ow..];
-                let cell = (o * self.gph + oy + self.top) * self.gpw + self.left;
-                to_lanes(src, out * l, c.len(), g.ow, &mut gyp[cell * TB..], TB);
-            }
-        }
-    }
 }
-
-#[inline(always)]
-fn igather_body<const TB: usize, const FMA: bool>(
-    values: &[f32],
-    offs: &[usize],
-    starts: &[usize],
-    bases: &[usize],
-    gyp: &[f32],
-    out: &mut [f32],
-) {
-    let plane = bases.len();
-    // Positions outermost (two at a time, as in the forward): the cells they read (their
-    // windows across every row of `∂y`) serve all the channels before the next positions'.
-    // (Channels outermost re-read every row's cells from memory for each channel: no faster
-    // than the scatter.)
-    let pairs = plane / 2 * 2;
-    for pi in (0..pairs).step_by(2) {
-        let gs = [&gyp[bases[pi] * TB..], &gyp[bases[pi + 1] * TB..]];
-        for (i, e) in starts.windows(2).enumerate() {
-            let (v, o) = (&values[e[0]..e[1]], &offs[e[0]..e[1]]);
-            let [y0, y1] = dot_positions::<TB, 2, FMA>(v, o, gs);
-            *tile_mut::<TB>(out, i * plane + pi) = y0;
-            *tile_mut::<TB>(out, i * plane + pi + 1) = y1;
-        }
-    }
-    for pi in pairs..plane {
-        let gs = [&gyp[bases[pi] * TB..]];
-        for (i, e) in starts.windows(2).enumerate() {
-            let (v, o) = (&values[e[0]..e[1]], &offs[e[0]..e[1]]);
-            let [y] = dot_positions::<TB, 1, FMA>(v, o, gs);
-            *tile_mut::<TB>(out, i * plane + pi) = y;
-        }
-    }
-}
-multiversion!(fn igather_lanes<; const TB: usize>(values: &[f32], offs: &[usize], starts: &[usize], bases: &[usize], gyp: &[f32], out: &mut [f32]) => igather_body);
 
 /// Adds the gradient of the stored values (slot order) of [`forward`] into `gv`.
 pub(crate) fn value_grad<R: Rows>(
@@ -698,7 +674,7 @@ pub(crate) fn value_grad<R: Rows>(
                 scratch::with(lanes.cells(g) * $tb, |xp| {
                     scratch::with(g.out * g.l() * $tb, |gyl| {
                         lanes.images_to_lanes::<$tb>(g, x, c.clone(), xp);
-                        grad_lanes::<$tb>(g, gy, c, gyl);
+                        grad_lanes::<$tb>(g, gy, c, (0, 0), gyl);
                         let (xp, gyl, bases) = (&*xp, &*gyl, &lanes.bases);
                         let (ranges, lens) = row_ranges(r, inner);
                         let jobs: Vec<_> =
