@@ -337,9 +337,8 @@ impl Module for EngineLayer {
 /// AVX-512 CPU) is 3.0–3.2× faster at density 0.1, 1.2–1.6× at 0.3, 0.96–1.22× at 0.4 and
 /// 0.81–1.09× at 0.5 on one thread, 1.7–2.6× / 1.1–1.3× / 0.88–1.07× / 0.77–0.90× on two: 0.3
 /// keeps every sparse layer on the winning side; a linear layer's batched kernels beat the
-/// GEMM below density ≈ 0.4 ("Reading the targets").
-/// SRigL and RigL keep each layer's
-/// density fixed, so the choice made when the run starts holds for the whole run.
+/// GEMM below density ≈ 0.4 ("Reading the targets"). SRigL and RigL keep each layer's density
+/// fixed, so the choice made when the run starts holds for the whole run.
 pub const MAX_SPARSE_DENSITY: f64 = 0.3;
 
 /// Whether a weight with `nnz` of `len` entries active goes to sparse storage: density at most

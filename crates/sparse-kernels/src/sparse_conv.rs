@@ -11,9 +11,10 @@
 //!
 //! - forward: `y_s [out, L] = W · cols(x_s)`, one multiply-add over the chunk's samples per
 //!   stored weight and position;
-//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s` back onto `[batch, in, h, w]` — for stride 1
-//!   gathered per input cell as the transposed convolution of `∂y`, otherwise scattered into
-//!   the padded layout's cells (skipped when `x` needs no gradient, a first layer);
+//! - input gradient: `cols(∂x_s) = Wᵀ · ∂y_s` back onto `[batch, in, h, w]` — gathered per
+//!   input cell as the transposed convolution of `∂y` for stride 1 when the input has at most
+//!   1.5× the output's positions ("same" convolutions), otherwise scattered into the padded
+//!   layout's cells (skipped when `x` needs no gradient, a first layer);
 //! - value gradient: `∂v[slot] = Σ_s Σ_l ∂y_s[row, l] · cols(x_s)[col, l]` at the stored
 //!   positions only, the dense weight gradient never formed.
 //!
