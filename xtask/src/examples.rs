@@ -3,7 +3,10 @@
 //! fails the task: a new example must say how CI runs it.
 
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// The committed Fashion-MNIST slice (1,000 train / 500 test images).
 const FIXTURE: &str = "crates/models/tests/fixtures/fashion-mnist-tiny";
@@ -49,6 +52,56 @@ pub fn declared(root: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Builds every example of the workspace in release mode the way the README's test command
+/// does (`--workspace`: the dependencies get that build's features, so after the test command
+/// nothing is compiled again; `cargo run -p examples` would rebuild candle with
+/// `examples`' features alone), and returns the executables of `examples/`'s examples by name.
+fn build(root: &Path) -> Result<HashMap<String, PathBuf>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let args = [
+        "build",
+        "--release",
+        "--workspace",
+        "--examples",
+        "--message-format=json-render-diagnostics",
+    ];
+    eprintln!("$ cargo {}", args.join(" "));
+    let out = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build --examples")?;
+    if !out.status.success() {
+        bail!("cargo {} failed ({})", args.join(" "), out.status);
+    }
+    let manifest = root.join("examples/Cargo.toml").canonicalize()?;
+    let mut exes = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let is_example = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "example"));
+        if msg["reason"] != "compiler-artifact"
+            || !is_example
+            || msg["manifest_path"]
+                .as_str()
+                .and_then(|p| Path::new(p).canonicalize().ok())
+                != Some(manifest.clone())
+        {
+            continue;
+        }
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            exes.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    Ok(exes)
+}
+
 /// Runs every declared example with its [`ARGS`].
 pub fn run(root: &Path) -> Result<()> {
     let names = declared(root)?;
@@ -66,25 +119,25 @@ pub fn run(root: &Path) -> Result<()> {
                 .join(", ")
         );
     }
+    let exes = build(root)?;
     for name in &names {
         let (_, args) = ARGS.iter().find(|(a, _)| a == name).expect("checked");
-        let mut cmd = vec![
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "examples",
-            "--example",
-            name,
-        ];
-        if !args.is_empty() {
-            cmd.push("--");
-            cmd.extend(
-                args.iter()
-                    .map(|a| if *a == "{fixture}" { FIXTURE } else { a }),
-            );
+        let exe = exes
+            .get(name)
+            .with_context(|| format!("cargo built no executable for example {name}"))?;
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "{fixture}" { FIXTURE } else { a })
+            .collect();
+        eprintln!("$ {} {}", exe.display(), args.join(" "));
+        let status = Command::new(exe)
+            .args(&args)
+            .current_dir(root)
+            .status()
+            .with_context(|| format!("running example {name}"))?;
+        if !status.success() {
+            bail!("example {name} failed ({status})");
         }
-        crate::cargo(&cmd)?;
     }
     println!("{} examples ran", names.len());
     Ok(())

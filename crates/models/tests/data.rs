@@ -134,7 +134,7 @@ fn not_found_lists_where_it_looked_and_how_to_get_it() {
 
 /// The real thing from the Debian package. Ignored by default, so that a machine without the
 /// package reports it as ignored rather than passed; `.ci/run` installs the package where it can
-/// and runs it with `cargo test --release -p models --test data -- --ignored` (it fails if the
+/// and runs it with `cargo test --release --workspace --test data -- --ignored` (it fails if the
 /// package is missing).
 #[test]
 #[ignore = "needs `apt-get install -y dataset-fashion-mnist`"]

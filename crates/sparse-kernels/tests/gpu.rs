@@ -1,5 +1,6 @@
 //! The CUDA kernels against the CPU reference on random shapes (feature `cuda`, needs a GPU).
-//! Ignored by default, so that a run without a GPU reports them as ignored rather than passed;
+//! The kernel tests are ignored by default, so that a run without a GPU reports them as ignored
+//! rather than passed (the one on `available()`'s message runs everywhere);
 //! on a GPU machine: `cargo test --release -p sparse-kernels --features cuda --test gpu --
 //! --ignored` (they fail if the GPU cannot be used). Outputs are poisoned with NaN before
 //! every launch, so an element a kernel forgets to write fails the comparison; fp32 relative
@@ -13,6 +14,19 @@ use sparse_formats::NmPattern;
 use sparse_kernels::cuda::gpu::Gpu;
 use sparse_kernels::cuda::{Ell, Packed24};
 use sparse_kernels::{reference, SparseWeight};
+
+/// Not ignored: runs in the `cuda` build everywhere. Without a usable GPU `available()` says
+/// which part is missing (driver library, NVRTC, device); with one it is Ok.
+#[test]
+fn reports_why_cuda_is_unavailable() {
+    if let Err(e) = sparse_kernels::cuda::available() {
+        let msg = e.to_string();
+        assert!(
+            msg.contains("libcuda") || msg.contains("NVRTC") || msg.contains("CUDA"),
+            "{msg}"
+        );
+    }
+}
 
 fn gpu() -> Gpu {
     Gpu::new(0).unwrap_or_else(|e| panic!("the GPU cannot be used: {e}"))
