@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use sparse_formats::{Condensed, Csr, Mask, NmPattern, NmSparse};
-use sparse_kernels::{candle_threads, Exec, Isa, SparseWeight};
+use sparse_kernels::{candle_threads, Exec, Isa, SparseWeight, Transposed};
 
 struct Rng(u64);
 impl Rng {
@@ -477,6 +477,8 @@ fn main() {
                     .reshape((batch, rows))
                     .unwrap();
                 let io_fwd = 4 * (batch * fan_in + batch * rows);
+                // Built once per structure, as `sparse_linear`'s backward keeps it.
+                let transposed = Transposed::of(wr);
                 for op in ["forward", "input_grad", "value_grad"] {
                     if only_op.as_deref().is_some_and(|o| o != op) {
                         continue;
@@ -496,8 +498,15 @@ fn main() {
                         "input_grad" => (
                             Box::new(|| {
                                 black_box(
-                                    sparse_kernels::input_grad(wr, wr.values(), &gy, batch, exec)
-                                        .unwrap(),
+                                    sparse_kernels::input_grad_with(
+                                        wr,
+                                        Some(&transposed),
+                                        wr.values(),
+                                        &gy,
+                                        batch,
+                                        exec,
+                                    )
+                                    .unwrap(),
                                 );
                             }),
                             Box::new(|| {

@@ -57,9 +57,10 @@ mod vgrad256;
 mod vgrad512;
 
 pub use blocked::RowBlocks;
-pub use cpu::{forward, forward_into, input_grad, value_grad};
+pub use cpu::{forward, forward_into, input_grad, input_grad_with, value_grad};
 pub use isa::Isa;
 pub use packed::PackedNm;
+pub use rows::Transposed;
 
 use sparse_formats::{Condensed, Csr, NmSparse};
 

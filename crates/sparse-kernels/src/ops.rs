@@ -24,11 +24,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use sparse_formats::{Condensed, Csr, NmSparse};
 
+use crate::rows::Transposed;
 use crate::{Exec, SparseWeight};
 
 /// The fixed structure of a sparse weight (its values are passed separately as a tensor),
@@ -60,12 +61,68 @@ impl From<Csr> for SparseStructure {
 }
 
 impl SparseStructure {
+    /// The structure's transpose for the batched input gradient, built on first use and kept
+    /// while the structure lives (a sparse-engine layer keeps one structure from one mask
+    /// update to the next, so a training step does not rebuild it).
+    fn transposed(&self) -> Arc<Transposed> {
+        static CACHE: Mutex<Vec<(WeakStructure, Arc<Transposed>)>> = Mutex::new(Vec::new());
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(w, _)| w.alive());
+        if let Some((_, t)) = cache.iter().find(|(w, _)| w.is(self)) {
+            return t.clone();
+        }
+        let t = Arc::new(Transposed::of(self.weight()));
+        cache.push((self.downgrade(), t.clone()));
+        t
+    }
+
+    fn downgrade(&self) -> WeakStructure {
+        match self {
+            SparseStructure::Condensed(w) => WeakStructure::Condensed(Arc::downgrade(w)),
+            SparseStructure::Nm(w) => WeakStructure::Nm(Arc::downgrade(w)),
+            SparseStructure::Csr(w) => WeakStructure::Csr(Arc::downgrade(w)),
+        }
+    }
+
     /// A borrowed view for the slice kernels.
     pub fn weight(&self) -> SparseWeight<'_> {
         match self {
             SparseStructure::Condensed(w) => SparseWeight::Condensed(w),
             SparseStructure::Nm(w) => SparseWeight::Nm(w),
             SparseStructure::Csr(w) => SparseWeight::Csr(w),
+        }
+    }
+}
+
+/// A cache key: the structure's allocation, kept from being reused while the key exists (a
+/// `Weak` holds the allocation), so equal pointers mean the same structure.
+enum WeakStructure {
+    Condensed(Weak<Condensed>),
+    Nm(Weak<NmSparse>),
+    Csr(Weak<Csr>),
+}
+
+impl WeakStructure {
+    fn alive(&self) -> bool {
+        match self {
+            WeakStructure::Condensed(w) => w.strong_count() > 0,
+            WeakStructure::Nm(w) => w.strong_count() > 0,
+            WeakStructure::Csr(w) => w.strong_count() > 0,
+        }
+    }
+
+    fn is(&self, s: &SparseStructure) -> bool {
+        match (self, s) {
+            (WeakStructure::Condensed(w), SparseStructure::Condensed(a)) => {
+                std::ptr::eq(w.as_ptr(), Arc::as_ptr(a))
+            }
+            (WeakStructure::Nm(w), SparseStructure::Nm(a)) => {
+                std::ptr::eq(w.as_ptr(), Arc::as_ptr(a))
+            }
+            (WeakStructure::Csr(w), SparseStructure::Csr(a)) => {
+                std::ptr::eq(w.as_ptr(), Arc::as_ptr(a))
+            }
+            _ => false,
         }
     }
 }
@@ -277,7 +334,11 @@ impl CustomOp2 for InputGrad {
         let batch = gl.dims()[0];
         let gy = f32_slice(gs, gl, "grad_y")?;
         let v = f32_slice(vs, vl, "values")?;
-        let gx = crate::input_grad(w, v, gy, batch, self.exec).map_err(candle_core::Error::wrap)?;
+        // Where the product gathers, over the structure's kept transpose.
+        let t =
+            crate::cpu::gathers(batch, w.rows(), w.fan_in()).then(|| self.structure.transposed());
+        let gx = crate::cpu::input_grad_with(w, t.as_deref(), v, gy, batch, self.exec)
+            .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(gx), Shape::from((batch, w.fan_in()))))
     }
 }

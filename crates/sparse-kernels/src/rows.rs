@@ -301,3 +301,99 @@ impl AsRows for Csr {
         })
     }
 }
+
+/// A sparse weight's transpose, for the batched input gradient ([`crate::input_grad_with`]);
+/// build it once per structure and reuse it while the structure stays (the custom op
+/// [`crate::ops::sparse_linear`] does). It is the CSR form of `Wᵀ` — one row per input column,
+/// its entries that column's weights with their output rows, in the format's stored-row
+/// order — plus each entry's value slot in the format. The batched input gradient
+/// `∂x = ∂y · W` is then the forward product of `Wᵀ` on values gathered into this order: each
+/// `∂x` element is summed in registers and written once, where walking the format's rows
+/// scatters a read-add-write of it per stored weight. The sums run in the same order either
+/// way (stored rows ascending), so both give the same floats.
+#[derive(Debug)]
+pub struct Transposed {
+    /// The weight's `[rows, fan_in]`.
+    shape: (usize, usize),
+    /// Entries of column `c`: `row_ptr[c]..row_ptr[c + 1]`.
+    pub(crate) row_ptr: Vec<usize>,
+    /// The output row of each entry.
+    pub(crate) rows: Vec<u32>,
+    /// The value slot (in the format) of each entry.
+    pub(crate) slots: Vec<u32>,
+}
+
+impl Transposed {
+    /// The transpose of `w` (a counting sort of its entries by column, O(nnz + fan_in)).
+    pub fn of<'a>(w: impl Into<crate::SparseWeight<'a>>) -> Transposed {
+        let w = w.into();
+        struct Build(usize, usize);
+        impl RowsVisitor for Build {
+            type Out = Transposed;
+            fn visit<R: Rows>(self, r: &R) -> Transposed {
+                let (n_rows, fan_in) = (self.0, self.1);
+                let mut row_ptr = vec![0usize; fan_in + 1];
+                for a in 0..r.n_stored() {
+                    for (_, c) in r.entries(a) {
+                        row_ptr[c + 1] += 1;
+                    }
+                }
+                for c in 0..fan_in {
+                    row_ptr[c + 1] += row_ptr[c];
+                }
+                let mut next = row_ptr.clone();
+                let nnz = row_ptr[fan_in];
+                let (mut rows, mut slots) = (vec![0u32; nnz], vec![0u32; nnz]);
+                for a in 0..r.n_stored() {
+                    let row = r.out_row(a) as u32;
+                    for (slot, c) in r.entries(a) {
+                        rows[next[c]] = row;
+                        slots[next[c]] = slot as u32;
+                        next[c] += 1;
+                    }
+                }
+                Transposed {
+                    shape: (n_rows, fan_in),
+                    row_ptr,
+                    rows,
+                    slots,
+                }
+            }
+        }
+        w.with_rows(Build(w.rows(), w.fan_in()))
+    }
+
+    /// `(rows, fan_in, nnz)` of the weight it was built from.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.shape.0, self.shape.1, self.rows.len())
+    }
+
+    /// `values` (in the format's slot order) in this transpose's entry order, on `threads`
+    /// workers.
+    pub(crate) fn gather_values(&self, values: &[f32], threads: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let gather = |(out, slots): (&mut [f32], &[u32])| {
+            for (o, &s) in out.iter_mut().zip(slots) {
+                *o = values[s as usize];
+            }
+        };
+        let mut out = vec![0.0; self.slots.len()];
+        let chunk = self.slots.len().div_ceil(threads.max(1)).max(1);
+        if threads > 1 {
+            out.par_chunks_mut(chunk)
+                .zip(self.slots.par_chunks(chunk))
+                .for_each(gather);
+        } else {
+            gather((&mut out, &self.slots));
+        }
+        out
+    }
+
+    /// The [`Rows`] view of `Wᵀ` (values in [`Transposed::gather_values`]' order).
+    pub(crate) fn rows(&self) -> CsrRows<'_> {
+        CsrRows {
+            row_ptr: &self.row_ptr,
+            col_indices: &self.rows,
+        }
+    }
+}

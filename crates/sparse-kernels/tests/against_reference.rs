@@ -7,7 +7,7 @@ mod common;
 use common::Rng;
 use proptest::prelude::*;
 use sparse_formats::NmPattern;
-use sparse_kernels::{reference, Exec, Isa, SparseWeight};
+use sparse_kernels::{reference, Exec, Isa, SparseWeight, Transposed};
 
 /// Relative tolerance for f32 sums of up to a few thousand terms against an f64 reference.
 fn close(a: &[f32], b: &[f32], what: &str) -> Result<(), TestCaseError> {
@@ -194,4 +194,59 @@ fn packed_nm_refuses_what_it_cannot_do() {
     let (w, _) = common::nm(&mut rng, 3, 8, NmPattern::new(2, 4));
     let p = sparse_kernels::PackedNm::new(&w).unwrap();
     assert!(p.forward_one(&[0.0; 7], None, Exec::default()).is_err());
+}
+
+/// The batched input gradient gathers over the weight's transpose where `gathers` says so; it
+/// sums each element in the order the row walk (batch 1) does, so every example's gradient is
+/// bit-equal to its own batch-1 product, on every format, ISA and thread count. A transpose of
+/// another weight is an error.
+#[test]
+fn gathered_input_gradient_equals_the_row_walk_bit_for_bit() {
+    let mut rng = Rng(11);
+    let (rows, fan_in, batch) = (24, 64, 70);
+    assert!(sparse_kernels::cpu::gathers(batch, rows, fan_in));
+    let (c, _) = common::condensed(&mut rng, rows, fan_in, 9, 3, false);
+    let (nm, _) = common::nm(&mut rng, rows, fan_in, NmPattern::new(2, 4));
+    let (csr, _) = common::csr(&mut rng, rows, fan_in, 0.2);
+    for w in [SparseWeight::from(&c), (&nm).into(), (&csr).into()] {
+        let gy = rng.vec(batch * rows);
+        let t = Transposed::of(w);
+        assert_eq!(t.dims(), (rows, fan_in, w.nnz()));
+        for isa in Isa::available() {
+            for threads in [1, 2] {
+                let exec = Exec::default().with_isa(isa).with_threads(threads);
+                let gx = sparse_kernels::input_grad_with(w, Some(&t), w.values(), &gy, batch, exec)
+                    .unwrap();
+                assert_eq!(
+                    gx,
+                    sparse_kernels::input_grad(w, w.values(), &gy, batch, exec).unwrap()
+                );
+                for b in 0..batch {
+                    let one = &gy[b * rows..(b + 1) * rows];
+                    let want = sparse_kernels::input_grad(w, w.values(), one, 1, exec).unwrap();
+                    assert_eq!(
+                        &gx[b * fan_in..(b + 1) * fan_in],
+                        want.as_slice(),
+                        "{} {isa:?} threads={threads} example {b}",
+                        w.format_name()
+                    );
+                }
+            }
+        }
+    }
+    let other = Transposed::of(&csr);
+    let err = sparse_kernels::input_grad_with(
+        (&c).into(),
+        Some(&other),
+        c.values(),
+        &[0.0; 70 * 24],
+        70,
+        Exec::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("transpose was built from a 24x64 weight"),
+        "{err}"
+    );
 }
