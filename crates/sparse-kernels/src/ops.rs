@@ -152,7 +152,22 @@ pub fn sparse_linear_with(
         structure: structure.clone(),
         exec,
     };
-    linear_shape(x, structure, bias, |x2| x2.apply_op2(values, op))
+    match bias {
+        // A `[rows]` f32 CPU bias goes into the op: the forward starts each output row from
+        // it, and the backward sums its gradient in one pass over `∂y` (candle's
+        // `broadcast_add` took a pass and a tensor forward and a strided reduction backward).
+        Some(b)
+            if b.dims() == [structure.weight().rows()]
+                && b.dtype() == candle_core::DType::F32
+                && b.device().is_cpu() =>
+        {
+            let b = b.contiguous()?;
+            linear_shape(x, structure, None, |x2| {
+                x2.apply_op3(values, &b, ForwardBias(op))
+            })
+        }
+        _ => linear_shape(x, structure, bias, |x2| x2.apply_op2(values, op)),
+    }
 }
 
 /// [`sparse_linear`] that also hands the dense weight gradient `∂L/∂W = gyᵀ·x` to `dense`, a
@@ -275,6 +290,49 @@ impl CustomOp2 for Forward {
             )?
             .reshape(values.shape())?;
         Ok((gx, crate::backward::pass(values, gv)))
+    }
+}
+
+/// The forward op with the bias as a third input.
+struct ForwardBias(Forward);
+
+impl CustomOp3 for ForwardBias {
+    fn name(&self) -> &'static str {
+        "sparse-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = self.0.structure.weight();
+        let batch = xl.dims()[0];
+        let x = f32_slice(xs, xl, "x")?;
+        let v = f32_slice(vs, vl, "values")?;
+        let b = f32_slice(bs, bl, "bias")?;
+        let y = crate::forward(w, v, Some(b), x, batch, self.0.exec)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), Shape::from((batch, w.rows()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        values: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gv) = self.0.bwd(x, values, res, grad)?;
+        let gb = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&crate::dense::BiasGrad)?;
+        Ok((gx, gv, crate::backward::pass(bias, gb)))
     }
 }
 
