@@ -239,6 +239,26 @@ struct Forward {
     exec: Exec,
 }
 
+impl Forward {
+    /// `y = x · Wᵀ (+ bias)` on the ops' storages.
+    fn run(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = self.structure.weight();
+        let batch = xl.dims()[0];
+        let x = f32_slice(xs, xl, "x")?;
+        let v = f32_slice(vs, vl, "values")?;
+        let y =
+            crate::forward(w, v, bias, x, batch, self.exec).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), Shape::from((batch, w.rows()))))
+    }
+}
+
 impl CustomOp2 for Forward {
     fn name(&self) -> &'static str {
         "sparse-linear"
@@ -251,13 +271,7 @@ impl CustomOp2 for Forward {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let w = self.structure.weight();
-        let batch = xl.dims()[0];
-        let x = f32_slice(xs, xl, "x")?;
-        let v = f32_slice(vs, vl, "values")?;
-        let y =
-            crate::forward(w, v, None, x, batch, self.exec).map_err(candle_core::Error::wrap)?;
-        Ok((CpuStorage::F32(y), Shape::from((batch, w.rows()))))
+        self.run(xs, xl, vs, vl, None)
     }
 
     fn bwd(
@@ -310,14 +324,7 @@ impl CustomOp3 for ForwardBias {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let w = self.0.structure.weight();
-        let batch = xl.dims()[0];
-        let x = f32_slice(xs, xl, "x")?;
-        let v = f32_slice(vs, vl, "values")?;
-        let b = f32_slice(bs, bl, "bias")?;
-        let y = crate::forward(w, v, Some(b), x, batch, self.0.exec)
-            .map_err(candle_core::Error::wrap)?;
-        Ok((CpuStorage::F32(y), Shape::from((batch, w.rows()))))
+        self.0.run(xs, xl, vs, vl, Some(f32_slice(bs, bl, "bias")?))
     }
 
     fn bwd(
