@@ -316,11 +316,11 @@ pub struct Transposed {
     /// The weight's `[rows, fan_in]`.
     shape: (usize, usize),
     /// Entries of column `c`: `row_ptr[c]..row_ptr[c + 1]`.
-    pub(crate) row_ptr: Vec<usize>,
+    row_ptr: Vec<usize>,
     /// The output row of each entry.
-    pub(crate) rows: Vec<u32>,
+    rows: Vec<u32>,
     /// The value slot (in the format) of each entry.
-    pub(crate) slots: Vec<u32>,
+    slots: Vec<u32>,
 }
 
 impl Transposed {
@@ -371,21 +371,17 @@ impl Transposed {
     /// `values` (in the format's slot order) in this transpose's entry order, on `threads`
     /// workers.
     pub(crate) fn gather_values(&self, values: &[f32], threads: usize) -> Vec<f32> {
-        use rayon::prelude::*;
-        let gather = |(out, slots): (&mut [f32], &[u32])| {
+        let mut out = vec![0.0; self.slots.len()];
+        let chunk = self.slots.len().div_ceil(threads.max(1)).max(1);
+        let jobs: Vec<_> = out
+            .chunks_mut(chunk)
+            .zip(self.slots.chunks(chunk))
+            .collect();
+        crate::cpu::run_parallel(jobs, threads, |(out, slots)| {
             for (o, &s) in out.iter_mut().zip(slots) {
                 *o = values[s as usize];
             }
-        };
-        let mut out = vec![0.0; self.slots.len()];
-        let chunk = self.slots.len().div_ceil(threads.max(1)).max(1);
-        if threads > 1 {
-            out.par_chunks_mut(chunk)
-                .zip(self.slots.par_chunks(chunk))
-                .for_each(gather);
-        } else {
-            gather((&mut out, &self.slots));
-        }
+        });
         out
     }
 
