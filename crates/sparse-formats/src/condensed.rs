@@ -117,7 +117,20 @@ impl Condensed {
             .filter(|&r| counts[r] > 0)
             .map(|r| r as u32)
             .collect();
-        let indices = IndexVec::collect_for_fan_in(fan_in, positions.iter().map(|&p| p % fan_in));
+        let indices = match crate::IndexType::for_fan_in(fan_in) {
+            crate::IndexType::U16 => IndexVec::U16(crate::mask::position_columns(
+                &counts,
+                fan_in,
+                positions,
+                |c| c as u16,
+            )),
+            crate::IndexType::U32 => IndexVec::U32(crate::mask::position_columns(
+                &counts,
+                fan_in,
+                positions,
+                |c| c as u32,
+            )),
+        };
         Self::from_parts(rows, fan_in, k, active_rows, values, indices, bias)
     }
 
@@ -171,26 +184,9 @@ impl Condensed {
         check_len("values", values.len(), n)?;
         check_len("indices", indices.len(), n)?;
         let indices = indices.narrowed(fan_in);
-        for a in 0..active_rows.len() {
-            let mut prev: Option<usize> = None;
-            for j in 0..k {
-                let c = indices.get(a * k + j);
-                if c >= fan_in {
-                    return Err(FormatError::invalid(
-                        "indices",
-                        format!("row {a}: index {c} out of range for fan-in {fan_in}"),
-                    ));
-                }
-                if let Some(p) = prev {
-                    if c <= p {
-                        return Err(FormatError::invalid(
-                            "indices",
-                            format!("row {a} is not strictly increasing ({c} after {p})"),
-                        ));
-                    }
-                }
-                prev = Some(c);
-            }
+        match &indices {
+            IndexVec::U16(v) => check_rows(v, k, fan_in)?,
+            IndexVec::U32(v) => check_rows(v, k, fan_in)?,
         }
         if let Some(b) = &bias {
             check_len("bias", b.len(), rows)?;
@@ -288,6 +284,39 @@ impl Condensed {
         }
         m
     }
+}
+
+/// Every row of `k` indices strictly increasing and below `fan_in` (rows are `indices`'
+/// chunks of `k`), else the first violation, named as `from_parts` reports it.
+fn check_rows<T: Copy + Into<u64>>(indices: &[T], k: usize, fan_in: usize) -> Result<()> {
+    if k == 0 {
+        return Ok(());
+    }
+    for (a, row) in indices.chunks_exact(k).enumerate() {
+        let ok = row.iter().all(|&c| c.into() < fan_in as u64)
+            && row.windows(2).all(|p| p[0].into() < p[1].into());
+        if ok {
+            continue;
+        }
+        let mut prev: Option<u64> = None;
+        for &c in row {
+            let c = c.into();
+            if c >= fan_in as u64 {
+                return Err(FormatError::invalid(
+                    "indices",
+                    format!("row {a}: index {c} out of range for fan-in {fan_in}"),
+                ));
+            }
+            if let Some(p) = prev.filter(|&p| c <= p) {
+                return Err(FormatError::invalid(
+                    "indices",
+                    format!("row {a} is not strictly increasing ({c} after {p})"),
+                ));
+            }
+            prev = Some(c);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -77,12 +77,12 @@ impl Csr {
     ) -> Result<Self> {
         let counts = crate::mask::position_row_counts(rows, fan_in, positions)?;
         check_len("values", values.len(), positions.len())?;
+        let col_indices = crate::mask::position_columns(&counts, fan_in, positions, |c| c as u32);
         let mut row_ptr = Vec::with_capacity(rows + 1);
         row_ptr.push(0);
         for c in counts {
             row_ptr.push(row_ptr[row_ptr.len() - 1] + c);
         }
-        let col_indices = positions.iter().map(|&p| (p % fan_in) as u32).collect();
         Self::from_parts(rows, fan_in, row_ptr, col_indices, values)
     }
 

@@ -207,13 +207,10 @@ impl Mask {
     /// assert_eq!(m.positions(), vec![1, 2, 3]);
     /// ```
     pub fn positions(&self) -> Vec<usize> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.nnz_estimate());
         let mut words = self.bits.chunks_exact(64);
         for (b, chunk) in (&mut words).enumerate() {
-            let mut w = chunk
-                .iter()
-                .enumerate()
-                .fold(0u64, |w, (j, &on)| w | ((on as u64) << j));
+            let mut w = pack_word(chunk);
             while w != 0 {
                 out.push(b * 64 + w.trailing_zeros() as usize);
                 w &= w - 1;
@@ -229,6 +226,24 @@ impl Mask {
                 .map(|(j, _)| base + j),
         );
         out
+    }
+
+    /// A capacity for [`Mask::positions`]: the active count of a strided sample of the words,
+    /// scaled up with a margin, so that the list rarely grows (each growth copies it) and a
+    /// sparse mask does not reserve its dense size.
+    fn nnz_estimate(&self) -> usize {
+        let words = self.bits.len() / 64;
+        if words == 0 {
+            return 0;
+        }
+        let stride = (words / 256).max(1);
+        let (mut seen, mut on) = (0usize, 0usize);
+        for chunk in self.bits.chunks_exact(64).step_by(stride) {
+            seen += 1;
+            on += pack_word(chunk).count_ones() as usize;
+        }
+        let est = on as f64 / (seen * 64) as f64 * self.bits.len() as f64;
+        ((est * 1.1) as usize + 64).min(self.bits.len())
     }
 
     /// Active entries of one row (the row's fan-in).
@@ -436,16 +451,81 @@ pub(crate) fn position_row_counts(
             format!("{last} outside the {rows} × {fan_in} layer (valid: 0..{len})"),
         ));
     }
+    // The positions are ascending: each row's count is where its end falls, a binary search
+    // per row instead of a division per entry.
     let mut counts = vec![0usize; rows];
-    for &p in positions {
-        counts[p / fan_in] += 1;
+    let mut at = 0;
+    for (r, c) in counts.iter_mut().enumerate() {
+        let end = (r + 1) * fan_in;
+        *c = positions[at..].partition_point(|&p| p < end);
+        at += *c;
     }
     Ok(counts)
+}
+
+/// The column (`p mod fan_in`) of each of the ascending `positions`, whose per-row counts are
+/// `counts` ([`position_row_counts`]), through `narrow` — a subtraction per entry, not a
+/// division.
+pub(crate) fn position_columns<T>(
+    counts: &[usize],
+    fan_in: usize,
+    positions: &[usize],
+    narrow: impl Fn(usize) -> T,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(positions.len());
+    let mut at = 0;
+    for (r, &c) in counts.iter().enumerate() {
+        let base = r * fan_in;
+        out.extend(positions[at..at + c].iter().map(|&p| narrow(p - base)));
+        at += c;
+    }
+    out
+}
+
+/// 64 mask entries packed into a word, entry `j` at bit `j`: eight entries at a time, their
+/// bytes (0 or 1) gathered into one byte by a multiplication.
+#[inline]
+fn pack_word(chunk: &[bool]) -> u64 {
+    debug_assert_eq!(chunk.len(), 64);
+    // SAFETY: a `bool` is one byte holding 0 or 1, so the 64 entries are 64 readable bytes.
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast::<u8>(), 64) };
+    let mut w = 0u64;
+    for (q, eight) in bytes.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
+        // Byte i (0 or 1) times 2^(7i + 7 + 8j) for the constant's byte j lands on bit
+        // 56 + i when i + j = 7; no two products share a bit, so nothing carries.
+        w |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (q * 8);
+    }
+    w
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_counts_and_columns_are_the_divisions() {
+        let mut state = 3u64;
+        for (rows, fan_in) in [(1, 1), (4, 7), (9, 64), (33, 100), (6, 1000)] {
+            for density in [0u64, 3, 40, 100] {
+                let positions: Vec<usize> = (0..rows * fan_in)
+                    .filter(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (state >> 33) % 100 < density
+                    })
+                    .collect();
+                let counts = position_row_counts(rows, fan_in, &positions).unwrap();
+                let mut want = vec![0usize; rows];
+                positions.iter().for_each(|&p| want[p / fan_in] += 1);
+                assert_eq!(counts, want, "{rows}×{fan_in}, {density}%");
+                let cols = position_columns(&counts, fan_in, &positions, |c| c);
+                let want: Vec<usize> = positions.iter().map(|&p| p % fan_in).collect();
+                assert_eq!(cols, want, "{rows}×{fan_in}, {density}%");
+            }
+        }
+    }
 
     #[test]
     fn positions_are_the_active_entries_in_order() {
