@@ -215,6 +215,7 @@ pub fn run(a: MaskUpdateArgs) -> Result<ExitCode> {
             mask: &l.mask,
             budget,
             protected: a.protect.contains(name),
+            active_weights: None,
         };
         let params = UpdateParams {
             drop_fraction: a.drop_fraction,

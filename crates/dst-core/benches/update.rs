@@ -62,6 +62,7 @@ fn main() {
                     mask: &mask,
                     budget,
                     protected: false,
+                    active_weights: None,
                 };
                 let params = UpdateParams {
                     drop_fraction: 0.3,

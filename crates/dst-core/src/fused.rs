@@ -75,6 +75,49 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
     Some(all)
 }
 
+/// Pass 1 from the caller's stored weights (`UpdateInput::active_weights`, the active entries'
+/// weights in position order): the positions from the mask alone, the keys from `stored` —
+/// the dense weights are not read. `Ok(None)` for a NaN weight (the general implementation
+/// then runs); an error when `stored` does not hold one weight per active entry.
+fn stored_entries(
+    name: &str,
+    bits: &[bool],
+    fan_in: usize,
+    stored: &[f32],
+) -> Result<Option<Active>> {
+    let chunk = fan_in.max(1) * (1usize << 16).div_ceil(fan_in.max(1));
+    let parts: Vec<Vec<usize>> = bits
+        .par_chunks(chunk)
+        .enumerate()
+        .map(|(ci, m)| {
+            let base = ci * chunk;
+            crate::simd::set_offsets(m)
+                .into_iter()
+                .map(|j| base + j as usize)
+                .collect()
+        })
+        .collect();
+    let pos = parts.concat();
+    if pos.len() != stored.len() {
+        return Err(crate::error::DstError::layer(
+            name,
+            format!(
+                "{} stored weights for a mask of {} active entries",
+                stored.len(),
+                pos.len()
+            ),
+        ));
+    }
+    if stored.iter().any(|v| v.is_nan()) {
+        return Ok(None);
+    }
+    Ok(Some(Active {
+        keys: stored.iter().map(|v| key(v.abs())).collect(),
+        nonzero: stored.iter().filter(|&&v| v != 0.0).count(),
+        pos,
+    }))
+}
+
 /// `starts[r]..starts[r + 1]`: the entries of row `r` in an ascending position list.
 fn row_starts(positions: &[usize], rows: usize, fan_in: usize) -> Vec<usize> {
     let mut starts = vec![0usize; rows + 1];
@@ -125,7 +168,13 @@ pub(crate) fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Option<Result<
     }
     let (mask, w) = (input.mask, input.weights);
     let g = input.grad?;
-    let active = active_entries(w, mask.as_slice(), mask.fan_in())?;
+    let active = match input.active_weights {
+        Some(v) => match stored_entries(input.name, mask.as_slice(), mask.fan_in(), v) {
+            Ok(a) => a?,
+            Err(e) => return Some(Err(e)),
+        },
+        None => active_entries(w, mask.as_slice(), mask.fan_in())?,
+    };
     Some(finish(input, p, g, active))
 }
 
@@ -275,6 +324,7 @@ mod tests {
                 mask: &mask,
                 budget,
                 protected: case % 7 == 0,
+                active_weights: None,
             };
             let params = UpdateParams {
                 drop_fraction: [0.0, 0.1, 0.3, 0.5, 1.0][case % 5],
@@ -288,9 +338,20 @@ mod tests {
                 },
             };
             let fused = srigl(&input, &params).expect("the fused path applies");
+            // The same update from the active weights as a sparse-storage caller holds them.
+            let active: Vec<f32> = mask.positions().iter().map(|&i| w[i]).collect();
+            let from_stored = srigl(
+                &UpdateInput {
+                    active_weights: Some(&active),
+                    ..input
+                },
+                &params,
+            )
+            .expect("the fused path applies");
             match (fused, srigl_general(&input, &params)) {
                 (Ok(u), Ok(want)) => {
                     assert_eq!(u, want, "case {case}");
+                    assert_eq!(from_stored.unwrap(), want, "case {case}, stored weights");
                     checked += 1;
                 }
                 (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "case {case}"),
@@ -298,6 +359,42 @@ mod tests {
             }
         }
         assert!(checked > 200, "only {checked} cases produced a mask");
+    }
+
+    #[test]
+    fn stored_weights_must_match_the_mask() {
+        let mask = Mask::parse("#.#.\n.##.").unwrap();
+        let w = [1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0];
+        let g = [0.5f32; 8];
+        let input = UpdateInput {
+            name: "fc2",
+            weights: &w,
+            grad: Some(&g),
+            mask: &mask,
+            budget: 4,
+            protected: false,
+            active_weights: Some(&[1.0, 2.0, 3.0]),
+        };
+        let params = UpdateParams {
+            drop_fraction: 0.5,
+            seed: 1,
+            step: 1,
+            layer_index: 0,
+            tie_noise: 0.0,
+            srigl: SriglParams::default(),
+        };
+        let err = srigl(&input, &params).unwrap().unwrap_err().to_string();
+        assert!(
+            err.contains("fc2") && err.contains("3 stored weights") && err.contains("4 active"),
+            "{err}"
+        );
+        // A NaN among them leaves the update to the general implementation.
+        let nan = [1.0, f32::NAN, 3.0, 4.0];
+        let input = UpdateInput {
+            active_weights: Some(&nan),
+            ..input
+        };
+        assert!(srigl(&input, &params).is_none());
     }
 
     #[test]
@@ -322,6 +419,7 @@ mod tests {
             mask: &mask,
             budget,
             protected: false,
+            active_weights: None,
         };
         let params = UpdateParams {
             drop_fraction: 0.3,
@@ -346,6 +444,7 @@ mod tests {
             mask: &mask,
             budget: 2,
             protected: false,
+            active_weights: None,
         };
         let mut p = UpdateParams {
             drop_fraction: 0.5,

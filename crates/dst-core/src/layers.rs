@@ -87,6 +87,12 @@ impl SparseParam {
         self.mask.read().expect("mask lock poisoned").clone()
     }
 
+    /// The flat positions (`row · fan_in + column`) of the current mask's active entries,
+    /// ascending ([`Mask::positions`] without copying the mask).
+    pub fn positions(&self) -> Vec<usize> {
+        self.mask.read().expect("mask lock poisoned").positions()
+    }
+
     /// The weights as a row-major `[rows, fan_in]` vector.
     pub fn weights(&self) -> Result<Vec<f32>> {
         Ok(self

@@ -44,6 +44,14 @@ pub trait MaskAware {
         let _ = var;
         true
     }
+    /// The weights of `var` at its mask's active entries in position order, where this
+    /// optimizer trains them so (a sparse-storage engine's stored values), else `None` (the
+    /// default). A mask update reads them instead of scanning the dense weight
+    /// ([`UpdateInput::active_weights`](crate::UpdateInput::active_weights)).
+    fn active_weights(&self, var: &Var) -> Option<Tensor> {
+        let _ = var;
+        None
+    }
 }
 
 struct Slot {

@@ -163,16 +163,28 @@ pub(crate) fn top_k_row(keys: &[u32], k: usize) -> Vec<usize> {
     out
 }
 
-/// [`top_k_row`]'s sampled path: `None` when the sample's bound let fewer than `k` through
-/// (then the caller selects on all keys), else the exact top `k` (see [`top_k_sampled`]).
-fn row_sampled(keys: &[u32], k: usize) -> Option<Vec<usize>> {
-    const M: usize = 256;
-    let n = keys.len();
+/// The number of keys a row's sample holds ([`row_bound`]).
+const ROW_SAMPLE: usize = 256;
+
+/// A lower bound for the `k`-th largest of a row's `n` keys (`key_at`), `n` ≥ [`ROW_SAMPLE`]:
+/// a strided sample's `k/n`-quantile with a margin of 50% and 4 standard deviations of a
+/// binomial count (plus 8), so that a sample misses the `k`-th largest only for keys made to
+/// mislead it; callers check that at least `k` keys pass.
+fn row_bound(n: usize, k: usize, key_at: impl Fn(usize) -> u32) -> u32 {
+    const M: usize = ROW_SAMPLE;
     let stride = n / M;
-    let mut sample: Vec<u32> = (0..M).map(|j| keys[j * stride]).collect();
+    let mut sample: Vec<u32> = (0..M).map(|j| key_at(j * stride)).collect();
     let expected = k as f64 * M as f64 / n as f64;
     let rank = (expected * 1.5 + 4.0 * expected.sqrt() + 8.0).min((M - 1) as f64) as usize;
     let (_, &mut t_lo, _) = sample.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    t_lo
+}
+
+/// [`top_k_row`]'s sampled path: `None` when the sample's bound let fewer than `k` through
+/// (then the caller selects on all keys), else the exact top `k` (see [`top_k_sampled`]).
+fn row_sampled(keys: &[u32], k: usize) -> Option<Vec<usize>> {
+    let n = keys.len();
+    let t_lo = row_bound(n, k, |i| keys[i]);
     // Branch-free compaction: every position is written, the length advances when it passes.
     let mut pos = vec![0u32; n + 1];
     let mut len = 0;
@@ -196,16 +208,17 @@ fn row_sampled(keys: &[u32], k: usize) -> Option<Vec<usize>> {
 /// (ties by smaller position, NaN last), ascending, where `taken` holds `k − need` entries —
 /// the same set as [`top_k_row`] on the keys with the taken entries [`EXCLUDED`].
 ///
-/// The growth set lies inside the row's `k` largest entries over *all* entries (an entry of it
-/// is outranked only by taken entries, at most `k − need`, and by fewer than `need` others),
-/// so the maxima of blocks of 16 bound it without looking at `taken`: the `k` blocks holding
-/// the `k` largest maxima hold `k` entries at least the `k`-th largest maximum `b`, so the
-/// `k`-th largest entry is ≥ `b`, and the blocks whose maximum is ≥ `b` hold every entry of the
-/// growth set (ties included). The maxima come
-/// from one branch-free pass over the row's keys (vectorised); only the entries of those
-/// blocks are keyed again. When `k` is not small against the row (`32 k > n`: about as many
-/// blocks would pass as there are) it is [`top_k_row`] on keys with the taken entries
-/// [`EXCLUDED`].
+/// The maxima of blocks of 16 over the untaken entries bound the growth set: the `need`
+/// blocks with the largest such maxima each hold a distinct untaken entry at least the
+/// `need`-th largest maximum `b`, so the `need`-th largest untaken entry `t` is ≥ `b`, and
+/// every entry of the growth set (≥ `t`) lies in a block whose maximum is ≥ `b`. Blocks whose
+/// maximum is above `b` are all taken in; of those whose maximum *equals* `b` only the first
+/// `need` (in position order): each holds an untaken entry equal to `b`, so if `t = b` the
+/// lowest-position ties the growth takes are among them or in the blocks above `b` (a row of
+/// equal gradients — a dead neuron's zeros — looks at `need` blocks, not all of them). The
+/// maxima come from one branch-free pass over the row (vectorised); only the entries of the
+/// chosen blocks are keyed again. When `k` is not small against the row (`32 k > n`) it is
+/// [`growth_sampled`], or [`top_k_row`] on keys with the taken entries [`EXCLUDED`].
 pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> Vec<usize> {
     const B: usize = 16;
     let n = g.len();
@@ -215,6 +228,9 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
         return Vec::new();
     }
     if n < 32 * k || n < 4 * B {
+        if let Some(top) = growth_sampled(g, taken, need) {
+            return top;
+        }
         let keys: Vec<u32> = g
             .iter()
             .zip(taken)
@@ -222,12 +238,28 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
             .collect();
         return top_k_row(&keys, need);
     }
-    // Each block's largest key (`simd`: vectorised for the CPU).
-    let maxima = crate::simd::block_maxima(g);
+    // Each block's largest untaken key (`simd`: vectorised for the CPU).
+    let maxima = crate::simd::untaken_block_maxima(g, taken);
     let mut ordered = maxima.clone();
-    let (_, &mut bound, _) = ordered.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-    let mut pos: Vec<u32> = Vec::with_capacity(B * (k + 4));
-    for (b, _) in maxima.iter().enumerate().filter(|(_, &m)| m >= bound) {
+    let (_, &mut bound, _) = ordered.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    if bound == EXCLUDED {
+        // Fewer than `need` blocks hold an untaken entry (not for `taken` of at most `k` ≤
+        // n / 32 entries; kept for any caller).
+        let keys: Vec<u32> = g
+            .iter()
+            .zip(taken)
+            .map(|(&v, &on)| if on { EXCLUDED } else { abs_key(v) })
+            .collect();
+        return top_k_row(&keys, need);
+    }
+    let mut pos: Vec<u32> = Vec::with_capacity(B * (need + 4));
+    let mut ties = need;
+    for (b, &m) in maxima.iter().enumerate() {
+        let take = m > bound || (m == bound && ties > 0);
+        if !take {
+            continue;
+        }
+        ties -= (m == bound) as usize;
         pos.extend(((b * B) as u32..((b + 1) * B).min(n) as u32).filter(|&i| !taken[i as usize]));
     }
     let keys: Vec<u32> = pos.iter().map(|&i| abs_key(g[i as usize])).collect();
@@ -235,6 +267,40 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
         .into_iter()
         .map(|p| pos[p] as usize)
         .collect()
+}
+
+/// [`top_k_growth`] where the growth is not small against the row (`32 k > n`): the same set
+/// as [`top_k_row`]'s sampled path on the keys with the taken entries [`EXCLUDED`], without
+/// materialising those keys — the sample's bound ([`row_bound`]) and one vectorised pass that
+/// collects the entries not taken above it and the first `need` equal to it
+/// (`simd::collect_growth`). If at least `need` pass, the `need`-th largest untaken key is at
+/// or above the bound, so the selection among them is exact. `None` for a short row, a growth large against the row, a bound that would
+/// let taken entries through, or fewer than `need` passing (the caller then selects on every
+/// key).
+fn growth_sampled(g: &[f32], taken: &[bool], need: usize) -> Option<Vec<usize>> {
+    let n = g.len();
+    if n < 1024 || n < 8 * need {
+        return None;
+    }
+    let t_lo = row_bound(n, need, |i| if taken[i] { EXCLUDED } else { abs_key(g[i]) });
+    if t_lo == EXCLUDED {
+        return None;
+    }
+    // Every untaken entry above the bound, and of those equal to it only the first `need`:
+    // if the `need`-th largest untaken key is the bound itself, the growth takes the
+    // lowest-position ties, which are among those (a row of equal gradients — a dead neuron's
+    // zeros — collects `need` entries, not the whole row).
+    let pos = crate::simd::collect_growth(g, taken, t_lo, need);
+    if pos.len() < need {
+        return None;
+    }
+    let keys: Vec<u32> = pos.iter().map(|&i| abs_key(g[i as usize])).collect();
+    Some(
+        top_k_keys(&keys, need)
+            .into_iter()
+            .map(|p| pos[p] as usize)
+            .collect(),
+    )
 }
 
 /// Positions of the `k` largest of `n` keys given by `key_at` (ties by smaller position),
@@ -496,6 +562,45 @@ mod tests {
         let keys: Vec<u32> = scores.iter().map(|&s| key(s)).collect();
         for k in [65, 200, 300, 383] {
             assert_eq!(top_k_row(&keys, k), by_sort(&scores, k), "row k = {k}");
+        }
+    }
+
+    #[test]
+    fn the_sampled_growth_is_exact_when_its_sample_misleads() {
+        // A 3072 row samples every 12th entry. (a) The sampled entries are large, the rest
+        // tie below: the bound lets too few through. (b) Every sampled entry is taken: the
+        // bound is EXCLUDED. (c) A random row with most of a large growth. Each must be the
+        // excluding scan's set.
+        let n = 3072;
+        let mut rng = Rng::new(23);
+        for case in 0..3 {
+            let g: Vec<f32> = match case {
+                0 | 1 => (0..n)
+                    .map(|i| if i % 12 == 0 { 5.0 } else { 1.0 })
+                    .collect(),
+                _ => random_scores(&mut rng, n, 4),
+            };
+            let mut taken = vec![false; n];
+            let k = 380;
+            let taken_n = if case == 1 { n / 12 } else { 40 };
+            if case == 1 {
+                (0..n).step_by(12).for_each(|i| taken[i] = true);
+            } else {
+                rng.choose(n, taken_n)
+                    .into_iter()
+                    .for_each(|c| taken[c] = true);
+            }
+            let need = if case == 1 { 300 } else { k - taken_n };
+            let keys: Vec<u32> = g
+                .iter()
+                .zip(&taken)
+                .map(|(&v, &on)| if on { EXCLUDED } else { key(v.abs()) })
+                .collect();
+            assert_eq!(
+                top_k_growth(&g, &taken, k.max(taken_n + need), need),
+                top_k_row(&keys, need),
+                "case {case}"
+            );
         }
     }
 

@@ -103,6 +103,40 @@ fn active_chunk_body(m: &[bool], w: &[f32]) -> (usize, bool, Vec<u32>) {
 }
 multiversion!(fn active_chunk(m: &[bool], w: &[f32]) -> (usize, bool, Vec<u32>) => active_chunk_body);
 
+/// The offsets of the set entries of a chunk of a mask, ascending: 64 entries packed into a
+/// word at a time (eight bytes, each 0 or 1, gathered into one by a multiplication), then a
+/// walk over its set bits. Plain integer code, fast without a wider instruction set.
+pub(crate) fn set_offsets(m: &[bool]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut words = m.chunks_exact(64);
+    for (b, chunk) in (&mut words).enumerate() {
+        let mut word = 0u64;
+        for (q, eight) in chunk.chunks_exact(8).enumerate() {
+            let x = eight
+                .iter()
+                .enumerate()
+                .fold(0u64, |x, (i, &on)| x | ((on as u64) << (8 * i)));
+            // Byte i (0 or 1) times the constant's byte j (2^(7 - j)) lands on bit 56 + i
+            // when i + j = 7; no two products share a bit, so nothing carries.
+            word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (q * 8);
+        }
+        while word != 0 {
+            out.push((b * 64) as u32 + word.trailing_zeros());
+            word &= word - 1;
+        }
+    }
+    let base = m.len() - words.remainder().len();
+    out.extend(
+        words
+            .remainder()
+            .iter()
+            .enumerate()
+            .filter(|(_, &on)| on)
+            .map(|(j, _)| (base + j) as u32),
+    );
+    out
+}
+
 /// One chunk of `select::top_k_abs`'s collecting pass: `(base + offset, key)` of every entry
 /// whose `abs_key` is at least `t_lo`, ascending.
 #[inline(always)]
@@ -125,14 +159,67 @@ fn collect_abs_body(g: &[f32], t_lo: u32, base: usize) -> Vec<(usize, u32)> {
 }
 multiversion!(fn collect_abs(g: &[f32], t_lo: u32, base: usize) -> Vec<(usize, u32)> => collect_abs_body);
 
-/// The largest `abs_key` of each block of 16 entries of `g` (the last block may be shorter).
+/// One row of `select::top_k_growth`'s sampled path: the offsets of the entries not `taken`
+/// whose `abs_key` is above `t_lo`, and of the first `ties` (in position order) equal to it,
+/// ascending (64 comparisons of each kind packed into a word at a time, then a walk over the
+/// set bits).
 #[inline(always)]
-fn block_maxima_body(g: &[f32]) -> Vec<u32> {
-    g.chunks(16)
-        .map(|c| c.iter().fold(0u32, |m, &v| m.max(abs_key(v))))
-        .collect()
+fn collect_growth_body(g: &[f32], taken: &[bool], t_lo: u32, ties: usize) -> Vec<u32> {
+    const B: usize = 64;
+    let mut out = Vec::new();
+    let mut ties = ties;
+    for (b, (gb, tb)) in g.chunks(B).zip(taken.chunks(B)).enumerate() {
+        let (mut above, mut equal) = (0u64, 0u64);
+        for (j, (&v, &t)) in gb.iter().zip(tb).enumerate() {
+            let key = abs_key(v);
+            above |= (((key > t_lo) & !t) as u64) << j;
+            equal |= (((key == t_lo) & !t) as u64) << j;
+        }
+        while ties > 0 && equal != 0 {
+            above |= equal & equal.wrapping_neg();
+            equal &= equal - 1;
+            ties -= 1;
+        }
+        while above != 0 {
+            out.push((b * B) as u32 + above.trailing_zeros());
+            above &= above - 1;
+        }
+    }
+    out
 }
-multiversion!(fn block_maxima(g: &[f32]) -> Vec<u32> => block_maxima_body);
+multiversion!(fn collect_growth(g: &[f32], taken: &[bool], t_lo: u32, ties: usize) -> Vec<u32> => collect_growth_body);
+
+/// The largest `abs_key` of each block of 16 entries of `g` over the entries not `taken`
+/// (the last block may be shorter; a block all taken has `0`, `select::EXCLUDED`).
+#[inline(always)]
+fn untaken_block_maxima_body(g: &[f32], taken: &[bool]) -> Vec<u32> {
+    // Two plain loops the compiler vectorises (one keyed pass, then a maximum per block),
+    // rather than one whose per-block reduction it does not: keys are all ones-masked for an
+    // untaken entry, 0 for a taken one, branch-free.
+    let keys: Vec<u32> = g
+        .iter()
+        .zip(taken)
+        .map(|(&v, &on)| abs_key(v) & (on as u32).wrapping_sub(1))
+        .collect();
+    let mut out = Vec::with_capacity(keys.len().div_ceil(16));
+    let mut blocks = keys.chunks_exact(16);
+    for c in &mut blocks {
+        let c: &[u32; 16] = c.try_into().expect("16 keys");
+        let mut m = [0u32; 8];
+        for j in 0..8 {
+            m[j] = c[j].max(c[j + 8]);
+        }
+        for j in 0..4 {
+            m[j] = m[j].max(m[j + 4]);
+        }
+        out.push(m[0].max(m[2]).max(m[1].max(m[3])));
+    }
+    if let Some(&m) = blocks.remainder().iter().max() {
+        out.push(m);
+    }
+    out
+}
+multiversion!(fn untaken_block_maxima(g: &[f32], taken: &[bool]) -> Vec<u32> => untaken_block_maxima_body);
 
 /// One chunk of `update::apply_update`: weights outside `a ∧ b` become `+0.0`, written only in
 /// blocks of 16 that hold a nonzero one.
@@ -181,9 +268,20 @@ mod tests {
             let m: Vec<bool> = (0..n).map(|_| next() % 3 == 0).collect();
             let m2: Vec<bool> = (0..n).map(|_| next() % 2 == 0).collect();
             assert_eq!(active_chunk(&m, &w), active_chunk_body(&m, &w), "{n}");
-            assert_eq!(block_maxima(&w), block_maxima_body(&w), "{n}");
+            assert_eq!(
+                untaken_block_maxima(&w, &m),
+                untaken_block_maxima_body(&w, &m),
+                "{n}"
+            );
             for t in [0, abs_key(0.0), abs_key(2.5), u32::MAX] {
                 assert_eq!(collect_abs(&w, t, 7), collect_abs_body(&w, t, 7), "{n}");
+                for ties in [0, 3, usize::MAX] {
+                    assert_eq!(
+                        collect_growth(&w, &m, t, ties),
+                        collect_growth_body(&w, &m, t, ties),
+                        "{n}"
+                    );
+                }
             }
             let (mut x, mut y) = (w.clone(), w.clone());
             clear_chunk(&mut x, &m, &m2);

@@ -252,11 +252,19 @@ impl Sparsifier {
         // Layers are independent: their new masks are computed and applied to their weights in
         // parallel (each from its own seed-derived streams, so the result does not depend on the
         // thread count); the optimizer then takes the new masks in layer order.
+        // Where the optimizer holds a layer's active weights in position order (a sparse
+        // engine), the update reads them there rather than scanning the dense weight.
+        let stored: Vec<Option<Tensor>> = self
+            .layers
+            .iter()
+            .map(|l| opt.active_weights(l.param.var()))
+            .collect();
         let stats: Vec<Option<UpdateStats>> = self
             .layers
             .par_iter_mut()
+            .zip(&stored)
             .enumerate()
-            .map(|(i, l)| -> Result<_> {
+            .map(|(i, (l, stored))| -> Result<_> {
                 if l.budget.dense {
                     // `update_layer` leaves it alone too; this skips reading its tensors.
                     return Ok(None);
@@ -274,15 +282,22 @@ impl Sparsifier {
                 // Weights and gradient are read where they are stored (no copies of the dense
                 // arrays); the storage guards are released before the weights are written.
                 let run = |weights: &[f32], grad: Option<&[f32]>| {
-                    let input = UpdateInput {
-                        name,
-                        weights,
-                        grad,
-                        mask: &old,
-                        budget: l.budget.budget,
-                        protected: l.protected,
+                    let update = |active_weights: Option<&[f32]>| {
+                        let input = UpdateInput {
+                            name,
+                            weights,
+                            grad,
+                            mask: &old,
+                            budget: l.budget.budget,
+                            protected: l.protected,
+                            active_weights,
+                        };
+                        layer_mask_update(method, &input, &params)
                     };
-                    layer_mask_update(method, &input, &params)
+                    match stored {
+                        Some(t) => with_f32(t, |v| update(Some(v)))?,
+                        None => update(None),
+                    }
                 };
                 let update = with_f32(l.param.var().as_tensor(), |weights| {
                     match grads.get(l.param.var()) {

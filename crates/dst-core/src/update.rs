@@ -92,6 +92,13 @@ pub struct UpdateInput<'a> {
     pub budget: usize,
     /// Never ablate neurons of this layer (the output layer by default).
     pub protected: bool,
+    /// The weights at the mask's active entries in position order, where the caller already
+    /// holds them so (a sparse-storage layer's stored values), else `None`. SRigL's fused update
+    /// then reads the active magnitudes here instead of scanning `weights` and the mask's
+    /// inactive entries (the caller vouches that those weights are 0); `weights` must still
+    /// hold the same weights (the other paths read them). Its length must be the mask's active
+    /// count.
+    pub active_weights: Option<&'a [f32]>,
 }
 
 /// Settings of one update.
@@ -566,6 +573,7 @@ mod tests {
             mask: &mask,
             budget: 12,
             protected: false,
+            active_weights: None,
         };
         // α = 0.25 → drop floor(12 · 0.25) = 3: the three smallest |w| are 1, 2, 3 at
         // (0,0), (0,1), (0,4). Grow the 3 largest |g| among the 15 entries not kept: (0,0)
@@ -626,6 +634,7 @@ mod tests {
             mask: &mask,
             budget: 8,
             protected: false,
+            active_weights: None,
         };
         // α = 0.25: n_drop = 2, n_keep = 6. Salient = top-6 |W| (rows 0-2) ∪ top-2 |G|
         // ((0,1), (1,2)): row counts 3, 3, 2, 0. τ = max(1, int(0.3 · 8/4)) = 1; m_min = 8/6 = 1,
@@ -641,6 +650,7 @@ mod tests {
             Method::Srigl,
             &UpdateInput {
                 protected: true,
+                active_weights: None,
                 ..input
             },
             &params(0.25),
@@ -692,6 +702,7 @@ mod tests {
             mask: &mask,
             budget: 9,
             protected: false,
+            active_weights: None,
         };
         let mut p = params(0.3);
         p.srigl.gamma_sal = 1.0; // a row needs one salient weight
@@ -718,6 +729,7 @@ mod tests {
             mask: &mask,
             budget: 4,
             protected: false,
+            active_weights: None,
         };
         let u = update_mask(Method::Static, &input, &params(0.5)).unwrap();
         assert_eq!(u.mask, mask);

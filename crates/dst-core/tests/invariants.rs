@@ -58,6 +58,7 @@ fn check(
         mask: &c.mask,
         budget: c.budget,
         protected,
+        active_weights: None,
     };
     let p = UpdateParams {
         drop_fraction: a,

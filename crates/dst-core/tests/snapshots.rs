@@ -46,6 +46,7 @@ fn evolution(method: Method) -> String {
             mask: &mask,
             budget,
             protected: false,
+            active_weights: None,
         };
         let u = update_mask(method, &input, &p).unwrap();
         apply_update(&mut w, &mask, &u.mask);

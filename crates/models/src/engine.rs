@@ -170,9 +170,8 @@ impl EngineLayer {
     /// returns the new values variable; `old_state` (the optimizer state of the previous values,
     /// if any) is re-laid out alongside: entries still active keep theirs, new ones start at 0.
     pub fn compress(&self, old_state: &[Tensor]) -> candle_core::Result<(Var, Vec<Tensor>)> {
-        let mask = self.param.mask();
-        let (rows, fan_in) = (mask.rows(), mask.fan_in());
-        let positions = mask.positions();
+        let (rows, fan_in) = (self.param.rows(), self.param.fan_in());
+        let positions = self.param.positions();
         // The dense weight is read in place; the layout is built from the positions, O(stored
         // values), not from another scan of the mask.
         let vals = with_f32(self.param.var().as_tensor(), |w| {
@@ -187,7 +186,7 @@ impl EngineLayer {
                 ),
             };
         let dev = self.param.var().device().clone();
-        let values = Var::from_tensor(&Tensor::from_vec(vals, positions.len(), &dev)?)?;
+        let values = Var::from_vec(vals, positions.len(), &dev)?;
         let mut inner = self.write();
         let new_state = old_state
             .iter()
@@ -209,7 +208,7 @@ impl EngineLayer {
     /// stores, N:M included): `values` in the structure's storage order, the dense weight and
     /// its mask already set to the same weights. Forward passes then run on the sparse kernels.
     pub fn install(&self, structure: SparseStructure, values: Vec<f32>) -> candle_core::Result<()> {
-        let positions = self.param.mask().positions();
+        let positions = self.param.positions();
         if positions.len() != values.len() {
             candle_core::bail!(
                 "layer `{}`: {} stored values for a mask of {} active entries",
@@ -220,7 +219,7 @@ impl EngineLayer {
         }
         let dev = self.param.var().device().clone();
         let n = values.len();
-        let values = Var::from_tensor(&Tensor::from_vec(values, n, &dev)?)?;
+        let values = Var::from_vec(values, n, &dev)?;
         self.write().sparse = Some(Sparse {
             values,
             structure,
@@ -608,5 +607,13 @@ impl MaskAware for Engine {
     }
     fn manages(&self, var: &Var) -> bool {
         !self.skip.contains(&var.as_tensor().id()) && self.opt.manages(var)
+    }
+    /// A sparse-storage layer's stored values: the post-step weights at its mask's active
+    /// entries in position order ([`EngineLayer::compress`] lays them out from the mask's
+    /// positions; the mask changes only at an update, after which the layer is laid out again).
+    fn active_weights(&self, var: &Var) -> Option<Tensor> {
+        self.layer_of(var)
+            .and_then(|e| e.values())
+            .map(|v| v.as_tensor().clone())
     }
 }
