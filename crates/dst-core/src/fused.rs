@@ -118,46 +118,39 @@ fn stored_entries(
     }))
 }
 
-/// `starts[r]..starts[r + 1]`: the entries of row `r` in an ascending position list.
+/// `starts[r]..starts[r + 1]`: the entries of row `r` in an ascending list of distinct
+/// positions (a binary search for each row's end within the next `fan_in` entries — a row
+/// holds at most that many — not a division per entry).
 fn row_starts(positions: &[usize], rows: usize, fan_in: usize) -> Vec<usize> {
-    let mut starts = vec![0usize; rows + 1];
-    for &i in positions {
-        starts[i / fan_in + 1] += 1;
-    }
+    let mut starts = Vec::with_capacity(rows + 1);
+    starts.push(0);
+    let mut at = 0;
     for r in 0..rows {
-        starts[r + 1] += starts[r];
+        let end = (r + 1) * fan_in;
+        let run = &positions[at..(at + fan_in).min(positions.len())];
+        at += run.partition_point(|&p| p < end);
+        starts.push(at);
     }
     starts
 }
 
-/// Per row, how many entries are in either of two ascending position lists.
+/// Per row, how many entries are in either of two ascending position lists: each row's two
+/// runs ([`row_starts`]) merged.
 fn union_counts(a: &[usize], b: &[usize], rows: usize, fan_in: usize) -> Vec<usize> {
-    let mut counts = vec![0usize; rows];
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        let p = match (a.get(i), b.get(j)) {
-            (Some(&x), Some(&y)) if x == y => {
-                i += 1;
-                j += 1;
-                x
+    let (sa, sb) = (row_starts(a, rows, fan_in), row_starts(b, rows, fan_in));
+    (0..rows)
+        .map(|r| {
+            let (x, y) = (&a[sa[r]..sa[r + 1]], &b[sb[r]..sb[r + 1]]);
+            let (mut i, mut j, mut both) = (0, 0, 0);
+            while i < x.len() && j < y.len() {
+                both += (x[i] == y[j]) as usize;
+                let (xi, yj) = (x[i], y[j]);
+                i += (xi <= yj) as usize;
+                j += (yj <= xi) as usize;
             }
-            (Some(&x), Some(&y)) if x < y => {
-                i += 1;
-                x
-            }
-            (Some(&x), None) => {
-                i += 1;
-                x
-            }
-            (_, Some(&y)) => {
-                j += 1;
-                y
-            }
-            (None, None) => unreachable!("the loop condition"),
-        };
-        counts[p / fan_in] += 1;
-    }
-    counts
+            x.len() + y.len() - both
+        })
+        .collect()
 }
 
 /// SRigL's new mask, or `None` where the fused path does not apply (see the module
@@ -359,6 +352,25 @@ mod tests {
             }
         }
         assert!(checked > 200, "only {checked} cases produced a mask");
+    }
+
+    #[test]
+    fn row_starts_and_union_counts_are_the_divisions() {
+        let mut rng = Rng::new(29);
+        for (rows, fan_in) in [(1, 1), (5, 9), (40, 64), (7, 300)] {
+            let n = rows * fan_in;
+            let a: Vec<usize> = (0..n).filter(|_| rng.below(3) == 0).collect();
+            let b: Vec<usize> = (0..n).filter(|_| rng.below(4) == 0).collect();
+            let mut want = vec![0usize; rows + 1];
+            a.iter().for_each(|&p| want[p / fan_in + 1] += 1);
+            (0..rows).for_each(|r| want[r + 1] += want[r]);
+            assert_eq!(row_starts(&a, rows, fan_in), want, "{rows}×{fan_in}");
+            let mut union = vec![0usize; rows];
+            (0..n)
+                .filter(|p| a.contains(p) || b.contains(p))
+                .for_each(|p| union[p / fan_in] += 1);
+            assert_eq!(union_counts(&a, &b, rows, fan_in), union, "{rows}×{fan_in}");
+        }
     }
 
     #[test]

@@ -203,7 +203,7 @@ pub(crate) fn restore(
     }
     method.restore(tensors, engine)?;
     // Sparse storage: lay the restored weights out again (fresh state, replaced below).
-    engine.relayout()?;
+    engine.reload()?;
     for (name, var) in &vars {
         let n = engine.state_len(var);
         if n > 0 {

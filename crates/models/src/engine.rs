@@ -77,10 +77,9 @@ fn scatter_into(dense: &mut [f32], positions: &[usize], values: &[f32]) {
     }
 }
 
-/// Values laid out at the ascending positions `old`, re-laid out at the ascending positions
-/// `new`: an entry in both keeps its value, a new one gets 0. One merge of the two lists —
-/// O(stored values), not O(dense size).
-fn relayout_values(old: &[usize], values: &[f32], new: &[usize]) -> Vec<f32> {
+/// For each of the ascending positions `new`, its index in the ascending positions `old`, or
+/// [`NEW_ENTRY`]: one merge of the two lists — O(stored values), not O(dense size).
+fn relayout_map(old: &[usize], new: &[usize]) -> Vec<u32> {
     let mut out = Vec::with_capacity(new.len());
     let mut j = 0;
     for &p in new {
@@ -88,12 +87,34 @@ fn relayout_values(old: &[usize], values: &[f32], new: &[usize]) -> Vec<f32> {
             j += 1;
         }
         out.push(if j < old.len() && old[j] == p {
-            values[j]
+            j as u32
         } else {
-            0.0
+            NEW_ENTRY
         });
     }
     out
+}
+
+/// An entry of [`relayout_map`] that was not in the old layout.
+const NEW_ENTRY: u32 = u32::MAX;
+
+/// Values laid out at the old positions, re-laid out by a [`relayout_map`]: an entry in both
+/// layouts keeps its value, a new one gets 0.
+fn relayout_values(map: &[u32], values: &[f32]) -> Vec<f32> {
+    let Some(last) = values.len().checked_sub(1) else {
+        return vec![0.0; map.len()];
+    };
+    // A clamped read and a select rather than a branch per entry.
+    map.iter()
+        .map(|&j| {
+            let v = values[(j as usize).min(last)];
+            if j == NEW_ENTRY {
+                0.0
+            } else {
+                v
+            }
+        })
+        .collect()
 }
 
 impl EngineLayer {
@@ -170,13 +191,39 @@ impl EngineLayer {
     /// returns the new values variable; `old_state` (the optimizer state of the previous values,
     /// if any) is re-laid out alongside: entries still active keep theirs, new ones start at 0.
     pub fn compress(&self, old_state: &[Tensor]) -> candle_core::Result<(Var, Vec<Tensor>)> {
+        self.lay_out(old_state, false)
+    }
+
+    /// [`EngineLayer::compress`] right after a mask update ([`Engine::relayout`]), with the
+    /// values taken from the old layout by the same merge as the state — kept entries keep
+    /// theirs, new ones start at 0, which is what the update did to the dense weight — instead
+    /// of reading the dense weight. The stored values must be the current weights (they are
+    /// between the optimizer step and the next update; after a checkpoint restore, which writes
+    /// the dense weight, [`Engine::reload`] lays out with `compress`).
+    pub fn relayout(&self, old_state: &[Tensor]) -> candle_core::Result<(Var, Vec<Tensor>)> {
+        self.lay_out(old_state, true)
+    }
+
+    fn lay_out(
+        &self,
+        old_state: &[Tensor],
+        values_from_old: bool,
+    ) -> candle_core::Result<(Var, Vec<Tensor>)> {
         let (rows, fan_in) = (self.param.rows(), self.param.fan_in());
         let positions = self.param.positions();
-        // The dense weight is read in place; the layout is built from the positions, O(stored
-        // values), not from another scan of the mask.
-        let vals = with_f32(self.param.var().as_tensor(), |w| {
-            positions.iter().map(|&p| w[p]).collect::<Vec<f32>>()
-        })?;
+        let mut inner = self.write();
+        let old = inner.sparse.as_ref().map_or(&[][..], |o| &o.positions[..]);
+        let map = relayout_map(old, &positions);
+        let vals = match &inner.sparse {
+            Some(o) if values_from_old => {
+                with_f32(o.values.as_tensor(), |v| relayout_values(&map, v))?
+            }
+            // The dense weight is read in place at the positions, O(stored values), not from
+            // another scan of the mask.
+            _ => with_f32(self.param.var().as_tensor(), |w| {
+                positions.iter().map(|&p| w[p]).collect::<Vec<f32>>()
+            })?,
+        };
         let structure =
             match Condensed::from_positions(rows, fan_in, &positions, vals.clone(), None) {
                 Ok(c) => SparseStructure::from(c),
@@ -187,12 +234,10 @@ impl EngineLayer {
             };
         let dev = self.param.var().device().clone();
         let values = Var::from_vec(vals, positions.len(), &dev)?;
-        let mut inner = self.write();
         let new_state = old_state
             .iter()
             .map(|s| {
-                let old = inner.sparse.as_ref().map_or(&[][..], |o| &o.positions[..]);
-                let v = relayout_values(old, &s.to_vec1::<f32>()?, &positions);
+                let v = with_f32(s, |s| relayout_values(&map, s))?;
                 Tensor::from_vec(v, positions.len(), &dev)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -516,9 +561,21 @@ impl Engine {
         self.layers.par_iter().try_for_each(|e| e.scatter())
     }
 
-    /// After masks changed: lays every sparse-storage layer out for its new mask, moving the
-    /// optimizer state along.
+    /// After a mask update: lays every sparse-storage layer out for its new mask, moving the
+    /// optimizer state along and taking the values from the old layout
+    /// ([`EngineLayer::relayout`]: the dense weights are not read).
     pub fn relayout(&mut self) -> dst_core::Result<()> {
+        self.lay_out_all(true)
+    }
+
+    /// After the dense weights were written (a checkpoint restore): lays every sparse-storage
+    /// layer out again from its dense weight and mask ([`EngineLayer::compress`]), moving the
+    /// optimizer state along.
+    pub fn reload(&mut self) -> dst_core::Result<()> {
+        self.lay_out_all(false)
+    }
+
+    fn lay_out_all(&mut self, values_from_old: bool) -> dst_core::Result<()> {
         let olds: Vec<(Var, Vec<Tensor>)> = self
             .layers
             .iter()
@@ -533,7 +590,7 @@ impl Engine {
             .layers
             .par_iter()
             .zip(&olds)
-            .map(|(e, (_, state))| e.compress(state))
+            .map(|(e, (_, state))| e.lay_out(state, values_from_old))
             .collect::<candle_core::Result<Vec<_>>>()?;
         for ((old, _), (new, new_state)) in olds.iter().zip(news) {
             self.opt.replace_var(old, new, new_state)?;

@@ -451,13 +451,15 @@ pub(crate) fn position_row_counts(
             format!("{last} outside the {rows} × {fan_in} layer (valid: 0..{len})"),
         ));
     }
-    // The positions are ascending: each row's count is where its end falls, a binary search
-    // per row instead of a division per entry.
+    // The positions are ascending and distinct: a row holds at most `fan_in` of them, so its
+    // count is where its end falls in the next `fan_in` — a binary search within the row's
+    // run (cache-local), not a division per entry.
     let mut counts = vec![0usize; rows];
     let mut at = 0;
     for (r, c) in counts.iter_mut().enumerate() {
         let end = (r + 1) * fan_in;
-        *c = positions[at..].partition_point(|&p| p < end);
+        let run = &positions[at..(at + fan_in).min(positions.len())];
+        *c = run.partition_point(|&p| p < end);
         at += *c;
     }
     Ok(counts)
