@@ -146,6 +146,17 @@ impl SparseParam {
         Ok(())
     }
 
+    /// Replaces the mask by `new` and leaves the dense weight as it is: for a weight whose
+    /// optimizer holds the trained values elsewhere and refreshes the dense weight from them
+    /// before anyone reads it (a sparse-storage engine, [`MaskAware::active_weights`]).
+    ///
+    /// [`MaskAware::active_weights`]: crate::MaskAware::active_weights
+    pub(crate) fn replace_mask(&self, new: Mask) -> Result<()> {
+        self.check_mask(&new)?;
+        *self.mask.write().expect("mask lock poisoned") = new;
+        Ok(())
+    }
+
     /// The mask as a 0/1 tensor of the weight's shape and dtype.
     pub fn mask_tensor(&self) -> Result<Tensor> {
         Ok(self

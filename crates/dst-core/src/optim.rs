@@ -47,7 +47,10 @@ pub trait MaskAware {
     /// The weights of `var` at its mask's active entries in position order, where this
     /// optimizer trains them so (a sparse-storage engine's stored values), else `None` (the
     /// default). A mask update reads them instead of scanning the dense weight
-    /// ([`UpdateInput::active_weights`](crate::UpdateInput::active_weights)).
+    /// ([`UpdateInput::active_weights`](crate::UpdateInput::active_weights)), and leaves the
+    /// dense weight alone when it changes the mask: an optimizer that says `Some` lays its
+    /// values out for the new mask itself (kept entries keep theirs, new ones start at 0) and
+    /// refreshes the dense weight from them before anyone reads it.
     fn active_weights(&self, var: &Var) -> Option<Tensor> {
         let _ = var;
         None

@@ -327,7 +327,14 @@ impl Sparsifier {
                     return Ok(None);
                 };
                 l.ever_active.union_with(&update.mask)?;
-                l.param.change_mask(&old, update.mask)?;
+                if stored.is_some() {
+                    // The optimizer holds the weights (sparse storage) and lays them out for
+                    // the new mask itself; the dense weight is its mirror, refreshed before it
+                    // is read, so the change is not applied to it here.
+                    l.param.replace_mask(update.mask)?;
+                } else {
+                    l.param.change_mask(&old, update.mask)?;
+                }
                 Ok(Some(update.stats))
             })
             .collect::<Result<_>>()?;
