@@ -61,7 +61,9 @@ pub struct Timing {
     pub s_per_step: f64,
     /// Median seconds of a step without a mask update.
     pub median_step: f64,
-    /// Mean extra seconds of a step with a mask update over the median step (0 without).
+    /// Median extra seconds of a step with a mask update over the median step (0 without): the
+    /// median, not the mean, because on a shared VM one of a handful of update steps can take a
+    /// spike that is not the update's.
     pub update_extra: f64,
     /// The collective operations of the timed steps (zero in a single process).
     pub comm: CommStats,
@@ -126,11 +128,12 @@ pub fn time_trainer(t: &mut Trainer, warm: usize, steps: usize) -> Timing {
         .collect();
     normal.sort_by(f64::total_cmp);
     let median_step = normal[normal.len() / 2];
-    let extra: Vec<f64> = durations
+    let mut extra: Vec<f64> = durations
         .iter()
         .filter(|(s, _)| updates.contains(s))
         .map(|&(_, d)| (d - median_step).max(0.0))
         .collect();
+    extra.sort_by(f64::total_cmp);
     let comm_after = t.communication();
     Timing {
         comm: CommStats {
@@ -140,10 +143,10 @@ pub fn time_trainer(t: &mut Trainer, warm: usize, steps: usize) -> Timing {
         },
         s_per_step: total / steps as f64,
         median_step,
-        update_extra: if extra.is_empty() {
-            0.0
-        } else {
-            extra.iter().sum::<f64>() / extra.len() as f64
+        update_extra: match extra.len() {
+            0 => 0.0,
+            n if n % 2 == 0 => (extra[n / 2 - 1] + extra[n / 2]) / 2.0,
+            n => extra[n / 2],
         },
     }
 }
