@@ -90,11 +90,9 @@ fn stored_entries(
         .par_chunks(chunk)
         .enumerate()
         .map(|(ci, m)| {
-            let base = ci * chunk;
-            crate::simd::set_offsets(m)
-                .into_iter()
-                .map(|j| base + j as usize)
-                .collect()
+            let mut pos = Vec::new();
+            sparse_formats::push_active_positions(m, ci * chunk, &mut pos);
+            pos
         })
         .collect();
     let pos = parts.concat();

@@ -228,15 +228,7 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
         return Vec::new();
     }
     if n < 32 * k || n < 4 * B {
-        if let Some(top) = growth_sampled(g, taken, need) {
-            return top;
-        }
-        let keys: Vec<u32> = g
-            .iter()
-            .zip(taken)
-            .map(|(&v, &on)| if on { EXCLUDED } else { abs_key(v) })
-            .collect();
-        return top_k_row(&keys, need);
+        return growth_sampled(g, taken, need).unwrap_or_else(|| excluding_scan(g, taken, need));
     }
     // Each block's largest untaken key (`simd`: vectorised for the CPU).
     let maxima = crate::simd::untaken_block_maxima(g, taken);
@@ -245,12 +237,7 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
     if bound == EXCLUDED {
         // Fewer than `need` blocks hold an untaken entry (not for `taken` of at most `k` ≤
         // n / 32 entries; kept for any caller).
-        let keys: Vec<u32> = g
-            .iter()
-            .zip(taken)
-            .map(|(&v, &on)| if on { EXCLUDED } else { abs_key(v) })
-            .collect();
-        return top_k_row(&keys, need);
+        return excluding_scan(g, taken, need);
     }
     let mut pos: Vec<u32> = Vec::with_capacity(B * (need + 4));
     let mut ties = need;
@@ -267,6 +254,17 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
         .into_iter()
         .map(|p| pos[p] as usize)
         .collect()
+}
+
+/// The growth by definition: [`top_k_row`] on every key of the row, the taken entries
+/// [`EXCLUDED`].
+fn excluding_scan(g: &[f32], taken: &[bool], need: usize) -> Vec<usize> {
+    let keys: Vec<u32> = g
+        .iter()
+        .zip(taken)
+        .map(|(&v, &on)| if on { EXCLUDED } else { abs_key(v) })
+        .collect();
+    top_k_row(&keys, need)
 }
 
 /// [`top_k_growth`] where the growth is not small against the row (`32 k > n`): the same set

@@ -103,40 +103,6 @@ fn active_chunk_body(m: &[bool], w: &[f32]) -> (usize, bool, Vec<u32>) {
 }
 multiversion!(fn active_chunk(m: &[bool], w: &[f32]) -> (usize, bool, Vec<u32>) => active_chunk_body);
 
-/// The offsets of the set entries of a chunk of a mask, ascending: 64 entries packed into a
-/// word at a time (eight bytes, each 0 or 1, gathered into one by a multiplication), then a
-/// walk over its set bits. Plain integer code, fast without a wider instruction set.
-pub(crate) fn set_offsets(m: &[bool]) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut words = m.chunks_exact(64);
-    for (b, chunk) in (&mut words).enumerate() {
-        let mut word = 0u64;
-        for (q, eight) in chunk.chunks_exact(8).enumerate() {
-            let x = eight
-                .iter()
-                .enumerate()
-                .fold(0u64, |x, (i, &on)| x | ((on as u64) << (8 * i)));
-            // Byte i (0 or 1) times the constant's byte j (2^(7 - j)) lands on bit 56 + i
-            // when i + j = 7; no two products share a bit, so nothing carries.
-            word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (q * 8);
-        }
-        while word != 0 {
-            out.push((b * 64) as u32 + word.trailing_zeros());
-            word &= word - 1;
-        }
-    }
-    let base = m.len() - words.remainder().len();
-    out.extend(
-        words
-            .remainder()
-            .iter()
-            .enumerate()
-            .filter(|(_, &on)| on)
-            .map(|(j, _)| (base + j) as u32),
-    );
-    out
-}
-
 /// One chunk of `select::top_k_abs`'s collecting pass: `(base + offset, key)` of every entry
 /// whose `abs_key` is at least `t_lo`, ascending.
 #[inline(always)]

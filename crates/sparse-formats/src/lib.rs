@@ -44,5 +44,5 @@ pub use csr::Csr;
 pub use error::{FormatError, Result};
 pub use indices::{IndexType, IndexVec};
 pub use io::{DenseTensor, SparseLayer};
-pub use mask::{LayerStats, Mask};
+pub use mask::{push_active_positions, LayerStats, Mask};
 pub use nm::{NmPattern, NmSparse, Nvidia24};

@@ -208,23 +208,7 @@ impl Mask {
     /// ```
     pub fn positions(&self) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.nnz_estimate());
-        let mut words = self.bits.chunks_exact(64);
-        for (b, chunk) in (&mut words).enumerate() {
-            let mut w = pack_word(chunk);
-            while w != 0 {
-                out.push(b * 64 + w.trailing_zeros() as usize);
-                w &= w - 1;
-            }
-        }
-        let base = self.bits.len() - words.remainder().len();
-        out.extend(
-            words
-                .remainder()
-                .iter()
-                .enumerate()
-                .filter(|(_, &on)| on)
-                .map(|(j, _)| base + j),
-        );
+        push_active_positions(&self.bits, 0, &mut out);
         out
     }
 
@@ -482,6 +466,30 @@ pub(crate) fn position_columns<T>(
         at += c;
     }
     out
+}
+
+/// Appends `base + j` for every `j` with `bits[j]` set, ascending: [`Mask::positions`] on a
+/// slice of mask bits (a chunk of a layer's mask, for a caller that splits the scan over
+/// threads). Packs 64 entries into a word at a time and walks its set bits, so the cost is a
+/// read of the bits plus one step per active entry.
+pub fn push_active_positions(bits: &[bool], base: usize, out: &mut Vec<usize>) {
+    let mut words = bits.chunks_exact(64);
+    for (b, chunk) in (&mut words).enumerate() {
+        let mut w = pack_word(chunk);
+        while w != 0 {
+            out.push(base + b * 64 + w.trailing_zeros() as usize);
+            w &= w - 1;
+        }
+    }
+    let tail = bits.len() - words.remainder().len();
+    out.extend(
+        words
+            .remainder()
+            .iter()
+            .enumerate()
+            .filter(|(_, &on)| on)
+            .map(|(j, _)| base + tail + j),
+    );
 }
 
 /// 64 mask entries packed into a word, entry `j` at bit `j`: eight entries at a time, their
