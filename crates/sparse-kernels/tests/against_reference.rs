@@ -250,3 +250,117 @@ fn gathered_input_gradient_equals_the_row_walk_bit_for_bit() {
         "{err}"
     );
 }
+
+/// The column-blocked layout of a random CSR weight, with each CSR slot's slot in it.
+fn blocked_of(w: &sparse_formats::Csr) -> (sparse_kernels::ColumnBlocked, Vec<u32>) {
+    let fan_in = w.fan_in();
+    let positions: Vec<usize> = SparseWeight::from(w)
+        .columns()
+        .iter()
+        .map(|&(r, c)| r * fan_in + c)
+        .collect();
+    sparse_kernels::ColumnBlocked::from_positions(w.rows(), fan_in, &positions, w.values()).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// The column-blocked layout against the reference (every ISA, 1/2/5 threads, bit-equal
+    /// across threads), and bit-equal to the CSR kernels of the same weight at every batch
+    /// above 1 — it sums in the same order (a row's weights by column, an input-gradient entry's
+    /// rows in order) — on fan-ins that span several 128-column blocks and end mid-block.
+    #[test]
+    fn column_blocked_matches_reference_and_csr(seed: u64, rows in 1usize..24, fan_in in 1usize..400, density in 0.0f64..0.5, bi in 0usize..8) {
+        let mut rng = Rng(seed);
+        let (csr, dense) = common::csr(&mut rng, rows, fan_in, density);
+        let (cb, order) = blocked_of(&csr);
+        for (i, &s) in order.iter().enumerate() {
+            prop_assert_eq!(cb.values()[s as usize], csr.values()[i]);
+        }
+        let batch = BATCHES[bi];
+        check_all(&mut rng, (&cb).into(), &dense, None, batch)?;
+        if batch < 2 {
+            return Ok(());
+        }
+        let x = rng.vec(batch * fan_in);
+        let gy = rng.vec(batch * rows);
+        for isa in Isa::available() {
+            for threads in [1, 2] {
+                let e = Exec::default().with_isa(isa).with_threads(threads);
+                let tag = format!("{isa:?} threads={threads} batch={batch}");
+                let y = sparse_kernels::forward(&cb, cb.values(), None, &x, batch, e).unwrap();
+                let y_csr = sparse_kernels::forward(&csr, csr.values(), None, &x, batch, e).unwrap();
+                prop_assert_eq!(y, y_csr, "forward {}", tag);
+                let gx = sparse_kernels::input_grad(&cb, cb.values(), &gy, batch, e).unwrap();
+                let gx_csr = sparse_kernels::input_grad(&csr, csr.values(), &gy, batch, e).unwrap();
+                prop_assert_eq!(gx, gx_csr, "input_grad {}", tag);
+                let gv = sparse_kernels::value_grad(&cb, &x, &gy, batch, e).unwrap();
+                let gv_csr = sparse_kernels::value_grad(&csr, &x, &gy, batch, e).unwrap();
+                let gv_back: Vec<f32> = order.iter().map(|&s| gv[s as usize]).collect();
+                prop_assert_eq!(gv_back, gv_csr, "value_grad {}", tag);
+            }
+        }
+    }
+}
+
+#[test]
+fn column_blocked_layout_and_its_errors() {
+    use sparse_kernels::ColumnBlocked;
+    // Entries in (block, row, column) order; positions() gives each slot's flat position.
+    let (rows, fan_in) = (2, 300);
+    let positions = [5, 129, 299, 300 + 1, 300 + 200, 300 + 256];
+    let values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let (cb, order) = ColumnBlocked::from_positions(rows, fan_in, &positions, &values).unwrap();
+    assert_eq!(cb.blocks(), 3);
+    // Block 0: row 0's 5, row 1's 1; block 1: row 0's 129, row 1's 200; block 2: 299, 256.
+    assert_eq!(cb.values(), &[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    assert_eq!(order, vec![0, 2, 4, 1, 3, 5]);
+    assert_eq!(cb.positions(), vec![5, 301, 129, 500, 299, 556]);
+    // Unsorted, duplicate, outside, a values length off: errors naming the problem.
+    let e = ColumnBlocked::from_positions(2, 3, &[2, 1], &[1.0, 1.0]).unwrap_err();
+    assert!(e.to_string().contains("not strictly ascending at 1"), "{e}");
+    assert!(ColumnBlocked::from_positions(2, 3, &[1, 1], &[1.0, 1.0]).is_err());
+    let e = ColumnBlocked::from_positions(2, 3, &[6], &[1.0]).unwrap_err();
+    assert!(e.to_string().contains("outside the [2, 3] weight"), "{e}");
+    assert!(ColumnBlocked::from_positions(2, 3, &[1], &[]).is_err());
+    // Empty weights and no rows.
+    let (cb, _) = ColumnBlocked::from_positions(3, 4, &[], &[]).unwrap();
+    assert_eq!(cb.values().len(), 0);
+    let y = sparse_kernels::forward(
+        &cb,
+        &[],
+        Some(&[1.0, 2.0, 3.0]),
+        &[0.5; 8],
+        2,
+        Exec::default(),
+    )
+    .unwrap();
+    assert_eq!(y, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    assert!(ColumnBlocked::from_positions(0, 4, &[], &[]).is_ok());
+    // The rule: ≥ 8 entries per row and block, at least two blocks.
+    assert!(ColumnBlocked::worth(3072, 3072, 3072 * 3072 / 10));
+    assert!(!ColumnBlocked::worth(3072, 3072, 3072 * 3072 / 100));
+    assert!(!ColumnBlocked::worth(10, 200, 2000));
+    // A conv refuses it with a clear error.
+    let x = [0.0f32; 2 * 3 * 3];
+    let shape = sparse_kernels::sparse_conv::SparseConvShape {
+        x: [1, 2, 3, 3],
+        kernel: (1, 1),
+        spec: Default::default(),
+    };
+    let (cb, _) = ColumnBlocked::from_positions(1, 2, &[0], &[1.0]).unwrap();
+    let e = sparse_kernels::sparse_conv::conv_forward(
+        &cb,
+        cb.values(),
+        None,
+        &x,
+        shape,
+        Exec::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("column-blocked layout is for linear layers"),
+        "{e}"
+    );
+}
