@@ -160,6 +160,11 @@ impl ColumnBlocked {
         &self.values
     }
 
+    /// Stored values, mutable (the structure stays).
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+
     /// Flat position `r · fan_in + c` of every slot.
     pub fn positions(&self) -> Vec<usize> {
         let mut out = vec![0usize; self.cols.len()];
