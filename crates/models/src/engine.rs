@@ -31,16 +31,12 @@ use sparse_kernels::conv::ConvSpec;
 use sparse_kernels::ops::{sparse_linear, sparse_linear_dense_grad, SparseStructure};
 use sparse_kernels::sparse_conv::{sparse_conv2d, sparse_conv2d_dense_grad};
 use sparse_kernels::storage::{with_f32, write_in_place};
-use sparse_kernels::ColumnBlocked;
 
 struct Sparse {
     values: Var,
     structure: SparseStructure,
-    /// Flat `r · fan_in + c` position of each stored value, in storage order.
+    /// Flat `r · fan_in + c` position of each stored value.
     positions: Vec<usize>,
-    /// For the column-blocked layout (whose storage order is not position order): the slot of
-    /// each stored value in position order. `None`: storage order is position order.
-    ascending: Option<Vec<u32>>,
 }
 
 struct Inner {
@@ -66,67 +62,19 @@ pub struct EngineLayer {
     inner: Arc<RwLock<Inner>>,
 }
 
-/// A dense row-major vector of `len` entries holding the stored `values` at `positions`, 0
-/// elsewhere (`order`: see [`scatter_into`]).
-fn scatter_vec(positions: &[usize], order: Option<&[u32]>, values: &[f32], len: usize) -> Vec<f32> {
+/// A dense row-major vector of `len` entries holding `values` at `positions`, 0 elsewhere.
+fn scatter_vec(positions: &[usize], values: &[f32], len: usize) -> Vec<f32> {
     let mut dense = vec![0.0f32; len];
-    scatter_into(&mut dense, positions, order, values);
+    scatter_into(&mut dense, positions, values);
     dense
 }
 
-/// Writes the stored `values` at the ascending `positions` of `dense` and 0 everywhere else;
-/// `order` gives the slot of each position where storage order is not position order (the
-/// column-blocked layout), `None` where it is.
-fn scatter_into(dense: &mut [f32], positions: &[usize], order: Option<&[u32]>, values: &[f32]) {
+/// Writes `values` at `positions` of `dense` and 0 everywhere else.
+fn scatter_into(dense: &mut [f32], positions: &[usize], values: &[f32]) {
     dense.fill(0.0);
-    match order {
-        None => {
-            for (&p, &v) in positions.iter().zip(values) {
-                dense[p] = v;
-            }
-        }
-        Some(order) => {
-            for (&p, &s) in positions.iter().zip(order) {
-                dense[p] = values[s as usize];
-            }
-        }
+    for (&p, &v) in positions.iter().zip(values) {
+        dense[p] = v;
     }
-}
-
-/// Values in position order laid out in storage order (`order`: each position's slot).
-fn to_storage(order: Option<&[u32]>, by_position: Vec<f32>) -> Vec<f32> {
-    let Some(order) = order else {
-        return by_position;
-    };
-    let mut out = vec![0.0f32; by_position.len()];
-    for (&s, v) in order.iter().zip(by_position) {
-        out[s as usize] = v;
-    }
-    out
-}
-
-/// For each slot of a new layout (ascending positions `new`, slots `new_order`), the slot of
-/// the same position in the old layout (`old`, `old_order`), or [`NEW_ENTRY`].
-fn storage_map(
-    old: &[usize],
-    old_order: Option<&[u32]>,
-    new: &[usize],
-    new_order: Option<&[u32]>,
-) -> Vec<u32> {
-    let by_position = relayout_map(old, new);
-    if old_order.is_none() && new_order.is_none() {
-        return by_position;
-    }
-    let mut out = vec![NEW_ENTRY; new.len()];
-    for (i, &j) in by_position.iter().enumerate() {
-        let slot = new_order.map_or(i, |o| o[i] as usize);
-        out[slot] = match (j, old_order) {
-            (NEW_ENTRY, _) => NEW_ENTRY,
-            (j, Some(o)) => o[j as usize],
-            (j, None) => j,
-        };
-    }
-    out
 }
 
 /// For each of the ascending positions `new`, its index in the ascending positions `old`, or
@@ -150,7 +98,7 @@ fn relayout_map(old: &[usize], new: &[usize]) -> Vec<u32> {
 /// An entry of [`relayout_map`] that was not in the old layout.
 const NEW_ENTRY: u32 = u32::MAX;
 
-/// Values in the old layout's slots, re-laid out by a [`storage_map`]: an entry in both
+/// Values laid out at the old positions, re-laid out by a [`relayout_map`]: an entry in both
 /// layouts keeps its value, a new one gets 0.
 fn relayout_values(map: &[u32], values: &[f32]) -> Vec<f32> {
     let Some(last) = values.len().checked_sub(1) else {
@@ -264,29 +212,8 @@ impl EngineLayer {
         let (rows, fan_in) = (self.param.rows(), self.param.fan_in());
         let positions = self.param.positions();
         let mut inner = self.write();
-        // A linear layer dense enough for the column-blocked kernels keeps that layout for the
-        // run (the choice is made at its first lay-out; SRigL and RigL keep a layer's density).
-        let blocked = match &inner.sparse {
-            Some(o) => o.ascending.is_some(),
-            None => self.conv.is_none() && ColumnBlocked::worth(rows, fan_in, positions.len()),
-        };
-        let (mut layout, order) = if blocked {
-            let zeros = vec![0.0f32; positions.len()];
-            let (cb, order) = ColumnBlocked::from_positions(rows, fan_in, &positions, &zeros)
-                .map_err(candle_core::Error::wrap)?;
-            (Some(cb), Some(order))
-        } else {
-            (None, None)
-        };
-        let map = match &inner.sparse {
-            Some(o) => storage_map(
-                &o.positions,
-                o.ascending.as_deref(),
-                &positions,
-                order.as_deref(),
-            ),
-            None => vec![NEW_ENTRY; positions.len()],
-        };
+        let old = inner.sparse.as_ref().map_or(&[][..], |o| &o.positions[..]);
+        let map = relayout_map(old, &positions);
         let vals = match &inner.sparse {
             Some(o) if values_from_old => {
                 with_f32(o.values.as_tensor(), |v| relayout_values(&map, v))?
@@ -294,25 +221,17 @@ impl EngineLayer {
             // The dense weight is read in place at the positions, O(stored values), not from
             // another scan of the mask.
             _ => with_f32(self.param.var().as_tensor(), |w| {
-                to_storage(
-                    order.as_deref(),
-                    positions.iter().map(|&p| w[p]).collect::<Vec<f32>>(),
-                )
+                positions.iter().map(|&p| w[p]).collect::<Vec<f32>>()
             })?,
         };
-        let structure = match layout.take() {
-            Some(mut cb) => {
-                cb.values_mut().copy_from_slice(&vals);
-                SparseStructure::from(cb)
-            }
-            None => match Condensed::from_positions(rows, fan_in, &positions, vals.clone(), None) {
+        let structure =
+            match Condensed::from_positions(rows, fan_in, &positions, vals.clone(), None) {
                 Ok(c) => SparseStructure::from(c),
                 Err(_) => SparseStructure::from(
                     Csr::from_positions(rows, fan_in, &positions, vals.clone())
                         .map_err(candle_core::Error::wrap)?,
                 ),
-            },
-        };
+            };
         let dev = self.param.var().device().clone();
         let values = Var::from_vec(vals, positions.len(), &dev)?;
         let new_state = old_state
@@ -326,24 +245,8 @@ impl EngineLayer {
             values: values.clone(),
             structure,
             positions,
-            ascending: order,
         });
         Ok((values, new_state))
-    }
-
-    /// The stored values in position order (what [`MaskAware::active_weights`] hands a mask
-    /// update), once compressed.
-    pub fn active_values(&self) -> Option<Tensor> {
-        let inner = self.read();
-        let s = inner.sparse.as_ref()?;
-        let Some(order) = &s.ascending else {
-            return Some(s.values.as_tensor().clone());
-        };
-        let v = with_f32(s.values.as_tensor(), |v| {
-            order.iter().map(|&k| v[k as usize]).collect::<Vec<f32>>()
-        })
-        .ok()?;
-        Tensor::from_vec(v, order.len(), s.values.device()).ok()
     }
 
     /// Puts a given sparse layout in place (inference from a model file: the layout the file
@@ -366,7 +269,6 @@ impl EngineLayer {
             values,
             structure,
             positions,
-            ascending: None,
         });
         Ok(())
     }
@@ -383,19 +285,12 @@ impl EngineLayer {
         // temporary, no copy.
         let mut result = Ok(());
         let written = write_in_place(var.as_tensor(), |dense| {
-            result = with_f32(values, |v| {
-                scatter_into(dense, &s.positions, s.ascending.as_deref(), v)
-            });
+            result = with_f32(values, |v| scatter_into(dense, &s.positions, v));
         })?;
         if written {
             return result;
         }
-        let dense = scatter_vec(
-            &s.positions,
-            s.ascending.as_deref(),
-            &values.to_vec1::<f32>()?,
-            var.elem_count(),
-        );
+        let dense = scatter_vec(&s.positions, &values.to_vec1::<f32>()?, var.elem_count());
         var.set(&Tensor::from_vec(dense, var.shape(), var.device())?)
     }
 
@@ -409,12 +304,7 @@ impl EngineLayer {
         state
             .iter()
             .map(|t| {
-                let dense = scatter_vec(
-                    &s.positions,
-                    s.ascending.as_deref(),
-                    &t.to_vec1::<f32>()?,
-                    shape.elem_count(),
-                );
+                let dense = scatter_vec(&s.positions, &t.to_vec1::<f32>()?, shape.elem_count());
                 Tensor::from_vec(dense, shape.clone(), self.param.var().device())
             })
             .collect()
@@ -431,7 +321,6 @@ impl EngineLayer {
             .map(|t| {
                 let d = t.flatten_all()?.to_vec1::<f32>()?;
                 let v: Vec<f32> = s.positions.iter().map(|&p| d[p]).collect();
-                let v = to_storage(s.ascending.as_deref(), v);
                 Tensor::from_vec(v, s.positions.len(), t.device())
             })
             .collect()
@@ -625,20 +514,6 @@ impl Engine {
         self.layers.iter().filter_map(|e| e.values()).collect()
     }
 
-    /// The storage format of each sparse-storage layer, in layer order (`condensed`, `csr`,
-    /// `column-blocked`, `nm`).
-    pub fn layer_formats(&self) -> Vec<&'static str> {
-        self.layers
-            .iter()
-            .filter_map(|e| {
-                e.read()
-                    .sparse
-                    .as_ref()
-                    .map(|s| s.structure.weight().format_name())
-            })
-            .collect()
-    }
-
     /// Layers in sparse storage (0 for the dense-mask engine).
     pub fn sparse_layers(&self) -> usize {
         self.layers.len()
@@ -794,6 +669,8 @@ impl MaskAware for Engine {
     /// entries in position order ([`EngineLayer::compress`] lays them out from the mask's
     /// positions; the mask changes only at an update, after which the layer is laid out again).
     fn active_weights(&self, var: &Var) -> Option<Tensor> {
-        self.layer_of(var).and_then(|e| e.active_values())
+        self.layer_of(var)
+            .and_then(|e| e.values())
+            .map(|v| v.as_tensor().clone())
     }
 }

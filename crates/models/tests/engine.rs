@@ -1,7 +1,6 @@
-//! The sparse engine against the dense-mask engine on a seeded SRigL run (LeNet-300-100 at
-//! 90%: both sparse layers column-blocked), RigL runs at 90% (column-blocked) and 97% (its
-//! unequal fan-ins through CSR), and SRigL on LeNet-5 and ResNet-18, whose convolutions run on
-//! the sparse conv: the same mask decisions and metrics up to floating-point summation
+//! The sparse engine against the dense-mask engine on a seeded SRigL run (and a RigL run,
+//! whose unequal fan-ins go through CSR, and SRigL on LeNet-5 and ResNet-18, whose convolutions
+//! run on the sparse conv): the same mask decisions and metrics up to floating-point summation
 //! order.
 //!
 //! Tolerance: the value gradient is summed over the batch by the sparse kernel instead of
@@ -136,11 +135,6 @@ fn assert_close_runs(
 fn sparse_engine_matches_dense_mask_for_srigl() {
     let (a, sa, ua) = run(&cfg(MethodName::Srigl, EngineKind::DenseMask));
     let (b, sb, ub) = run(&cfg(MethodName::Srigl, EngineKind::Sparse));
-    // At 90% both sparse layers of LeNet-300-100 have ≥ 8 weights per row and 128-column block.
-    assert_eq!(
-        b.engine().layer_formats(),
-        ["column-blocked", "column-blocked"]
-    );
     assert_eq!(sa.steps, 200);
     assert_eq!(ua.len(), 14, "updates at 10, 20, ..., 140");
     assert_eq!(ua, ub, "same drop/grow/ablation counts at every update");
@@ -272,23 +266,10 @@ fn sparse_engine_matches_dense_mask_for_srigl_on_resnet18() {
     );
 }
 
-/// RigL's unequal fan-ins: at 90% in the column-blocked layout, at 97% (fewer than 8 weights
-/// per row and block) in CSR.
 #[test]
-fn sparse_engine_matches_dense_mask_for_rigl_blocked_and_csr() {
-    rigl_matches(0.9, ["column-blocked", "column-blocked"]);
-    rigl_matches(0.97, ["csr", "csr"]);
-}
-
-fn rigl_matches(sparsity: f64, formats: [&str; 2]) {
-    let with = |engine| {
-        let mut c = cfg(MethodName::Rigl, engine);
-        c.method.sparsity = sparsity;
-        c
-    };
-    let (a, sa, ua) = run(&with(EngineKind::DenseMask));
-    let (b, sb, ub) = run(&with(EngineKind::Sparse));
-    assert_eq!(b.engine().layer_formats(), formats, "at {sparsity}");
+fn sparse_engine_matches_dense_mask_for_rigl_through_csr() {
+    let (a, sa, ua) = run(&cfg(MethodName::Rigl, EngineKind::DenseMask));
+    let (b, sb, ub) = run(&cfg(MethodName::Rigl, EngineKind::Sparse));
     assert_eq!(ua.len(), ub.len());
     assert_eq!(ua[..4], ub[..4], "the first four updates agree exactly");
     for (x, y) in ua.iter().zip(&ub) {

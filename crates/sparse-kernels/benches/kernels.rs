@@ -51,7 +51,6 @@ type Job<'a> = Box<dyn FnMut() + 'a>;
 
 enum Weight {
     Condensed(Condensed),
-    Blocked(sparse_kernels::ColumnBlocked),
     Nm(NmSparse),
     Csr(Csr),
 }
@@ -60,7 +59,6 @@ impl Weight {
     fn as_ref(&self) -> SparseWeight<'_> {
         match self {
             Weight::Condensed(w) => w.into(),
-            Weight::Blocked(w) => w.into(),
             Weight::Nm(w) => w.into(),
             Weight::Csr(w) => w.into(),
         }
@@ -75,7 +73,6 @@ impl Weight {
                 };
                 w.nnz() * (4 + ib) + 4 * w.n_active()
             }
-            Weight::Blocked(w) => w.values().len() * 8 + 4 * w.blocks() * (w.rows() + 1),
             Weight::Nm(w) => w.values().len() * 5,
             Weight::Csr(w) => w.nnz() * 8 + 8 * (w.rows() + 1),
         }
@@ -85,8 +82,6 @@ impl Weight {
 #[derive(Clone, Copy)]
 enum Kind {
     Condensed(f64),
-    /// The condensed weight (constant fan-in) in the column-blocked layout.
-    Blocked(f64),
     Csr(f64),
     Nm(usize, usize),
 }
@@ -95,7 +90,7 @@ fn build(kind: Kind, rows: usize, fan_in: usize, rng: &mut Rng) -> Weight {
     let mut mask = Mask::zeros(rows, fan_in);
     let mut scratch = Vec::new();
     match kind {
-        Kind::Condensed(s) | Kind::Blocked(s) => {
+        Kind::Condensed(s) => {
             let k = (((1.0 - s) * fan_in as f64).round() as usize).max(1);
             for r in 0..rows {
                 for c in rng.choose(fan_in, k, &mut scratch) {
@@ -130,15 +125,6 @@ fn build(kind: Kind, rows: usize, fan_in: usize, rng: &mut Rng) -> Weight {
             Weight::Condensed(Condensed::from_dense(rows, fan_in, &w, &mask, None).unwrap())
         }
         Kind::Csr(_) => Weight::Csr(Csr::from_dense(rows, fan_in, &w, &mask).unwrap()),
-        Kind::Blocked(_) => {
-            let positions: Vec<usize> =
-                (0..rows * fan_in).filter(|&p| mask.as_slice()[p]).collect();
-            let values: Vec<f32> = positions.iter().map(|&p| w[p]).collect();
-            let (cb, _) =
-                sparse_kernels::ColumnBlocked::from_positions(rows, fan_in, &positions, &values)
-                    .unwrap();
-            Weight::Blocked(cb)
-        }
         Kind::Nm(n, m) => {
             Weight::Nm(NmSparse::from_dense(rows, fan_in, NmPattern::new(n, m), &w, &mask).unwrap())
         }
@@ -439,19 +425,11 @@ fn main() {
     };
     let batches: &[usize] = if quick { &[1, 256] } else { &[1, 16, 256] };
     let kinds: Vec<Kind> = if quick {
-        vec![
-            Kind::Condensed(0.9),
-            Kind::Blocked(0.9),
-            Kind::Csr(0.9),
-            Kind::Nm(2, 4),
-        ]
+        vec![Kind::Condensed(0.9), Kind::Csr(0.9), Kind::Nm(2, 4)]
     } else {
         let mut k = Vec::new();
         for s in [0.8, 0.9, 0.95, 0.99] {
             k.push(Kind::Condensed(s));
-        }
-        for s in [0.8, 0.9, 0.95] {
-            k.push(Kind::Blocked(s));
         }
         for s in [0.8, 0.9, 0.95, 0.99] {
             k.push(Kind::Csr(s));
@@ -553,7 +531,6 @@ fn main() {
                     let (format, sparsity, n, m) = match kind {
                         Kind::Condensed(s) => ("condensed", *s, None, None),
                         Kind::Csr(s) => ("csr", *s, None, None),
-                        Kind::Blocked(s) => ("blocked", *s, None, None),
                         Kind::Nm(n, m) => ("nm", 1.0 - *n as f64 / *m as f64, Some(*n), Some(*m)),
                     };
                     let rec = serde_json::json!({
@@ -578,9 +555,7 @@ fn main() {
                         "{op:>10} {format:>9} {:>5} {fan_in:>4}->{rows:<4} b={batch:<4} sparse {:>10.1} us  dense {:>10.1} us  x{:.2}",
                         match kind {
                             Kind::Nm(n, m) => format!("{n}:{m}"),
-                            Kind::Condensed(s) | Kind::Csr(s) | Kind::Blocked(s) => {
-                                format!("{:.0}%", s * 100.0)
-                            }
+                            Kind::Condensed(s) | Kind::Csr(s) => format!("{:.0}%", s * 100.0),
                         },
                         s / 1e3,
                         d / 1e3,

@@ -104,10 +104,6 @@ fn forward_impl(
     if batch == 0 || rows == 0 {
         return Ok(());
     }
-    if let SparseWeight::Blocked(cb) = w {
-        crate::colblock::forward(cb, values, x, batch, y, exec);
-        return Ok(());
-    }
     w.with_rows(Forward {
         values,
         x,
@@ -161,10 +157,6 @@ pub fn input_grad_with(
     check("grad_y", grad_y.len(), batch * rows)?;
     if batch == 0 || fan_in == 0 {
         return Ok(vec![0.0; batch * fan_in]);
-    }
-    // Its own walk: each ∂x column block stays in L1 while the rows scatter into it.
-    if let SparseWeight::Blocked(cb) = w {
-        return Ok(crate::colblock::input_grad(cb, values, grad_y, batch, exec));
     }
     if !gathers(batch, rows, fan_in) {
         return Ok(w.with_rows(InputGrad {
@@ -221,9 +213,6 @@ pub fn value_grad<'a>(
     let w = w.into();
     check("x", x.len(), batch * w.fan_in())?;
     check("grad_y", grad_y.len(), batch * w.rows())?;
-    if let (SparseWeight::Blocked(cb), true) = (w, batch > 0) {
-        return Ok(crate::colblock::value_grad(cb, x, grad_y, batch, exec));
-    }
     let mut gv = vec![0.0; w.nnz()];
     if batch == 0 || gv.is_empty() {
         return Ok(gv);
@@ -265,12 +254,7 @@ fn transpose4(
 }
 
 /// Copies `src [n, cols]` into batch tiles `[ceil(n / TB)][cols][TB]`, zero-padded.
-pub(crate) fn to_tiles<const TB: usize>(
-    src: &[f32],
-    n: usize,
-    cols: usize,
-    threads: usize,
-) -> Vec<f32> {
+fn to_tiles<const TB: usize>(src: &[f32], n: usize, cols: usize, threads: usize) -> Vec<f32> {
     // Blocked over columns so that the TB source rows of a tile and the written block of the
     // slab both stay in L1 (the naive row-by-row scatter was most of a 99%-sparse forward).
     const CB: usize = 64;
@@ -328,7 +312,7 @@ pub(crate) fn to_tiles<const TB: usize>(
 }
 
 /// Inverse of [`to_tiles`]: writes the first `n` batch entries back to `dst [n, cols]`.
-pub(crate) fn from_tiles<const TB: usize>(tiles: &[f32], n: usize, cols: usize, dst: &mut [f32]) {
+fn from_tiles<const TB: usize>(tiles: &[f32], n: usize, cols: usize, dst: &mut [f32]) {
     for t in 0..n.div_ceil(TB) {
         let rows = TB.min(n - t * TB);
         let slab = &tiles[t * cols * TB..(t + 1) * cols * TB];
@@ -358,7 +342,7 @@ macro_rules! with_tile {
 pub(crate) use with_tile;
 
 /// Splits `0..n` into at most `parts` contiguous ranges of nearly equal size.
-pub(crate) fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
     let parts = parts.clamp(1, n.max(1));
     (0..parts)
         .map(|i| (i * n / parts)..((i + 1) * n / parts))
@@ -513,44 +497,30 @@ impl RowsVisitor for Forward<'_> {
             }
             with_tile!(batch, go!())
         };
-        add_transposed(r, &acc, batch, rows, y, threads);
-    }
-}
-
-/// `y [batch, rows] += acc [n, batch]` transposed, stored row `a` into column `r.out_row(a)`.
-pub(crate) fn add_transposed<R: Rows>(
-    r: &R,
-    acc: &[f32],
-    batch: usize,
-    rows: usize,
-    y: &mut [f32],
-    threads: usize,
-) {
-    let n = r.n_stored();
-    // A transpose of `acc [n, batch]` into the columns of `y [batch, rows]`, in blocks of
-    // 16 stored rows so that the writes of one batch entry stay within a few cache lines
-    // (row by row, every write touched a new line of `y`). Each `y` element gets one
-    // addition per stored row with its output row, in stored-row order; threads take disjoint
-    // ranges of batch entries.
-    const BLOCK: usize = 16;
-    let per = batch.div_ceil(threads);
-    let transpose = |(part, ys): (usize, &mut [f32])| {
-        let b0 = part * per;
-        for a0 in (0..n).step_by(BLOCK) {
-            let a1 = (a0 + BLOCK).min(n);
-            let out: [usize; BLOCK] = std::array::from_fn(|i| r.out_row((a0 + i).min(a1 - 1)));
-            for (bi, yb) in ys.chunks_exact_mut(rows).enumerate() {
-                let b = b0 + bi;
-                for (i, a) in (a0..a1).enumerate() {
-                    yb[out[i]] += acc[a * batch + b];
+        // A transpose of `acc [n, batch]` into the columns of `y [batch, rows]`, in blocks of
+        // 16 stored rows so that the writes of one batch entry stay within a few cache lines
+        // (row by row, every write touched a new line of `y`). Each `y` element still gets
+        // exactly one addition; threads take disjoint ranges of batch entries.
+        const BLOCK: usize = 16;
+        let per = batch.div_ceil(threads);
+        let transpose = |(part, ys): (usize, &mut [f32])| {
+            let b0 = part * per;
+            for a0 in (0..n).step_by(BLOCK) {
+                let a1 = (a0 + BLOCK).min(n);
+                let out: [usize; BLOCK] = std::array::from_fn(|i| r.out_row((a0 + i).min(a1 - 1)));
+                for (bi, yb) in ys.chunks_exact_mut(rows).enumerate() {
+                    let b = b0 + bi;
+                    for (i, a) in (a0..a1).enumerate() {
+                        yb[out[i]] += acc[a * batch + b];
+                    }
                 }
             }
+        };
+        if threads > 1 && batch > 1 {
+            y.par_chunks_mut(per * rows).enumerate().for_each(transpose);
+        } else {
+            transpose((0, y));
         }
-    };
-    if threads > 1 && batch > 1 {
-        y.par_chunks_mut(per * rows).enumerate().for_each(transpose);
-    } else {
-        transpose((0, y));
     }
 }
 
@@ -777,51 +747,48 @@ pub(crate) fn value_grad_tiles<R: Rows, const TB: usize>(
     let tiles = cols.div_ceil(TB);
     let (ranges, lens) = row_ranges(r, threads);
     let jobs: Vec<_> = ranges.into_iter().zip(split_lengths(gv, &lens)).collect();
-    run_parallel(jobs, threads, |(g, out)| {
-        vgrad_rows::<R, TB>(isa, r, xt, gyt, tiles, fan_in, rows, g.start, g.len(), out)
-    });
-}
-
-/// One job of [`value_grad_tiles`]: stored rows `a0 .. a0 + n` into `out` (their slots, from
-/// the first), on the best kernel for `isa`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn vgrad_rows<R: Rows, const TB: usize>(
-    isa: Isa,
-    r: &R,
-    xt: &[f32],
-    gyt: &[f32],
-    tiles: usize,
-    fan_in: usize,
-    rows: usize,
-    a0: usize,
-    n: usize,
-    out: &mut [f32],
-) {
     #[cfg(target_arch = "x86_64")]
     if TB >= 16 && isa == Isa::Avx512 {
-        // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU supports it (`Exec`); the
-        // tiles have the layout the kernel documents, for the tile width `TB` that the match
-        // picks.
-        unsafe {
-            use crate::vgrad512::vgrad_tiled_avx512 as k;
-            match TB {
-                16 => k::<R, 16>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
-                32 => k::<R, 32>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
-                _ => k::<R, 64>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+        run_parallel(jobs, threads, |(g, out)| {
+            let (a0, n) = (g.start, g.len());
+            // SAFETY: `Isa::Avx512` reaches a kernel only when the CPU supports it (`Exec`);
+            // the tiles have the layout the kernel documents, for the tile width `TB` that the
+            // match picks.
+            unsafe {
+                use crate::vgrad512::vgrad_tiled_avx512 as k;
+                match TB {
+                    16 => k::<R, 16>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+                    32 => k::<R, 32>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+                    _ => k::<R, 64>(r, xt, gyt, tiles, fan_in, rows, a0, n, out),
+                }
             }
-        }
+        });
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
-        // SAFETY: `Isa::Avx2` reaches a kernel only when the CPU supports it (`Exec`); the
-        // tiles have the layout the kernel documents.
-        unsafe {
-            crate::vgrad256::vgrad_tiled_avx2::<R, TB>(r, xt, gyt, tiles, fan_in, rows, a0, n, out)
-        }
+        run_parallel(jobs, threads, |(g, out)| {
+            // SAFETY: `Isa::Avx2` reaches a kernel only when the CPU supports it (`Exec`); the
+            // tiles have the layout the kernel documents.
+            unsafe {
+                crate::vgrad256::vgrad_tiled_avx2::<R, TB>(
+                    r,
+                    xt,
+                    gyt,
+                    tiles,
+                    fan_in,
+                    rows,
+                    g.start,
+                    g.len(),
+                    out,
+                )
+            }
+        });
         return;
     }
-    vgrad_tiled::<R, TB>(isa, r, xt, gyt, tiles, fan_in, rows, a0, n, out)
+    run_parallel(jobs, threads, |(g, out)| {
+        vgrad_tiled::<R, TB>(isa, r, xt, gyt, tiles, fan_in, rows, g.start, g.len(), out)
+    });
 }
 
 #[cfg(test)]

@@ -35,7 +35,6 @@
 pub mod act;
 pub mod backward;
 mod blocked;
-mod colblock;
 pub mod conv;
 mod conv_lanes;
 pub mod cpu;
@@ -58,7 +57,6 @@ mod vgrad256;
 mod vgrad512;
 
 pub use blocked::RowBlocks;
-pub use colblock::ColumnBlocked;
 pub use cpu::{forward, forward_into, input_grad, input_grad_with, value_grad};
 pub use isa::Isa;
 pub use packed::PackedNm;
@@ -99,15 +97,8 @@ pub enum SparseWeight<'a> {
     Nm(&'a NmSparse),
     /// CSR layout.
     Csr(&'a Csr),
-    /// Column-blocked layout (training products with L1-resident input tiles).
-    Blocked(&'a ColumnBlocked),
 }
 
-impl<'a> From<&'a ColumnBlocked> for SparseWeight<'a> {
-    fn from(w: &'a ColumnBlocked) -> Self {
-        SparseWeight::Blocked(w)
-    }
-}
 impl<'a> From<&'a Condensed> for SparseWeight<'a> {
     fn from(w: &'a Condensed) -> Self {
         SparseWeight::Condensed(w)
@@ -131,7 +122,6 @@ impl SparseWeight<'_> {
             SparseWeight::Condensed(w) => w.rows(),
             SparseWeight::Nm(w) => w.rows(),
             SparseWeight::Csr(w) => w.rows(),
-            SparseWeight::Blocked(w) => w.rows(),
         }
     }
 
@@ -141,7 +131,6 @@ impl SparseWeight<'_> {
             SparseWeight::Condensed(w) => w.fan_in(),
             SparseWeight::Nm(w) => w.fan_in(),
             SparseWeight::Csr(w) => w.fan_in(),
-            SparseWeight::Blocked(w) => w.fan_in(),
         }
     }
 
@@ -156,17 +145,15 @@ impl SparseWeight<'_> {
             SparseWeight::Condensed(w) => w.values(),
             SparseWeight::Nm(w) => w.values(),
             SparseWeight::Csr(w) => w.values(),
-            SparseWeight::Blocked(w) => w.values(),
         }
     }
 
-    /// The format's name (`condensed`, `nm`, `csr`, `column-blocked`).
+    /// The format's name (`condensed`, `nm`, `csr`).
     pub fn format_name(&self) -> &'static str {
         match self {
             SparseWeight::Condensed(_) => "condensed",
             SparseWeight::Nm(_) => "nm",
             SparseWeight::Csr(_) => "csr",
-            SparseWeight::Blocked(_) => "column-blocked",
         }
     }
 
@@ -194,7 +181,6 @@ impl SparseWeight<'_> {
             SparseWeight::Condensed(w) => w.with_rows(v),
             SparseWeight::Nm(w) => w.with_rows(v),
             SparseWeight::Csr(w) => w.with_rows(v),
-            SparseWeight::Blocked(w) => v.visit(&w.flat_rows()),
         }
     }
 }

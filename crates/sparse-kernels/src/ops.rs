@@ -30,7 +30,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use sparse_formats::{Condensed, Csr, NmSparse};
 
 use crate::rows::Transposed;
-use crate::{ColumnBlocked, Exec, SparseWeight};
+use crate::{Exec, SparseWeight};
 
 /// The fixed structure of a sparse weight (its values are passed separately as a tensor),
 /// cheap to clone.
@@ -42,8 +42,6 @@ pub enum SparseStructure {
     Nm(Arc<NmSparse>),
     /// CSR layout.
     Csr(Arc<Csr>),
-    /// Column-blocked layout ([`ColumnBlocked`]: linear layers in training).
-    Blocked(Arc<ColumnBlocked>),
 }
 
 impl From<Condensed> for SparseStructure {
@@ -54,11 +52,6 @@ impl From<Condensed> for SparseStructure {
 impl From<NmSparse> for SparseStructure {
     fn from(w: NmSparse) -> Self {
         SparseStructure::Nm(Arc::new(w))
-    }
-}
-impl From<ColumnBlocked> for SparseStructure {
-    fn from(w: ColumnBlocked) -> Self {
-        SparseStructure::Blocked(Arc::new(w))
     }
 }
 impl From<Csr> for SparseStructure {
@@ -88,7 +81,6 @@ impl SparseStructure {
             SparseStructure::Condensed(w) => WeakStructure::Condensed(Arc::downgrade(w)),
             SparseStructure::Nm(w) => WeakStructure::Nm(Arc::downgrade(w)),
             SparseStructure::Csr(w) => WeakStructure::Csr(Arc::downgrade(w)),
-            SparseStructure::Blocked(w) => WeakStructure::Blocked(Arc::downgrade(w)),
         }
     }
 
@@ -98,7 +90,6 @@ impl SparseStructure {
             SparseStructure::Condensed(w) => SparseWeight::Condensed(w),
             SparseStructure::Nm(w) => SparseWeight::Nm(w),
             SparseStructure::Csr(w) => SparseWeight::Csr(w),
-            SparseStructure::Blocked(w) => SparseWeight::Blocked(w),
         }
     }
 }
@@ -109,7 +100,6 @@ enum WeakStructure {
     Condensed(Weak<Condensed>),
     Nm(Weak<NmSparse>),
     Csr(Weak<Csr>),
-    Blocked(Weak<ColumnBlocked>),
 }
 
 impl WeakStructure {
@@ -118,7 +108,6 @@ impl WeakStructure {
             WeakStructure::Condensed(w) => w.strong_count() > 0,
             WeakStructure::Nm(w) => w.strong_count() > 0,
             WeakStructure::Csr(w) => w.strong_count() > 0,
-            WeakStructure::Blocked(w) => w.strong_count() > 0,
         }
     }
 
@@ -131,9 +120,6 @@ impl WeakStructure {
                 std::ptr::eq(w.as_ptr(), Arc::as_ptr(a))
             }
             (WeakStructure::Csr(w), SparseStructure::Csr(a)) => {
-                std::ptr::eq(w.as_ptr(), Arc::as_ptr(a))
-            }
-            (WeakStructure::Blocked(w), SparseStructure::Blocked(a)) => {
                 std::ptr::eq(w.as_ptr(), Arc::as_ptr(a))
             }
             _ => false,
@@ -413,11 +399,9 @@ impl CustomOp2 for InputGrad {
         let batch = gl.dims()[0];
         let gy = f32_slice(gs, gl, "grad_y")?;
         let v = f32_slice(vs, vl, "values")?;
-        // Where the product gathers, over the structure's kept transpose (the column-blocked
-        // layout scatters into L1-resident blocks instead and needs none).
-        let t = (crate::cpu::gathers(batch, w.rows(), w.fan_in())
-            && !matches!(self.structure, SparseStructure::Blocked(_)))
-        .then(|| self.structure.transposed());
+        // Where the product gathers, over the structure's kept transpose.
+        let t =
+            crate::cpu::gathers(batch, w.rows(), w.fan_in()).then(|| self.structure.transposed());
         let gx = crate::cpu::input_grad_with(w, t.as_deref(), v, gy, batch, self.exec)
             .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(gx), Shape::from((batch, w.fan_in()))))

@@ -78,17 +78,6 @@ pub(crate) struct IndexedEntries<'a, I> {
     indices: std::slice::Iter<'a, I>,
 }
 
-impl<'a, I> IndexedEntries<'a, I> {
-    /// The entries whose first slot is `slot` and whose columns are `indices`.
-    #[inline(always)]
-    pub(crate) fn new(slot: usize, indices: &'a [I]) -> Self {
-        IndexedEntries {
-            slot,
-            indices: indices.iter(),
-        }
-    }
-}
-
 impl<I: GatherIndex> Iterator for IndexedEntries<'_, I> {
     type Item = (usize, usize);
     #[inline(always)]

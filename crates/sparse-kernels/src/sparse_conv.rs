@@ -72,13 +72,6 @@ impl SparseConvShape {
     /// The checked geometry for weight `w` (its fan-in must be `in · kh · kw`).
     fn geometry(&self, w: &SparseWeight<'_>) -> std::result::Result<Geometry, KernelError> {
         let bad = |reason: String| KernelError::Conv(reason);
-        if let SparseWeight::Blocked(_) = w {
-            return Err(bad(
-                "the column-blocked layout is for linear layers; lay a conv weight out \
-                 condensed or CSR"
-                    .into(),
-            ));
-        }
         if self.spec.groups != 1 {
             return Err(bad(format!(
                 "grouped convolutions (groups = {}) are not supported; use groups = 1",
@@ -711,15 +704,11 @@ mod tests {
             SparseStructure::Condensed(c) => c.values().to_vec(),
             SparseStructure::Csr(c) => c.values().to_vec(),
             SparseStructure::Nm(c) => c.values().to_vec(),
-            SparseStructure::Blocked(c) => c.values().to_vec(),
         }
     }
 
     /// The dense position of each stored value, in slot order.
     fn slot_positions(s: &SparseStructure) -> Vec<usize> {
-        if let SparseStructure::Blocked(c) = s {
-            return c.positions();
-        }
         let w = s.weight();
         let mut marked = vec![0f32; w.nnz()];
         for (i, m) in marked.iter_mut().enumerate() {
@@ -741,7 +730,6 @@ mod tests {
                 c.values_mut().copy_from_slice(&marked);
                 c.to_dense()
             }
-            SparseStructure::Blocked(_) => unreachable!("returned above"),
         };
         let mut pos = vec![0; w.nnz()];
         for (p, &v) in dense.iter().enumerate() {

@@ -2,11 +2,11 @@
 //! weight: the AVX2 counterpart of `vgrad512.rs`.
 //!
 //! For one batch tile of `TB` examples, a stored weight's `TB / 8` vector FMAs leave one 8-lane
-//! partial; the partials of 8 consecutive slots (across a row's end where the next row's slots
-//! follow on) are reduced together (two rounds of horizontal adds and one cross-half add give
-//! one vector holding the 8 sums), then added to the 8 gradients with one vector load, add and
-//! store. Every partial's lanes are summed by the same tree whatever its place in the chunk, so
-//! results do not depend on which weights share a chunk, nor on the thread count.
+//! partial; the partials of 8 consecutive stored weights of a row are reduced together (two
+//! rounds of horizontal adds and one cross-half add give one vector holding the 8 sums), then
+//! added to the 8 gradients with one vector load, add and store. Every gradient is summed in an
+//! order fixed by its position in its row's chunk of 8, so results do not depend on the thread
+//! count.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -60,7 +60,6 @@ pub(crate) unsafe fn vgrad_tiled_avx2<R: Rows, const TB: usize>(
     let base = r.slots(a0).start;
     let chunks = TB / 8;
     let mut v = [_mm256_setzero_ps(); 8];
-    let (mut n, mut first) = (0usize, 0usize);
     for t in 0..tiles {
         let xs = &xt[t * fan_in * TB..(t + 1) * fan_in * TB];
         let gys = &gyt[t * rows * TB..(t + 1) * rows * TB];
@@ -72,13 +71,7 @@ pub(crate) unsafe fn vgrad_tiled_avx2<R: Rows, const TB: usize>(
                 // SAFETY: a tile row holds TB = 8·chunks floats.
                 g[c] = unsafe { _mm256_loadu_ps(gtile.as_ptr().add(8 * c)) };
             }
-            // A chunk carries on into the next row when that row's slots follow on (every
-            // layout's rows are consecutive runs of slots; a row of 3 weights would otherwise
-            // pay a whole reduction, and the column-blocked layout has ~13 per row and block).
-            if n > 0 && r.slots(a).start - base != first + n {
-                flush(&mut v, n, &mut gv[first..first + n]);
-                n = 0;
-            }
+            let (mut n, mut first) = (0usize, 0usize);
             for (slot, col) in r.entries(a) {
                 if n == 0 {
                     first = slot - base;
@@ -97,24 +90,14 @@ pub(crate) unsafe fn vgrad_tiled_avx2<R: Rows, const TB: usize>(
                     n = 0;
                 }
             }
-        }
-        if n > 0 {
-            flush(&mut v, n, &mut gv[first..first + n]);
-            n = 0;
+            if n > 0 {
+                for e in v.iter_mut().skip(n) {
+                    *e = _mm256_setzero_ps();
+                }
+                add_sums(&mut gv[first..first + n], transpose_reduce8(&v));
+            }
         }
     }
-}
-
-/// Adds the sums of the first `out.len()` (< 8) partials of `v` to `out` (the rest of `v`
-/// zeroed first).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn flush(v: &mut [__m256; 8], n: usize, out: &mut [f32]) {
-    for e in v.iter_mut().skip(n) {
-        *e = _mm256_setzero_ps();
-    }
-    add_sums(out, transpose_reduce8(v));
 }
 
 /// `out[e] += sums[e]` for the first `out.len()` (≤ 8) lanes.

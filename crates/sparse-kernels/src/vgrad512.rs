@@ -5,15 +5,13 @@
 //! gradient is `Σ_t gy[t, row] · x[t, col]`: `TB / 16` vector FMAs into one 16-lane partial. The
 //! generic kernel then reduces each partial to a scalar (about 8 shuffle/add operations per
 //! stored weight, the larger part of its time). Here the partials of 16 consecutive stored
-//! weights (consecutive slots, across the end of a row when the next row's slots follow on) are
-//! reduced together by a transposing tree — 15 steps of two shuffles and
+//! weights of a row are reduced together by a transposing tree — 15 steps of two shuffles and
 //! one add give one vector holding the 16 sums — and added to the 16 gradients with one vector
 //! load, add and store: about 3 reduction operations per stored weight instead of 8.
 //!
-//! The tree sums every partial's lanes in the same order whatever its place in the chunk
-//! (each step adds halves of one vector, and a float addition commutes), so a gradient does
-//! not depend on which weights share its chunk — where a thread's rows begin, or where a row
-//! ends — and results do not depend on the thread count.
+//! Every gradient is summed in a fixed order that depends only on its position in its row's
+//! chunk of 16, so results do not depend on the thread count (the rows are split between
+//! threads, never a row).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -86,7 +84,6 @@ pub(crate) unsafe fn vgrad_tiled_avx512<R: Rows, const TB: usize>(
     let base = r.slots(a0).start;
     let chunks = TB / 16;
     let mut v = [_mm512_setzero_ps(); 16];
-    let (mut n, mut first) = (0usize, 0usize);
     for t in 0..tiles {
         let xs = &xt[t * fan_in * TB..(t + 1) * fan_in * TB];
         let gys = &gyt[t * rows * TB..(t + 1) * rows * TB];
@@ -98,13 +95,7 @@ pub(crate) unsafe fn vgrad_tiled_avx512<R: Rows, const TB: usize>(
                 // SAFETY: a tile row holds TB = 16·chunks floats.
                 g[c] = unsafe { _mm512_loadu_ps(gtile.as_ptr().add(16 * c)) };
             }
-            // A chunk carries on into the next row when that row's slots follow on (every
-            // layout's rows are consecutive runs of slots; a row of 3 weights would otherwise
-            // pay a whole reduction, and the column-blocked layout has ~13 per row and block).
-            if n > 0 && r.slots(a).start - base != first + n {
-                flush(&mut v, n, &mut gv[first..first + n]);
-                n = 0;
-            }
+            let (mut n, mut first) = (0usize, 0usize);
             for (slot, col) in r.entries(a) {
                 if n == 0 {
                     first = slot - base;
@@ -123,24 +114,14 @@ pub(crate) unsafe fn vgrad_tiled_avx512<R: Rows, const TB: usize>(
                     n = 0;
                 }
             }
-        }
-        if n > 0 {
-            flush(&mut v, n, &mut gv[first..first + n]);
-            n = 0;
+            if n > 0 {
+                for e in v.iter_mut().skip(n) {
+                    *e = _mm512_setzero_ps();
+                }
+                add_sums(&mut gv[first..first + n], transpose_reduce16(&v));
+            }
         }
     }
-}
-
-/// Adds the sums of the first `out.len()` (< 16) partials of `v` to `out` (the rest of `v`
-/// zeroed first).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma")]
-fn flush(v: &mut [__m512; 16], n: usize, out: &mut [f32]) {
-    for e in v.iter_mut().skip(n) {
-        *e = _mm512_setzero_ps();
-    }
-    add_sums(out, transpose_reduce16(v));
 }
 
 /// `out[e] += sums[e]` for the first `out.len()` (≤ 16) lanes.

@@ -96,18 +96,6 @@ fn gradients_match_dense_masked_computation() {
         check(&mut rng, &c.into(), batch, case % 3 == 0);
         let (csr, _) = common::csr(&mut rng, rows, fan_in, 0.3);
         check(&mut rng, &csr.into(), batch, false);
-        // The column-blocked layout, over fan-ins of one to three 128-column blocks.
-        let wide = 1 + rng.below(300);
-        let (csr, _) = common::csr(&mut rng, rows, wide, 0.2);
-        let positions: Vec<usize> = sparse_kernels::SparseWeight::from(&csr)
-            .columns()
-            .iter()
-            .map(|&(r, c)| r * wide + c)
-            .collect();
-        let (cb, _) =
-            sparse_kernels::ColumnBlocked::from_positions(rows, wide, &positions, csr.values())
-                .unwrap();
-        check(&mut rng, &cb.into(), batch, case % 2 == 1);
         let (n, m) = [(2, 4), (1, 4), (2, 8)][case % 3];
         let nm_fan_in = m * (1 + rng.below(4));
         let (nm, _) = common::nm(&mut rng, rows, nm_fan_in, NmPattern::new(n, m));
