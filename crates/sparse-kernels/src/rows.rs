@@ -371,17 +371,27 @@ impl Transposed {
     /// `values` (in the format's slot order) in this transpose's entry order, on `threads`
     /// workers.
     pub(crate) fn gather_values(&self, values: &[f32], threads: usize) -> Vec<f32> {
-        let mut out = vec![0.0; self.slots.len()];
-        let chunk = self.slots.len().div_ceil(threads.max(1)).max(1);
-        let jobs: Vec<_> = out
+        let n = self.slots.len();
+        // Every slot is below the format's value count (built from its entries), which the
+        // callers check `values` against; asserted here once instead of per read.
+        assert_eq!(values.len(), n, "gather_values: one value per stored entry");
+        // Written once, not zeroed first.
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        let chunk = n.div_ceil(threads.max(1)).max(1);
+        let jobs: Vec<_> = out.spare_capacity_mut()[..n]
             .chunks_mut(chunk)
             .zip(self.slots.chunks(chunk))
             .collect();
         crate::cpu::run_parallel(jobs, threads, |(out, slots)| {
             for (o, &s) in out.iter_mut().zip(slots) {
-                *o = values[s as usize];
+                debug_assert!((s as usize) < values.len());
+                // SAFETY: `s` is a slot of the format this transpose was built from, below its
+                // value count, which equals `values.len()` (asserted above).
+                o.write(unsafe { *values.get_unchecked(s as usize) });
             }
         });
+        // SAFETY: the jobs cover `out[..n]` and write every element.
+        unsafe { out.set_len(n) };
         out
     }
 
