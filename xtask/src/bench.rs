@@ -899,6 +899,27 @@ pub fn render_markdown(doc: &Value) -> String {
         }
         s.push('\n');
     }
+    let norms: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "norm").collect();
+    if !norms.is_empty() {
+        s.push_str(
+            "### Batch norm + ReLU: `sparse_kernels::norm::batch_norm_relu_train` vs candle-nn's `BatchNorm::forward_train` + `relu`, batch 32\n\n\
+             | threads | pass | channels × plane | ours ms | candle-nn ms | ×candle-nn | GB/s |\n|---|---|---|---|---|---|---|\n",
+        );
+        for r in norms {
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.1} |\n",
+                r["threads"],
+                r["op"].as_str().unwrap_or("?"),
+                r["shape"].as_str().unwrap_or("?"),
+                f("median_ns") / 1e6,
+                f("candle_median_ns") / 1e6,
+                f("speedup_vs_candle"),
+                f("effective_gb_per_s"),
+            ));
+        }
+        s.push('\n');
+    }
     let mut threads: Vec<u64> = recs
         .iter()
         .filter(|r| r["suite"] == "kernels")
@@ -1057,6 +1078,9 @@ mod tests {
                         json!({"suite": "conv", "op": "forward", "shape": "64→64 32×32 3×3 s1",
                                "batch": 32, "threads": 1, "median_ns": 2e6, "candle_median_ns": 6e6,
                                "speedup_vs_candle": 3.0, "gflop_per_s": 80.0}),
+                        json!({"suite": "norm", "op": "forward", "shape": "64×32×32",
+                               "batch": 32, "threads": 2, "median_ns": 2.5e6, "candle_median_ns": 1e7,
+                               "speedup_vs_candle": 4.0, "effective_gb_per_s": 10.1}),
                         json!({"suite": "train-conv", "model": "lenet5", "threads": 2,
                                "dense_s_per_step": 0.02, "dense_mask_s_per_step": 0.04,
                                "sparse_s_per_step": 0.025}),
@@ -1107,6 +1131,10 @@ mod tests {
         );
         assert!(
             md.contains("| 1 | forward | 64→64 32×32 3×3 s1 | 2.00 | 6.00 | 3.00 | 80.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 2 | forward | 64×32×32 | 2.500 | 10.000 | 4.00 | 10.1 |"),
             "{md}"
         );
         assert!(

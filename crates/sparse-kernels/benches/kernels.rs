@@ -178,6 +178,75 @@ fn measure(
     (median(&mut s), median(&mut d))
 }
 
+/// `sparse_kernels::norm::batch_norm_relu_train` (a ResNet's `relu(bn(conv(x)))`) against
+/// candle-nn's `BatchNorm::forward_train` followed by candle's `relu`, on ResNet-18's CIFAR
+/// activation shapes, batch 32: forward alone and forward + backward (the gradients of the
+/// input, the scale and the shift). GB/s counts the passes over the activation each makes
+/// (forward: two reads, one write; backward: two reads of `x` and `∂y`, one write).
+fn norms(
+    quick: bool,
+    rng: &mut Rng,
+    threads: usize,
+    (reps, warm_ms, sample_ms): (usize, f64, f64),
+) -> Vec<serde_json::Value> {
+    use candle_core::{DType, Var};
+    use sparse_kernels::norm::batch_norm_relu_train;
+    let dev = Device::Cpu;
+    let all: &[(usize, usize)] = &[(64, 32), (128, 16), (256, 8), (512, 4)];
+    let shapes = if quick { &all[..1] } else { all };
+    let batch = 32;
+    let mut out = Vec::new();
+    for &(c, side) in shapes {
+        let n = batch * c * side * side;
+        let x = Var::from_vec(rng.vec(n), (batch, c, side, side), &dev).unwrap();
+        let g = Var::from_vec(rng.vec(c), c, &dev).unwrap();
+        let b = Var::from_vec(rng.vec(c), c, &dev).unwrap();
+        let bn = candle_nn::BatchNorm::new(
+            c,
+            Tensor::zeros(c, DType::F32, &dev).unwrap(),
+            Tensor::ones(c, DType::F32, &dev).unwrap(),
+            g.as_tensor().clone(),
+            b.as_tensor().clone(),
+            1e-5,
+        )
+        .unwrap();
+        let ours = || {
+            batch_norm_relu_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)
+                .unwrap()
+                .0
+        };
+        let candle = || bn.forward_train(x.as_tensor()).unwrap().relu().unwrap();
+        for (op, passes) in [("forward", 3.0), ("forward+backward", 6.0)] {
+            let backward = passes > 3.0;
+            let run = |y: Tensor| {
+                if backward {
+                    black_box(y.sum_all().unwrap().backward().unwrap());
+                } else {
+                    black_box(y);
+                }
+            };
+            let (o, cn) = measure(reps, warm_ms, sample_ms, &mut || run(ours()), &mut || {
+                run(candle())
+            });
+            let shape = format!("{c}×{side}×{side}");
+            let bytes = passes * 4.0 * n as f64;
+            eprintln!(
+                "   batch-norm+relu {op:<16} {shape:<12} b={batch}  ours {:>8.3} ms  candle-nn {:>8.3} ms  x{:.2}  {:.1} GB/s",
+                o / 1e6,
+                cn / 1e6,
+                cn / o,
+                bytes / o
+            );
+            out.push(serde_json::json!({
+                "suite": "norm", "op": op, "shape": shape, "batch": batch, "threads": threads,
+                "median_ns": o.round(), "candle_median_ns": cn.round(),
+                "speedup_vs_candle": cn / o, "effective_gb_per_s": bytes / o,
+            }));
+        }
+    }
+    out
+}
+
 /// `sparse_kernels::conv::conv2d` against candle's `conv2d` (plus a broadcast bias) on the
 /// conv shapes of the train suite's nets, batch 32: forward alone and forward + backward (the
 /// gradient of the input, the kernel and the bias).
@@ -391,7 +460,8 @@ fn main() {
         .iter()
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1).cloned());
-    // `--op forward|input_grad|value_grad`: time one product only (for kernel work).
+    // `--op forward|input_grad|value_grad|conv|norm|sparse-conv`: time one group only (for
+    // kernel work).
     let only_op = args
         .iter()
         .position(|a| a == "--op")
@@ -600,6 +670,9 @@ fn main() {
     }
     if only_op.is_none() || only_op.as_deref() == Some("conv") {
         records.extend(convs(quick, &mut rng, threads, (reps, warm_ms, sample_ms)));
+    }
+    if only_op.is_none() || only_op.as_deref() == Some("norm") {
+        records.extend(norms(quick, &mut rng, threads, (reps, warm_ms, sample_ms)));
     }
     if only_op.is_none() || only_op.as_deref() == Some("sparse-conv") {
         records.extend(sparse_convs(

@@ -10,8 +10,10 @@
 //! "Convolutions"). Here the forward is two reading passes (mean, then variance, summed per
 //! channel in `f64`) and one writing pass; the backward is one reading pass (the two sums per
 //! channel) and one writing pass, returning the gradients of the input, the scale and the
-//! shift together. Each channel's sums run in one fixed order, so results are bit-identical
-//! for any thread count.
+//! shift together. Each channel's sums are spread over 16 `f64` lanes (value `j` of a plane into
+//! lane `j mod 16`, independent chains the vector unit adds side by side) and folded in one
+//! fixed order, so results are bit-identical for any thread count and instruction set; the
+//! passes write their outputs once, without zeroing them first.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -28,6 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -119,26 +122,90 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     crate::contiguous_f32(s, l, "batch_norm", what)
 }
 
-/// Per-channel sums over `[batch, channels, plane]` data: `f(channel, value index in plane
-/// block)` accumulated in `f64`, one channel per task, samples in order.
+/// Lanes each channel's sums are spread over: value `j` of a plane goes to lane `j mod LANES`.
+/// Independent chains a vector unit adds side by side; folded in one fixed order at the end
+/// ([`fold`]), so a channel's sum is the same for any thread count and instruction set.
+const LANES: usize = 16;
+
+/// One channel's running sums, per lane.
+type Lanes = [f64; LANES];
+
+/// The sum of the lanes, pairwise in a fixed order.
+fn fold(l: &Lanes) -> f64 {
+    let mut w = *l;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            w[i] += w[i + n];
+        }
+    }
+    w[0]
+}
+
+/// Adds `v(a[j], b[j])` into the lanes for every `j` of `a` (`b` at least as long).
+#[inline(always)]
+fn add_lanes<const K: usize>(
+    acc: &mut [Lanes; K],
+    a: &[f32],
+    b: &[f32],
+    v: impl Fn(f32, f32) -> [f64; K],
+) {
+    let b = &b[..a.len()];
+    let (ac, at) = a.as_chunks::<LANES>();
+    let (bc, bt) = b.as_chunks::<LANES>();
+    for (ca, cb) in ac.iter().zip(bc) {
+        for l in 0..LANES {
+            let r = v(ca[l], cb[l]);
+            for k in 0..K {
+                acc[k][l] += r[k];
+            }
+        }
+    }
+    for (l, (&x, &y)) in at.iter().zip(bt).enumerate() {
+        let r = v(x, y);
+        for k in 0..K {
+            acc[k][l] += r[k];
+        }
+    }
+}
+
+/// Runs `f` compiled for AVX-512 where the CPU has it ([`crate::isa::Isa::detect`]), so that
+/// the loops of [`add_lanes`] and of the planes' writes run 16 lanes wide. They form no fused
+/// multiply-add, so every instruction set gives the same values bit for bit.
+#[inline(always)]
+fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if crate::isa::Isa::detect() == crate::isa::Isa::Avx512 {
+            // SAFETY: `detect` returns `Avx512` only on a CPU that supports it.
+            return unsafe { avx512(f) };
+        }
+    }
+    f()
+}
+
+/// Per-channel sums over `[batch, channels, plane]` data in `f64`: `f(channel, offset of one
+/// of its planes, lanes)` adds that plane into the channel's lanes (with [`add_lanes`]);
+/// samples in order, one channel per task, the lanes folded last.
 fn per_channel<const K: usize>(
     channels: usize,
     plane: usize,
     batch: usize,
-    f: impl Fn(usize, usize) -> [f64; K] + Sync,
+    f: impl Fn(usize, usize, &mut [Lanes; K]) + Sync,
 ) -> Vec<[f64; K]> {
     let one = |ch: usize| {
-        let mut acc = [0f64; K];
-        for s in 0..batch {
-            let base = (s * channels + ch) * plane;
-            for i in base..base + plane {
-                let v = f(ch, i);
-                for k in 0..K {
-                    acc[k] += v[k];
-                }
+        let mut acc = [[0f64; LANES]; K];
+        vectorised(|| {
+            for s in 0..batch {
+                f(ch, (s * channels + ch) * plane, &mut acc);
             }
-        }
-        acc
+        });
+        acc.map(|l| fold(&l))
     };
     if crate::candle_threads() > 1 && batch * plane * channels >= crate::MIN_WORK_PER_THREAD {
         (0..channels).into_par_iter().map(one).collect()
@@ -147,25 +214,26 @@ fn per_channel<const K: usize>(
     }
 }
 
-/// Writes `out[i] = f(channel of i, i)` plane by plane.
+/// A new buffer of `n` values, written plane by plane: `f(channel, offset of the plane, its
+/// outputs)` writes every output of the plane.
 fn per_plane(
     channels: usize,
     plane: usize,
-    out: &mut [f32],
-    f: impl Fn(usize, usize) -> f32 + Sync,
-) {
-    let job = |(p, dst): (usize, &mut [f32])| {
-        let ch = p % channels;
-        let base = p * plane;
-        for (j, d) in dst.iter_mut().enumerate() {
-            *d = f(ch, base + j);
-        }
-    };
-    if crate::candle_threads() > 1 && out.len() >= crate::MIN_WORK_PER_THREAD {
-        out.par_chunks_mut(plane.max(1)).enumerate().for_each(job);
+    n: usize,
+    f: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let job =
+        |(p, dst): (usize, &mut [MaybeUninit<f32>])| vectorised(|| f(p % channels, p * plane, dst));
+    let buf = &mut out.spare_capacity_mut()[..n];
+    if crate::candle_threads() > 1 && n >= crate::MIN_WORK_PER_THREAD {
+        buf.par_chunks_mut(plane.max(1)).enumerate().for_each(job);
     } else {
-        out.chunks_mut(plane.max(1)).enumerate().for_each(job);
+        buf.chunks_mut(plane.max(1)).enumerate().for_each(job);
     }
+    // SAFETY: the planes cover `0..n`, and `f` writes every output of its plane.
+    unsafe { out.set_len(n) };
+    out
 }
 
 struct Saved {
@@ -207,11 +275,17 @@ impl CustomOp3 for Forward {
         let (batch, c) = (dims[0], self.channels);
         let plane: usize = dims[2..].iter().product();
         let n = (batch * plane) as f64;
-        let sums = per_channel(c, plane, batch, |_, i| [x[i] as f64]);
+        let xp = |o: usize| &x[o..o + plane];
+        let sums = per_channel(c, plane, batch, |_, o, acc| {
+            add_lanes(acc, xp(o), xp(o), |v, _| [v as f64])
+        });
         let mean: Vec<f64> = sums.iter().map(|s| s[0] / n.max(1.0)).collect();
-        let sq = per_channel(c, plane, batch, |ch, i| {
-            let d = x[i] as f64 - mean[ch];
-            [d * d]
+        let sq = per_channel(c, plane, batch, |ch, o, acc| {
+            let m = mean[ch];
+            add_lanes(acc, xp(o), xp(o), |v, _| {
+                let d = v as f64 - m;
+                [d * d]
+            })
         });
         let var: Vec<f64> = sq.iter().map(|s| s[0] / n.max(1.0)).collect();
         let inv_std: Vec<f32> = var
@@ -220,15 +294,19 @@ impl CustomOp3 for Forward {
             .collect();
         let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
         let scale: Vec<f32> = (0..c).map(|ch| inv_std[ch] * gamma[ch]).collect();
-        let mut y = vec![0f32; x.len()];
         let relu = self.relu;
-        per_plane(c, plane, &mut y, |ch, i| {
-            let v = pre_activation(x[i], mean32[ch], scale[ch], beta[ch]);
-            // `f32::max`, as `crate::act::relu` (a NaN becomes 0).
+        let y = per_plane(c, plane, x.len(), |ch, o, dst| {
+            let (m, s, b) = (mean32[ch], scale[ch], beta[ch]);
+            let xs = &x[o..o + dst.len()];
             if relu {
-                v.max(0.0)
+                for (d, &v) in dst.iter_mut().zip(xs) {
+                    // `f32::max`, as `crate::act::relu` (a NaN becomes 0).
+                    d.write(pre_activation(v, m, s, b).max(0.0));
+                }
             } else {
-                v
+                for (d, &v) in dst.iter_mut().zip(xs) {
+                    d.write(pre_activation(v, m, s, b));
+                }
             }
         });
         let saved = Saved {
@@ -313,42 +391,84 @@ impl CustomOp3 for Backward<'_> {
         let x = slice(xs, xl, "x")?;
         let gy = slice(gs, gl, "grad")?;
         let gamma = slice(ws, wl, "gamma")?;
-        let dims = xl.dims();
-        let (batch, c) = (dims[0], self.channels);
-        let plane: usize = dims[2..].iter().product();
-        let n = (batch * plane).max(1) as f32;
+        let plane: usize = xl.dims()[2..].iter().product();
         let (mean, inv_std) = (self.mean, self.inv_std);
-        // ∂ of the normalisation's output: ∂y, times ReLU's gradient when one followed (the
-        // product as `crate::act::ReluGrad` forms it).
-        let relu = self.relu;
-        let g_at = |ch: usize, i: usize| match relu {
+        if gamma.len() != self.channels || gy.len() != x.len() {
+            candle_core::bail!("batch_norm: backward got mismatched gradient or gamma");
+        }
+        let out = match self.relu {
             Some((scale, beta)) => {
-                let v = pre_activation(x[i], mean[ch], scale[ch], beta[ch]);
-                gy[i] * if v >= 0.0 { 1.0 } else { 0.0 }
+                backward::<true>(x, gy, gamma, mean, inv_std, scale, beta, plane)
             }
-            None => gy[i],
+            None => backward::<false>(x, gy, gamma, mean, inv_std, &[], &[], plane),
         };
-        // Σ ∂y and Σ ∂y · x̂ per channel, x̂ = (x − mean) · inv_std.
-        let sums = per_channel(c, plane, batch, |ch, i| {
-            let g = g_at(ch, i) as f64;
-            [g, g * ((x[i] - mean[ch]) * inv_std[ch]) as f64]
-        });
-        let sgy: Vec<f32> = sums.iter().map(|s| s[0] as f32).collect();
-        let sgx: Vec<f32> = sums.iter().map(|s| s[1] as f32).collect();
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (gx, rest) = out.split_at_mut(x.len());
-        // ∂x = gamma · inv_std · (∂y − Σ∂y / n − x̂ · Σ(∂y·x̂) / n)
-        let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
-        let mg: Vec<f32> = sgy.iter().map(|s| s / n).collect();
-        let mx: Vec<f32> = sgx.iter().map(|s| s / n).collect();
-        per_plane(c, plane, gx, |ch, i| {
-            let xh = (x[i] - mean[ch]) * inv_std[ch];
-            k[ch] * (g_at(ch, i) - mg[ch] - xh * mx[ch])
-        });
-        rest[..c].copy_from_slice(&sgx);
-        rest[c..].copy_from_slice(&sgy);
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+}
+
+/// [`Backward`]'s result `[∂x (flattened), ∂gamma, ∂beta]` for `x`, `∂y` `[batch, channels,
+/// plane]`; with `RELU`, `∂y` is first multiplied by `[pre-activation ≥ 0]` (the product as
+/// `crate::act::ReluGrad` forms it), the pre-activation formed from `scale` and `beta`.
+#[allow(clippy::too_many_arguments)]
+fn backward<const RELU: bool>(
+    x: &[f32],
+    gy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    scale: &[f32],
+    beta: &[f32],
+    plane: usize,
+) -> Vec<f32> {
+    let c = gamma.len();
+    let batch = x.len() / (c * plane).max(1);
+    let n = (batch * plane).max(1) as f32;
+    // The per-channel constants of the ReLU's test (unused without one).
+    let relu_at = |ch: usize| {
+        if RELU {
+            (scale[ch], beta[ch])
+        } else {
+            (0.0, 0.0)
+        }
+    };
+    #[inline(always)]
+    fn g_at<const RELU: bool>(x: f32, gy: f32, mean: f32, (scale, beta): (f32, f32)) -> f32 {
+        if RELU {
+            let v = pre_activation(x, mean, scale, beta);
+            gy * if v >= 0.0 { 1.0 } else { 0.0 }
+        } else {
+            gy
+        }
+    }
+    // Σ ∂y and Σ ∂y · x̂ per channel, x̂ = (x − mean) · inv_std.
+    let sums = per_channel(c, plane, batch, |ch, o, acc| {
+        let (m, is, r) = (mean[ch], inv_std[ch], relu_at(ch));
+        add_lanes(acc, &x[o..o + plane], &gy[o..o + plane], |xv, g| {
+            let g = g_at::<RELU>(xv, g, m, r) as f64;
+            [g, g * ((xv - m) * is) as f64]
+        })
+    });
+    let sgy: Vec<f32> = sums.iter().map(|s| s[0] as f32).collect();
+    let sgx: Vec<f32> = sums.iter().map(|s| s[1] as f32).collect();
+    // ∂x = gamma · inv_std · (∂y − Σ∂y / n − x̂ · Σ(∂y·x̂) / n)
+    let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
+    let mg: Vec<f32> = sgy.iter().map(|s| s / n).collect();
+    let mx: Vec<f32> = sgx.iter().map(|s| s / n).collect();
+    let mut out = per_plane(c, plane, x.len(), |ch, o, dst| {
+        let (m, is, r) = (mean[ch], inv_std[ch], relu_at(ch));
+        let (kc, mgc, mxc) = (k[ch], mg[ch], mx[ch]);
+        let xs = &x[o..o + dst.len()];
+        let gs = &gy[o..o + dst.len()];
+        for ((d, &xv), &g) in dst.iter_mut().zip(xs).zip(gs) {
+            let xh = (xv - m) * is;
+            d.write(kc * (g_at::<RELU>(xv, g, m, r) - mgc - xh * mxc));
+        }
+    });
+    out.reserve_exact(2 * c);
+    out.extend_from_slice(&sgx);
+    out.extend_from_slice(&sgy);
+    out
 }
 
 #[cfg(test)]
@@ -450,6 +570,54 @@ mod tests {
                 let (f, c) = (v(gf.get(t).unwrap()), v(gc.get(t).unwrap()));
                 assert_eq!(f, c, "∂{name} {dims:?}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn values_and_gradients_do_not_depend_on_the_thread_count() -> Result<()> {
+        // Above `MIN_WORK_PER_THREAD` (the parallel paths), planes of 9×9 (five full lanes
+        // and a tail), with and without the ReLU.
+        let dev = Device::Cpu;
+        let mut seed = 29u64;
+        let dims = [8usize, 12, 27, 27];
+        let n: usize = dims.iter().product();
+        assert!(n >= crate::MIN_WORK_PER_THREAD);
+        let xv = random(n, &mut seed);
+        let (gv, bv) = (random(12, &mut seed), random(12, &mut seed));
+        let wv = random(n, &mut seed);
+        let run = |threads: usize, relu: bool| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| -> Result<Vec<Vec<f32>>> {
+                let x = Var::from_vec(xv.clone(), dims.as_slice(), &dev)?;
+                let g = Var::from_vec(gv.clone(), 12, &dev)?;
+                let b = Var::from_vec(bv.clone(), 12, &dev)?;
+                let f = if relu {
+                    batch_norm_relu_train
+                } else {
+                    batch_norm_train
+                };
+                let (y, stats) = f(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?;
+                let w = Tensor::from_vec(wv.clone(), dims.as_slice(), &dev)?;
+                let grads = (&y * &w)?.sum_all()?.backward()?;
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                Ok(vec![
+                    v(&y),
+                    stats.mean,
+                    stats.var,
+                    v(grads.get(&x).unwrap()),
+                    v(grads.get(&g).unwrap()),
+                    v(grads.get(&b).unwrap()),
+                ])
+            })
+        };
+        for relu in [false, true] {
+            let one = run(1, relu)?;
+            assert!(one[0].iter().all(|v| v.is_finite()));
+            assert_eq!(one, run(3, relu)?, "relu {relu}");
         }
         Ok(())
     }
