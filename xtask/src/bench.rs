@@ -736,7 +736,7 @@ pub fn render_markdown(doc: &Value) -> String {
     let ceilings: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "ceiling").collect();
     if !ceilings.is_empty() {
         s.push_str("### Measured ceilings (batch 1)\n\n| threads | random L1 reads /ns | dense weight stream floats/ns | speed-up bound at density d |\n|---|---|---|---|\n");
-        for r in ceilings {
+        for r in &ceilings {
             let b = r["batch1_speedup_bound_times_density"]
                 .as_f64()
                 .unwrap_or(f64::NAN);
@@ -750,6 +750,29 @@ pub fn render_markdown(doc: &Value) -> String {
             ));
         }
         s.push('\n');
+        let batched: Vec<&&Value> = ceilings
+            .iter()
+            .filter(|r| r["tile_l2_ns_per_weight"].is_number())
+            .collect();
+        if !batched.is_empty() {
+            s.push_str(
+                "### Measured ceilings (batched, one thread): a stored weight's 64-example tile column\n\n\
+                 | run's threads | from a 768 KiB tile (L2) ns | from a 32 KiB tile (L1) ns | candle dense ns per 64 FMAs | speed-up bound at density d |\n|---|---|---|---|---|\n",
+            );
+            for r in batched {
+                let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+                let b = f("batched_speedup_bound_times_density");
+                s.push_str(&format!(
+                    "| {} | {:.2} | {:.2} | {:.2} | {b:.3} / d (90%: {:.2}×) |\n",
+                    r["threads"],
+                    f("tile_l2_ns_per_weight"),
+                    f("tile_l1_ns_per_weight"),
+                    f("dense_ns_per_64_fma"),
+                    b / 0.1,
+                ));
+            }
+            s.push('\n');
+        }
     }
     let train: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "train").collect();
     if !train.is_empty() {
@@ -1092,7 +1115,9 @@ mod tests {
                                "threads": 1, "median_ns": 5e7, "dense_median_ns": 1e8,
                                "speedup_vs_dense": 2.0}),
                         json!({"suite": "ceiling", "threads": 1, "random_reads_per_ns": 3.0,
-                               "dense_stream_floats_per_ns": 15.0, "batch1_speedup_bound_times_density": 0.2})]
+                               "dense_stream_floats_per_ns": 15.0, "batch1_speedup_bound_times_density": 0.2,
+                               "tile_l2_ns_per_weight": 2.8, "tile_l1_ns_per_weight": 1.6,
+                               "dense_ns_per_64_fma": 1.12, "batched_speedup_bound_times_density": 0.4})]
         });
         let md = render_markdown(&doc);
         assert!(
@@ -1131,6 +1156,10 @@ mod tests {
         );
         assert!(
             md.contains("| 1 | forward | 64→64 32×32 3×3 s1 | 2.00 | 6.00 | 3.00 | 80.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | 2.80 | 1.60 | 1.12 | 0.400 / d (90%: 4.00×) |"),
             "{md}"
         );
         assert!(

@@ -443,14 +443,121 @@ fn ceilings(rng: &mut Rng, threads: usize, isa: Isa) -> Vec<serde_json::Value> {
     let (g_rate, s_rate) = (idx.len() as f64 / g, w.len() as f64 / s);
     let bound = g_rate / s_rate;
     eprintln!("ceiling: random L1 reads {g_rate:.2}/ns, dense stream {s_rate:.2} floats/ns, batch-1 speed-up bound {bound:.3} / density");
-    vec![serde_json::json!({
+    let mut rec = serde_json::json!({
         "suite": "ceiling",
         "threads": threads,
         "isa": isa.name(),
         "random_reads_per_ns": g_rate,
         "dense_stream_floats_per_ns": s_rate,
         "batch1_speedup_bound_times_density": bound,
-    })]
+    });
+    if let Some(t) = tile_ceiling(rng) {
+        let bound = t.dense_ns_per_64 / t.l2_ns;
+        eprintln!(
+            "ceiling (batched): a stored weight's 64-example tile column {:.2} ns from a 768 KiB tile (L2, {:.1} GB/s), {:.2} ns from a 32 KiB tile (L1, {:.1} GB/s); candle's dense GEMM {:.2} ns per 64 FMAs; batched speed-up bound {bound:.3} / density",
+            t.l2_ns,
+            256.0 / t.l2_ns,
+            t.l1_ns,
+            256.0 / t.l1_ns,
+            t.dense_ns_per_64,
+        );
+        rec["tile_l2_ns_per_weight"] = t.l2_ns.into();
+        rec["tile_l1_ns_per_weight"] = t.l1_ns.into();
+        rec["dense_ns_per_64_fma"] = t.dense_ns_per_64.into();
+        rec["batched_speedup_bound_times_density"] = bound.into();
+    }
+    vec![rec]
+}
+
+/// What the batched ceiling measured (see [`tile_ceiling`]).
+struct TileCeiling {
+    /// ns per stored weight, reading from a 768 KiB (L2-resident) tile.
+    l2_ns: f64,
+    /// The same from a 32 KiB (L1-resident) tile.
+    l1_ns: f64,
+    /// candle's dense GEMM (256×3072 by 3072×768, one thread's share of the run's threads):
+    /// ns per 64 multiply-adds.
+    dense_ns_per_64: f64,
+}
+
+/// The batched products' ceiling (single thread). Every batched sparse kernel does, per stored
+/// weight and 64-example tile, what this loop does: read the 64 floats of the tile's column
+/// the weight's index names and multiply-add them into 64 accumulators (here two sets of four
+/// 16-lane registers, alternating, so that the adds' latency does not bound it). Over a tile of
+/// 3072 columns (768 KiB, L2-resident, the wide MLP's case) it is bound by how fast L2 delivers
+/// 256 bytes at random; over 128 columns (32 KiB, L1-resident) by the loads. AVX-512 only.
+fn tile_ceiling(rng: &mut Rng) -> Option<TileCeiling> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !Isa::available().contains(&Isa::Avx512) {
+            return None;
+        }
+        #[target_feature(enable = "avx512f")]
+        fn walk(tile: &[f32], idx: &[u32], vals: &[f32]) -> [f32; 16] {
+            use std::arch::x86_64::*;
+            assert!(idx.iter().all(|&c| (c as usize + 1) * 64 <= tile.len()));
+            // One weight: its column's four 16-lane slices into the four accumulators.
+            let step = |a: &mut [__m512; 4], c: u32, v: f32| {
+                let w = _mm512_set1_ps(v);
+                for (j, a) in a.iter_mut().enumerate() {
+                    // SAFETY: every column's 64 floats are inside `tile` (asserted above).
+                    let x = unsafe { _mm512_loadu_ps(tile.as_ptr().add(c as usize * 64 + 16 * j)) };
+                    *a = _mm512_fmadd_ps(w, x, *a);
+                }
+            };
+            let (mut a, mut b) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+            for (c, v) in idx.chunks_exact(2).zip(vals.chunks_exact(2)) {
+                step(&mut a, c[0], v[0]);
+                step(&mut b, c[1], v[1]);
+            }
+            let mut sum = _mm512_setzero_ps();
+            for r in a.iter().chain(&b) {
+                sum = _mm512_add_ps(sum, *r);
+            }
+            let mut out = [0f32; 16];
+            // SAFETY: `out` holds 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), sum) };
+            out
+        }
+        let n = 768 * 307;
+        let vals = rng.vec(n);
+        let time_for = |cols: usize, rng: &mut Rng| {
+            let tile = rng.vec(cols * 64);
+            let idx: Vec<u32> = (0..n).map(|_| (rng.next() % cols as u64) as u32).collect();
+            // SAFETY: AVX-512F is available (checked above).
+            let mut run = || {
+                black_box(unsafe { walk(&tile, &idx, &vals) });
+            };
+            let mut none = || {};
+            measure(7, 40.0, 8.0, &mut run, &mut none).0 / n as f64
+        };
+        let l2_ns = time_for(3072, rng);
+        let l1_ns = time_for(128, rng);
+        let a = Tensor::new(rng.vec(256 * 3072), &Device::Cpu)
+            .unwrap()
+            .reshape((256, 3072))
+            .unwrap();
+        let b = Tensor::new(rng.vec(768 * 3072), &Device::Cpu)
+            .unwrap()
+            .reshape((768, 3072))
+            .unwrap();
+        let mut gemm = || {
+            black_box(a.matmul(&b.t().unwrap()).unwrap());
+        };
+        let mut none = || {};
+        let d = measure(7, 40.0, 8.0, &mut gemm, &mut none).0;
+        let threads = candle_threads() as f64;
+        Some(TileCeiling {
+            l2_ns,
+            l1_ns,
+            dense_ns_per_64: d * threads / (256.0 * 3072.0 * 768.0 / 64.0),
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = rng;
+        None
+    }
 }
 
 fn main() {
