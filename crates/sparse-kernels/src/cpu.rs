@@ -499,19 +499,53 @@ impl RowsVisitor for Forward<'_> {
         };
         // A transpose of `acc [n, batch]` into the columns of `y [batch, rows]`, in blocks of
         // 16 stored rows so that the writes of one batch entry stay within a few cache lines
-        // (row by row, every write touched a new line of `y`). Each `y` element still gets
-        // exactly one addition; threads take disjoint ranges of batch entries.
+        // (row by row, every write touched a new line of `y`). Four stored rows that land in
+        // four consecutive rows of `y` (every row of a layer with no ablated neurons) move
+        // with four batch entries as one 4×4 block, transposed in registers
+        // (`transpose::block4_add`: scalar, this add was 4% of a wide-MLP sparse step); the
+        // rest entry by entry. Each `y` element still gets exactly one addition; threads take
+        // disjoint ranges of batch entries.
         const BLOCK: usize = 16;
         let per = batch.div_ceil(threads);
         let transpose = |(part, ys): (usize, &mut [f32])| {
             let b0 = part * per;
+            let nb = ys.len() / rows.max(1);
+            let nb4 = nb / 4 * 4;
             for a0 in (0..n).step_by(BLOCK) {
                 let a1 = (a0 + BLOCK).min(n);
                 let out: [usize; BLOCK] = std::array::from_fn(|i| r.out_row((a0 + i).min(a1 - 1)));
+                // Groups of four stored rows whose outputs are consecutive rows of `y`.
+                let quads = |i: usize| a0 + i + 4 <= a1 && (1..4).all(|k| out[i + k] == out[i] + k);
+                let blocked: [bool; BLOCK / 4] = std::array::from_fn(|q| quads(4 * q));
+                for (q, _) in blocked.iter().enumerate().filter(|(_, &b)| b) {
+                    let (a, o) = (a0 + 4 * q, out[4 * q]);
+                    assert!((a + 3) * batch + b0 + nb4 <= acc.len() && o + 4 <= rows);
+                    for bi in (0..nb4).step_by(4) {
+                        // SAFETY: stored rows `a..a + 4` at batch entries `b0 + bi .. + 4` are
+                        // inside `acc`, and `y` rows `bi..bi + 4 ≤ nb` of this part at outputs
+                        // `o..o + 4 ≤ rows` inside `ys` (asserted above); distinct buffers.
+                        unsafe {
+                            crate::transpose::block4_add(
+                                acc.as_ptr().add(a * batch + b0 + bi),
+                                batch,
+                                ys.as_mut_ptr().add(bi * rows + o),
+                                rows,
+                            )
+                        };
+                    }
+                }
+                if nb4 == nb && a1 - a0 == BLOCK && blocked.iter().all(|&b| b) {
+                    continue;
+                }
                 for (bi, yb) in ys.chunks_exact_mut(rows).enumerate() {
                     let b = b0 + bi;
-                    for (i, a) in (a0..a1).enumerate() {
-                        yb[out[i]] += acc[a * batch + b];
+                    for (q, &done) in blocked.iter().enumerate() {
+                        if done && bi < nb4 {
+                            continue;
+                        }
+                        for i in 4 * q..(4 * q + 4).min(a1 - a0) {
+                            yb[out[i]] += acc[(a0 + i) * batch + b];
+                        }
                     }
                 }
             }

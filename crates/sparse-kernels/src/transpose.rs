@@ -46,19 +46,44 @@ pub(crate) unsafe fn block4(src: *const f32, ss: usize, dst: *mut f32, ds: usize
     }
 }
 
-/// [`block4`] that adds the transposed block to `dst` instead of overwriting it.
+/// [`block4`] that adds the transposed block to `dst` instead of overwriting it:
+/// `dst[j·ds + i] += src[i·ss + j]`, one addition per element.
 ///
 /// # Safety
 /// As for [`block4`].
 #[inline(always)]
-unsafe fn block4_add(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
-    let mut t = [0f32; 16];
-    // SAFETY: `t` is a separate 4×4 block; the reads are the caller's.
-    unsafe { block4(src, ss, t.as_mut_ptr(), 4) };
+pub(crate) unsafe fn block4_add(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE is part of x86_64; the reads and writes are the ones the caller vouches
+        // for.
+        unsafe {
+            let r0 = _mm_loadu_ps(src);
+            let r1 = _mm_loadu_ps(src.add(ss));
+            let r2 = _mm_loadu_ps(src.add(2 * ss));
+            let r3 = _mm_loadu_ps(src.add(3 * ss));
+            let t0 = _mm_unpacklo_ps(r0, r1);
+            let t1 = _mm_unpacklo_ps(r2, r3);
+            let t2 = _mm_unpackhi_ps(r0, r1);
+            let t3 = _mm_unpackhi_ps(r2, r3);
+            let cols = [
+                _mm_movelh_ps(t0, t1),
+                _mm_movehl_ps(t1, t0),
+                _mm_movelh_ps(t2, t3),
+                _mm_movehl_ps(t3, t2),
+            ];
+            for (j, c) in cols.into_iter().enumerate() {
+                let d = dst.add(j * ds);
+                _mm_storeu_ps(d, _mm_add_ps(_mm_loadu_ps(d), c));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
     for j in 0..4 {
         for i in 0..4 {
             // SAFETY: as vouched for by the caller.
-            unsafe { *dst.add(j * ds + i) += t[j * 4 + i] };
+            unsafe { *dst.add(j * ds + i) += *src.add(i * ss + j) };
         }
     }
 }
