@@ -306,9 +306,11 @@ fn tensor_sgd_step(slot: &mut Slot, g: &Tensor, c: SgdConfig) -> Result<()> {
     Ok(())
 }
 
-/// The SGD step as two in-place passes over contiguous CPU `f32` storage instead of ~8 tensor
-/// operations that each allocate and fill a fresh tensor (a dense or dense-mask training step on
-/// the wide MLP ~11–13% faster, docs/benchmarks.md). Every element goes through exactly the operations, in the
+/// The SGD step as one in-place pass over contiguous CPU `f32` storage (momentum buffer and
+/// weight together; the weight alone without momentum) instead of ~8 tensor operations that
+/// each allocate and fill a fresh tensor (a dense or dense-mask training step on the wide MLP
+/// ~11–13% faster, and one pass instead of two another ~5–20% on the dense-mask step,
+/// docs/benchmarks.md). Every element goes through exactly the operations, in the
 /// order and the rounding, of the tensor path above (candle's scalar multiply is
 /// `v · (s as f32) + 0`), so both paths give bit-identical weights and state
 /// (`fused_step_equals_the_tensor_path`).
@@ -317,7 +319,7 @@ mod fused {
 
     use super::{SgdConfig, Slot};
     use crate::error::Result;
-    use sparse_kernels::storage::with_slice;
+    use sparse_kernels::storage::{with_slice, write_in_place};
 
     /// `v · s` as candle's affine computes it.
     #[inline(always)]
@@ -343,24 +345,31 @@ mod fused {
         }
     }
 
-    /// `b ← (μ·b + d) ⊙ m` over the whole buffer; slices of equal length (checked by the
-    /// caller), loops free of per-element branches so that they vectorise.
-    fn momentum_loop<const MASK: bool, const WD: bool>(
+    /// Momentum and weight in one pass: `b ← (μ·b + d) ⊙ m`, then `w ← (w − lr·d') ⊙ m` with
+    /// `d'` the Nesterov (`d + μ·b`) or heavy-ball (`b`) direction of the new `b` — per element
+    /// the operations of a momentum pass followed by [`weight_loop`]'s, so one read of `w`,
+    /// `g`, `m` and `b` instead of two. Slices of equal length (checked by the caller), loops
+    /// free of per-element branches so that they vectorise.
+    fn both_loop<const MASK: bool, const WD: bool, const NEST: bool>(
+        w: &mut [f32],
         b: &mut [f32],
         g: &[f32],
         m: &[f32],
-        w: &[f32],
         c: &SgdConfig,
     ) {
-        let (mu, wd) = (c.momentum as f32, c.weight_decay as f32);
-        let n = b.len();
-        let (g, w) = (&g[..n], &w[..n]);
+        let (mu, wd, lr) = (c.momentum as f32, c.weight_decay as f32, c.lr as f32);
+        let n = w.len();
+        let (b, g) = (&mut b[..n], &g[..n]);
         let m = if MASK { &m[..n] } else { m };
         for i in 0..n {
             let mi = if MASK { m[i] } else { 1.0 };
             let d = direction::<MASK, WD>(g[i], mi, w[i], wd);
             let nb = scale(b[i], mu) + d;
-            b[i] = if MASK { nb * mi } else { nb };
+            let nb = if MASK { nb * mi } else { nb };
+            b[i] = nb;
+            let d = if NEST { d + scale(nb, mu) } else { nb };
+            let nw = w[i] - scale(d, lr);
+            w[i] = if MASK { nw * mi } else { nw };
         }
     }
 
@@ -418,32 +427,44 @@ mod fused {
         }
     }
 
-    struct MomentumPass<'a> {
-        g: &'a [f32],
-        m: Option<&'a [f32]>,
-        w: &'a [f32],
-        c: SgdConfig,
+    /// [`for_chunks`] over two buffers of equal length, split at the same places.
+    fn for_chunks2(
+        w: &mut [f32],
+        b: &mut [f32],
+        f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+    ) {
+        use rayon::prelude::*;
+        if w.len() > PAR_CHUNK && rayon::current_num_threads() > 1 {
+            w.par_chunks_mut(PAR_CHUNK)
+                .zip(b.par_chunks_mut(PAR_CHUNK))
+                .enumerate()
+                .for_each(|(i, (w, b))| f(i * PAR_CHUNK, w, b));
+        } else {
+            f(0, w, b);
+        }
     }
 
-    impl InplaceOp1 for MomentumPass<'_> {
-        fn name(&self) -> &'static str {
-            "fused-sgd-momentum"
-        }
-        fn cpu_fwd(&self, st: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-            let b = slice_mut(st, l)?;
-            let (g, w, c) = (self.g, self.w, &self.c);
-            let m = self.m.unwrap_or(&[]);
-            for_chunks(b, |o, b| {
-                let (g, m, w) = (&g[o..], tail(m, o), &w[o..]);
-                match (self.m.is_some(), c.weight_decay != 0.0) {
-                    (true, true) => momentum_loop::<true, true>(b, g, m, w, c),
-                    (true, false) => momentum_loop::<true, false>(b, g, m, w, c),
-                    (false, true) => momentum_loop::<false, true>(b, g, m, w, c),
-                    (false, false) => momentum_loop::<false, false>(b, g, m, w, c),
-                }
-            });
-            Ok(())
-        }
+    /// The step with momentum as one pass over both buffers ([`both_loop`]).
+    fn both_pass(w: &mut [f32], b: &mut [f32], g: &[f32], m: Option<&[f32]>, c: &SgdConfig) {
+        let mask = m.unwrap_or(&[]);
+        for_chunks2(w, b, |o, w, b| {
+            let (g, m) = (&g[o..], tail(mask, o));
+            macro_rules! go {
+                ($mask:literal, $wd:literal) => {
+                    if c.nesterov {
+                        both_loop::<$mask, $wd, true>(w, b, g, m, c)
+                    } else {
+                        both_loop::<$mask, $wd, false>(w, b, g, m, c)
+                    }
+                };
+            }
+            match (m.is_empty(), c.weight_decay != 0.0) {
+                (false, true) => go!(true, true),
+                (false, false) => go!(true, false),
+                (true, true) => go!(false, true),
+                (true, false) => go!(false, false),
+            }
+        });
     }
 
     struct WeightPass<'a> {
@@ -503,17 +524,19 @@ mod fused {
         with_slice(g, |g| -> Result<()> {
             let run = |m: Option<&[f32]>| -> Result<()> {
                 if let Some(b) = slot.state.first() {
-                    with_slice(w, |ws| b.inplace_op1(&MomentumPass { g, m, w: ws, c }))
-                        .expect("checked")?;
-                    with_slice(b, |bs| {
-                        w.inplace_op1(&WeightPass {
-                            g,
-                            m,
-                            b: Some(bs),
-                            c,
-                        })
-                    })
-                    .expect("checked")?;
+                    // The buffer's storage and the weight's, each borrowed mutably by candle
+                    // for one in-place op, the weight's inside the buffer's (distinct
+                    // storages, so the two write locks do not meet).
+                    let mut inner = Ok(false);
+                    let outer = write_in_place(b, |bs| {
+                        inner = write_in_place(w, |ws| both_pass(ws, bs, g, m, &c));
+                    })?;
+                    if !(outer && inner?) {
+                        return Err(candle_core::Error::Msg(
+                            "fused sgd: not contiguous f32 storage".into(),
+                        )
+                        .into());
+                    }
                 } else {
                     w.inplace_op1(&WeightPass { g, m, b: None, c })?;
                 }
