@@ -901,44 +901,41 @@ pub fn render_markdown(doc: &Value) -> String {
         }
         s.push('\n');
     }
-    let layers: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "conv").collect();
-    if !layers.is_empty() {
-        s.push_str(
+    // Layer ops against candle's: (suite, heading and header, decimals of the times, last
+    // column's key and decimals).
+    let layer_tables = [
+        (
+            "conv",
             "### Conv layers: `sparse_kernels::conv::conv2d` vs candle's `conv2d` (+ bias), batch 32\n\n\
              | threads | pass | shape | ours ms | candle ms | ×candle | GFLOP/s |\n|---|---|---|---|---|---|---|\n",
-        );
-        for r in layers {
-            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-            s.push_str(&format!(
-                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
-                r["threads"],
-                r["op"].as_str().unwrap_or("?"),
-                r["shape"].as_str().unwrap_or("?"),
-                f("median_ns") / 1e6,
-                f("candle_median_ns") / 1e6,
-                f("speedup_vs_candle"),
-                f("gflop_per_s"),
-            ));
-        }
-        s.push('\n');
-    }
-    let norms: Vec<&Value> = recs.iter().filter(|r| r["suite"] == "norm").collect();
-    if !norms.is_empty() {
-        s.push_str(
+            2,
+            ("gflop_per_s", 1),
+        ),
+        (
+            "norm",
             "### Batch norm + ReLU: `sparse_kernels::norm::batch_norm_relu_train` vs candle-nn's `BatchNorm::forward_train` + `relu`, batch 32\n\n\
              | threads | pass | channels × plane | ours ms | candle-nn ms | ×candle-nn | GB/s |\n|---|---|---|---|---|---|---|\n",
-        );
-        for r in norms {
+            3,
+            ("effective_gb_per_s", 1),
+        ),
+    ];
+    for (suite, heading, ms_dp, (last, last_dp)) in layer_tables {
+        let rows: Vec<&Value> = recs.iter().filter(|r| r["suite"] == suite).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        s.push_str(heading);
+        for r in rows {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             s.push_str(&format!(
-                "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.1} |\n",
+                "| {} | {} | {} | {:.ms_dp$} | {:.ms_dp$} | {:.2} | {:.last_dp$} |\n",
                 r["threads"],
                 r["op"].as_str().unwrap_or("?"),
                 r["shape"].as_str().unwrap_or("?"),
                 f("median_ns") / 1e6,
                 f("candle_median_ns") / 1e6,
                 f("speedup_vs_candle"),
-                f("effective_gb_per_s"),
+                f(last),
             ));
         }
         s.push('\n');

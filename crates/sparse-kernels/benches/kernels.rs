@@ -178,6 +178,26 @@ fn measure(
     (median(&mut s), median(&mut d))
 }
 
+/// [`measure`] of two ops that each produce a tensor: forward alone, or forward and the
+/// backward pass of `y.sum_all()` (every gradient the op computes).
+fn measure_pass(
+    backward: bool,
+    (reps, warm_ms, sample_ms): (usize, f64, f64),
+    ours: &dyn Fn() -> Tensor,
+    theirs: &dyn Fn() -> Tensor,
+) -> (f64, f64) {
+    let run = |y: Tensor| {
+        if backward {
+            black_box(y.sum_all().unwrap().backward().unwrap());
+        } else {
+            black_box(y);
+        }
+    };
+    measure(reps, warm_ms, sample_ms, &mut || run(ours()), &mut || {
+        run(theirs())
+    })
+}
+
 /// `sparse_kernels::norm::batch_norm_relu_train` (a ResNet's `relu(bn(conv(x)))`) against
 /// candle-nn's `BatchNorm::forward_train` followed by candle's `relu`, on ResNet-18's CIFAR
 /// activation shapes, batch 32: forward alone and forward + backward (the gradients of the
@@ -217,17 +237,8 @@ fn norms(
         };
         let candle = || bn.forward_train(x.as_tensor()).unwrap().relu().unwrap();
         for (op, passes) in [("forward", 3.0), ("forward+backward", 6.0)] {
-            let backward = passes > 3.0;
-            let run = |y: Tensor| {
-                if backward {
-                    black_box(y.sum_all().unwrap().backward().unwrap());
-                } else {
-                    black_box(y);
-                }
-            };
-            let (o, cn) = measure(reps, warm_ms, sample_ms, &mut || run(ours()), &mut || {
-                run(candle())
-            });
+            let timing = (reps, warm_ms, sample_ms);
+            let (o, cn) = measure_pass(passes > 3.0, timing, &ours, &candle);
             let shape = format!("{c}×{side}×{side}");
             let bytes = passes * 4.0 * n as f64;
             eprintln!(
@@ -297,17 +308,8 @@ fn convs(
         let oh = (side + 2 * padding - k) / stride + 1;
         let flop = 2.0 * (batch * cout * cin * k * k * oh * oh) as f64;
         for (op, passes) in [("forward", 1.0), ("forward+backward", 3.0)] {
-            let backward = passes > 1.0;
-            let run = |y: Tensor| {
-                if backward {
-                    black_box(y.sum_all().unwrap().backward().unwrap());
-                } else {
-                    black_box(y);
-                }
-            };
-            let (o, c) = measure(reps, warm_ms, sample_ms, &mut || run(ours()), &mut || {
-                run(candle())
-            });
+            let timing = (reps, warm_ms, sample_ms);
+            let (o, c) = measure_pass(passes > 1.0, timing, &ours, &candle);
             let shape = format!("{cin}→{cout} {side}×{side} {k}×{k} s{stride}");
             eprintln!(
                 "   conv {op:<16} {shape:<24} b={batch}  ours {:>9.2} ms  candle {:>9.2} ms  x{:.2}  {:.1} GFLOP/s",

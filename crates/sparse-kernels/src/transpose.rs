@@ -9,73 +9,63 @@
 //! shuffles and four stores (SSE, part of every x86-64 CPU; plain loops elsewhere), and
 //! [`to_lanes`] / [`from_lanes`] tile a whole copy with it, the ragged edges element by element.
 
-/// Writes the 4×4 block at `src` (rows `src + i·ss`, 4 floats each) transposed to `dst`:
-/// `dst[j·ds + i] = src[i·ss + j]` for `i, j < 4`.
+/// The 4×4 block at `src` (rows `src + i·ss`, 4 floats each) as its four columns.
+///
+/// # Safety
+/// `src + i·ss .. + 4` must be readable for `i < 4`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn columns4(src: *const f32, ss: usize) -> [std::arch::x86_64::__m128; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE is part of x86_64; the reads are the ones the caller vouches for.
+    unsafe {
+        let r0 = _mm_loadu_ps(src);
+        let r1 = _mm_loadu_ps(src.add(ss));
+        let r2 = _mm_loadu_ps(src.add(2 * ss));
+        let r3 = _mm_loadu_ps(src.add(3 * ss));
+        let t0 = _mm_unpacklo_ps(r0, r1);
+        let t1 = _mm_unpacklo_ps(r2, r3);
+        let t2 = _mm_unpackhi_ps(r0, r1);
+        let t3 = _mm_unpackhi_ps(r2, r3);
+        [
+            _mm_movelh_ps(t0, t1),
+            _mm_movehl_ps(t1, t0),
+            _mm_movelh_ps(t2, t3),
+            _mm_movehl_ps(t3, t2),
+        ]
+    }
+}
+
+/// Writes the 4×4 block at `src` (rows `src + i·ss`, 4 floats each) transposed to `dst`
+/// (`ADD`: added to it, one addition per element): `dst[j·ds + i] (+)= src[i·ss + j]` for
+/// `i, j < 4`. Four loads, eight shuffles and four stores (SSE, part of every x86-64 CPU;
+/// plain loops elsewhere).
 ///
 /// # Safety
 /// `src + i·ss .. + 4` must be readable and `dst + j·ds .. + 4` writable for `i, j < 4`, and
 /// the two regions must not overlap.
 #[inline(always)]
-pub(crate) unsafe fn block4(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+pub(crate) unsafe fn block4_op<const ADD: bool>(
+    src: *const f32,
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
-        // SAFETY: SSE is part of x86_64; the reads and writes are the ones the caller vouches
-        // for.
+        // SAFETY: the reads and writes are the ones the caller vouches for.
         unsafe {
-            let r0 = _mm_loadu_ps(src);
-            let r1 = _mm_loadu_ps(src.add(ss));
-            let r2 = _mm_loadu_ps(src.add(2 * ss));
-            let r3 = _mm_loadu_ps(src.add(3 * ss));
-            let t0 = _mm_unpacklo_ps(r0, r1);
-            let t1 = _mm_unpacklo_ps(r2, r3);
-            let t2 = _mm_unpackhi_ps(r0, r1);
-            let t3 = _mm_unpackhi_ps(r2, r3);
-            _mm_storeu_ps(dst, _mm_movelh_ps(t0, t1));
-            _mm_storeu_ps(dst.add(ds), _mm_movehl_ps(t1, t0));
-            _mm_storeu_ps(dst.add(2 * ds), _mm_movelh_ps(t2, t3));
-            _mm_storeu_ps(dst.add(3 * ds), _mm_movehl_ps(t3, t2));
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    for j in 0..4 {
-        for i in 0..4 {
-            // SAFETY: as vouched for by the caller.
-            unsafe { *dst.add(j * ds + i) = *src.add(i * ss + j) };
-        }
-    }
-}
-
-/// [`block4`] that adds the transposed block to `dst` instead of overwriting it:
-/// `dst[j·ds + i] += src[i·ss + j]`, one addition per element.
-///
-/// # Safety
-/// As for [`block4`].
-#[inline(always)]
-pub(crate) unsafe fn block4_add(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: SSE is part of x86_64; the reads and writes are the ones the caller vouches
-        // for.
-        unsafe {
-            let r0 = _mm_loadu_ps(src);
-            let r1 = _mm_loadu_ps(src.add(ss));
-            let r2 = _mm_loadu_ps(src.add(2 * ss));
-            let r3 = _mm_loadu_ps(src.add(3 * ss));
-            let t0 = _mm_unpacklo_ps(r0, r1);
-            let t1 = _mm_unpacklo_ps(r2, r3);
-            let t2 = _mm_unpackhi_ps(r0, r1);
-            let t3 = _mm_unpackhi_ps(r2, r3);
-            let cols = [
-                _mm_movelh_ps(t0, t1),
-                _mm_movehl_ps(t1, t0),
-                _mm_movelh_ps(t2, t3),
-                _mm_movehl_ps(t3, t2),
-            ];
-            for (j, c) in cols.into_iter().enumerate() {
+            for (j, c) in columns4(src, ss).into_iter().enumerate() {
                 let d = dst.add(j * ds);
-                _mm_storeu_ps(d, _mm_add_ps(_mm_loadu_ps(d), c));
+                _mm_storeu_ps(
+                    d,
+                    if ADD {
+                        _mm_add_ps(_mm_loadu_ps(d), c)
+                    } else {
+                        c
+                    },
+                );
             }
         }
     }
@@ -83,9 +73,32 @@ pub(crate) unsafe fn block4_add(src: *const f32, ss: usize, dst: *mut f32, ds: u
     for j in 0..4 {
         for i in 0..4 {
             // SAFETY: as vouched for by the caller.
-            unsafe { *dst.add(j * ds + i) += *src.add(i * ss + j) };
+            unsafe {
+                let (d, v) = (dst.add(j * ds), *src.add(i * ss + j));
+                *d.add(i) = if ADD { *d.add(i) + v } else { v };
+            }
         }
     }
+}
+
+/// [`block4_op`] that overwrites `dst`.
+///
+/// # Safety
+/// As for [`block4_op`].
+#[inline(always)]
+pub(crate) unsafe fn block4(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    // SAFETY: the caller's guarantees are `block4_op`'s.
+    unsafe { block4_op::<false>(src, ss, dst, ds) }
+}
+
+/// [`block4_op`] that adds to `dst`.
+///
+/// # Safety
+/// As for [`block4_op`].
+#[inline(always)]
+pub(crate) unsafe fn block4_add(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    // SAFETY: the caller's guarantees are `block4_op`'s.
+    unsafe { block4_op::<true>(src, ss, dst, ds) }
 }
 
 /// Positions per block of a copy: the block's `POSITIONS · tb` lane-major floats (16 KiB at
@@ -171,11 +184,7 @@ pub(crate) fn from_lanes<const ADD: bool>(
                 // inside `src`, rows `lane..lane + 4 ≤ n` at positions `p..p + 4` inside
                 // `dst` (both asserted above); `src` and `dst` are distinct slices.
                 unsafe {
-                    if ADD {
-                        block4_add(src.as_ptr().add(s), tb, dst.as_mut_ptr().add(d), stride)
-                    } else {
-                        block4(src.as_ptr().add(s), tb, dst.as_mut_ptr().add(d), stride)
-                    }
+                    block4_op::<ADD>(src.as_ptr().add(s), tb, dst.as_mut_ptr().add(d), stride)
                 };
             }
         }
