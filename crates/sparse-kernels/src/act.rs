@@ -9,10 +9,7 @@
 //! tensor, whose gradient candle's backward would build as `zeros + g`, and in one pass each
 //! way.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Elements per parallel chunk (elementwise work splits at fixed places, so the result does
 /// not depend on the thread count).
@@ -48,7 +45,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = crate::contiguous_f32(s, l, "relu", "x")?;
-        let y = fill_new(x.len(), |i0, y| {
+        let y = crate::fill_new(CHUNK, true, x.len(), |i0, y| {
             for (y, &v) in y.iter_mut().zip(&x[i0..]) {
                 y.write(v.max(0.0));
             }
@@ -84,7 +81,7 @@ impl CustomOp2 for ReluGrad {
         if x.len() != g.len() {
             candle_core::bail!("relu backward: grad has {} entries, x {}", g.len(), x.len());
         }
-        let out = fill_new(g.len(), |i0, o| {
+        let out = crate::fill_new(CHUNK, true, g.len(), |i0, o| {
             for ((o, &g), &x) in o.iter_mut().zip(&g[i0..]).zip(&x[i0..]) {
                 o.write(g * if x >= 0.0 { 1.0 } else { 0.0 });
             }
@@ -112,7 +109,7 @@ impl CustomOp2 for AddRelu {
         if a.len() != b.len() {
             candle_core::bail!("add_relu: a has {} entries, b {}", a.len(), b.len());
         }
-        let y = fill_new(a.len(), |i0, y| {
+        let y = crate::fill_new(CHUNK, true, a.len(), |i0, y| {
             for ((y, &a), &b) in y.iter_mut().zip(&a[i0..]).zip(&b[i0..]) {
                 y.write((a + b).max(0.0));
             }
@@ -159,7 +156,7 @@ impl candle_core::CustomOp3 for AddReluGrad {
                 a.len()
             );
         }
-        let out = fill_new(g.len(), |i0, o| {
+        let out = crate::fill_new(CHUNK, true, g.len(), |i0, o| {
             let terms = o.iter_mut().zip(&g[i0..]).zip(&a[i0..]).zip(&b[i0..]);
             for (((o, &g), &a), &b) in terms {
                 o.write(g * if a + b >= 0.0 { 1.0 } else { 0.0 });
@@ -167,21 +164,6 @@ impl candle_core::CustomOp3 for AddReluGrad {
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
-}
-
-/// A new vector of `n` floats, written by `fill(first index, chunk)` over chunks of [`CHUNK`]
-/// in parallel; each chunk must write every entry. Not zero-filled first: an element-wise op's
-/// output is written exactly once, and the zeroing pass cost as much as the op.
-fn fill_new(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n]
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, c)| fill(i * CHUNK, c));
-    // SAFETY: the chunks cover `0..n`, and `fill` writes every entry of its chunk (both callers
-    // zip the chunk with inputs of length `n`).
-    unsafe { v.set_len(n) };
-    v
 }
 
 #[cfg(test)]

@@ -266,6 +266,35 @@ pub fn candle_threads() -> usize {
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
+/// A new vector of `n` floats, written by `fill(first index, chunk)` over chunks of `chunk`
+/// entries (the last may be shorter), on rayon's pool when `parallel`; each chunk must write
+/// every entry. Not zero-filled first: an element-wise op's output is written exactly once, and
+/// the zeroing pass cost as much as the op.
+pub(crate) fn fill_new(
+    chunk: usize,
+    parallel: bool,
+    n: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let buf = &mut v.spare_capacity_mut()[..n];
+    if parallel {
+        buf.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| fill(i * chunk, c));
+    } else {
+        buf.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| fill(i * chunk, c));
+    }
+    // SAFETY: the chunks cover `0..n`, and `fill` writes every entry of its chunk (the
+    // callers' contract).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Helpers shared by the dense ops' unit tests (conv, dense, norm).
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -222,18 +222,11 @@ fn per_plane(
     n: usize,
     f: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    let job =
-        |(p, dst): (usize, &mut [MaybeUninit<f32>])| vectorised(|| f(p % channels, p * plane, dst));
-    let buf = &mut out.spare_capacity_mut()[..n];
-    if crate::candle_threads() > 1 && n >= crate::MIN_WORK_PER_THREAD {
-        buf.par_chunks_mut(plane.max(1)).enumerate().for_each(job);
-    } else {
-        buf.chunks_mut(plane.max(1)).enumerate().for_each(job);
-    }
-    // SAFETY: the planes cover `0..n`, and `f` writes every output of its plane.
-    unsafe { out.set_len(n) };
-    out
+    let parallel = crate::candle_threads() > 1 && n >= crate::MIN_WORK_PER_THREAD;
+    let plane = plane.max(1);
+    crate::fill_new(plane, parallel, n, |o, dst| {
+        vectorised(|| f((o / plane) % channels, o, dst))
+    })
 }
 
 struct Saved {
