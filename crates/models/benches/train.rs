@@ -315,6 +315,7 @@ fn main() {
         cfg.epochs = cfg.epochs.max((warm + steps).div_ceil(per_epoch));
         let t = time_steps(&cfg, &data, warm, steps);
         println!("{name} {path}: {:.3} ms/step", t.s_per_step * 1e3);
+        println!("  {}", t.phases.per_step_line());
         return;
     }
     println!("| model | sparsity | dense steps/s | dense-mask SRigL | sparse SRigL | sparse ÷ dense | one update costs | update overhead at ΔT = 100 |");

@@ -48,6 +48,6 @@ pub use config::{
 pub use data::{DatasetName, Datasets};
 pub use engine::Engine;
 pub use error::TrainError;
-pub use metrics::{EpochMetrics, LayerStats, Summary};
+pub use metrics::{EpochMetrics, LayerStats, StepProfile, Summary};
 pub use nets::ModelConfig;
 pub use trainer::{Control, Event, Progress, Silent, Trainer};

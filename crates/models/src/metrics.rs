@@ -12,6 +12,67 @@ pub use sparse_formats::LayerStats;
 
 use crate::error::{file_err, Result};
 
+/// Wall seconds a trainer's steps spent in each part of a step, summed over the steps so far
+/// ([`crate::Trainer::step_profile`]); the difference of two readings
+/// ([`StepProfile::since`]) covers the steps between them. Where a step's time goes without a
+/// profiler: the forward and backward passes hold the layer kernels, the backward pass of a
+/// mask-update step also the dense gradients RigL and SRigL read, and `mask_update` the
+/// update itself (drop, growth, new layouts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepProfile {
+    /// Steps counted.
+    pub steps: u64,
+    /// Of those, steps that updated masks.
+    pub update_steps: u64,
+    /// Gathering and normalising the batch.
+    pub batch_s: f64,
+    /// Forward pass and loss.
+    pub forward_s: f64,
+    /// Backward pass (and the gradients' all-reduce in a data-parallel run).
+    pub backward_s: f64,
+    /// Optimizer step (and, on a mask-update step, refreshing the dense weights of
+    /// sparse-storage layers that the update reads).
+    pub optimizer_s: f64,
+    /// The method's mask update and the new sparse layouts (0 on other steps).
+    pub mask_update_s: f64,
+}
+
+impl StepProfile {
+    /// The steps counted in `self` but not in the earlier reading `before`.
+    pub fn since(&self, before: &StepProfile) -> StepProfile {
+        StepProfile {
+            steps: self.steps - before.steps,
+            update_steps: self.update_steps - before.update_steps,
+            batch_s: self.batch_s - before.batch_s,
+            forward_s: self.forward_s - before.forward_s,
+            backward_s: self.backward_s - before.backward_s,
+            optimizer_s: self.optimizer_s - before.optimizer_s,
+            mask_update_s: self.mask_update_s - before.mask_update_s,
+        }
+    }
+
+    /// Total seconds of the counted steps.
+    pub fn total_s(&self) -> f64 {
+        self.batch_s + self.forward_s + self.backward_s + self.optimizer_s + self.mask_update_s
+    }
+
+    /// One line, milliseconds per step for each part (`mask update` also per update step).
+    pub fn per_step_line(&self) -> String {
+        let ms = |s: f64| 1e3 * s / self.steps.max(1) as f64;
+        format!(
+            "batch {:.2} · forward {:.2} · backward {:.2} · optimizer {:.2} · mask update {:.2} ms/step ({:.1} ms per update, {} updates) · total {:.2} ms/step",
+            ms(self.batch_s),
+            ms(self.forward_s),
+            ms(self.backward_s),
+            ms(self.optimizer_s),
+            ms(self.mask_update_s),
+            1e3 * self.mask_update_s / self.update_steps.max(1) as f64,
+            self.update_steps,
+            ms(self.total_s()),
+        )
+    }
+}
+
 /// What one epoch did (one line of `metrics.jsonl`, `"kind": "epoch"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {

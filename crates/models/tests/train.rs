@@ -79,6 +79,7 @@ fn srigl_90_on_real_fashion_mnist_beats_chance_in_the_sparse_engine() {
 fn srigl_90_beats_chance(c: TrainConfig) {
     let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
     let (mut epochs, mut updates, mut steps) = (0, 0, 0);
+    let start = std::time::Instant::now();
     let s = t
         .run(&mut |e: &Event| {
             match e {
@@ -90,9 +91,26 @@ fn srigl_90_beats_chance(c: TrainConfig) {
             Control::Continue
         })
         .unwrap();
+    let wall = start.elapsed().as_secs_f64();
     assert_eq!((epochs, steps), (4, 80));
     // ΔT = 10, T_end = 0.75·80 = 60 exclusive: updates at 10, 20, ..., 50.
     assert_eq!(updates, 5);
+    // The step profile counted the same steps and updates, every part took time, and the
+    // parts fit in the run's wall time (which also holds the epoch-end evaluations).
+    let p = t.step_profile();
+    assert_eq!((p.steps, p.update_steps), (80, 5));
+    for (part, v) in [
+        ("batch", p.batch_s),
+        ("forward", p.forward_s),
+        ("backward", p.backward_s),
+        ("optimizer", p.optimizer_s),
+        ("mask update", p.mask_update_s),
+    ] {
+        assert!(v > 0.0 && v.is_finite(), "{part}: {v} s");
+    }
+    assert!(p.total_s() < wall, "{} s of parts in {wall} s", p.total_s());
+    assert_eq!(p.since(&p).steps, 0);
+    assert_eq!(p.since(&Default::default()), p);
     assert!(
         s.test_accuracy > 0.6,
         "test accuracy {} (chance 0.1)",

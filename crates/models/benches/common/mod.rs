@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use models::data::ImageSet;
 use models::distributed::CommStats;
-use models::{Control, Datasets, Event, ModelConfig, Silent, TrainConfig, Trainer};
+use models::{Control, Datasets, Event, ModelConfig, Silent, StepProfile, TrainConfig, Trainer};
 
 /// The MLPs of the train and scaling suites: name, hidden widths, image channels and side.
 pub const MLPS: [(&str, &[usize], usize, usize); 2] = [
@@ -67,6 +67,8 @@ pub struct Timing {
     pub update_extra: f64,
     /// The collective operations of the timed steps (zero in a single process).
     pub comm: CommStats,
+    /// Where the timed steps' time went, part by part.
+    pub phases: StepProfile,
 }
 
 impl Timing {
@@ -101,6 +103,7 @@ pub fn time_trainer(t: &mut Trainer, warm: usize, steps: usize) -> Timing {
     );
     t.run_until(warm, &mut Silent).expect("warm-up");
     let comm_before = t.communication();
+    let phases_before = t.step_profile();
     let start = Instant::now();
     let mut last = start;
     let mut durations: Vec<(usize, f64)> = Vec::new();
@@ -155,6 +158,7 @@ pub fn time_trainer(t: &mut Trainer, warm: usize, steps: usize) -> Timing {
             bytes: comm_after.bytes - comm_before.bytes,
             calls: comm_after.calls - comm_before.calls,
         },
+        phases: t.step_profile().since(&phases_before),
         s_per_step: total / steps as f64,
         median_step,
         update_extra: match extra.len() {

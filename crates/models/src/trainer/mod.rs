@@ -31,7 +31,9 @@ use crate::data::{Datasets, ImageSet};
 use crate::distributed::{self, Collective, CommStats, Metered, SingleProcess};
 use crate::engine::Engine;
 use crate::error::{config_err, Result, TrainError};
-use crate::metrics::{self, correct_count, EpochMetrics, LayerStats, MetricsLog, Summary};
+use crate::metrics::{
+    self, correct_count, EpochMetrics, LayerStats, MetricsLog, StepProfile, Summary,
+};
 use crate::nets::{LayerFactory, Network};
 
 /// A training run in progress: network, method, engine (with the optimizer), data, counters.
@@ -62,6 +64,8 @@ pub struct Trainer {
     comm: Metered,
     /// Ranks of the run whose checkpoint this trainer resumed.
     checkpoint_ranks: Option<usize>,
+    /// Where the steps' time went ([`Trainer::step_profile`]).
+    profile: StepProfile,
 }
 
 impl Trainer {
@@ -114,6 +118,7 @@ impl Trainer {
             last_checkpoint: None,
             comm: Metered::new(Box::new(SingleProcess)),
             checkpoint_ranks: None,
+            profile: StepProfile::default(),
         })
     }
 
@@ -166,6 +171,12 @@ impl Trainer {
     /// process): what data-parallel training spends communicating and waiting for other ranks.
     pub fn communication(&self) -> CommStats {
         self.comm.stats()
+    }
+
+    /// Wall time of the parts of this trainer's steps so far (see [`StepProfile`]); read it
+    /// before and after some steps and take [`StepProfile::since`] for those steps alone.
+    pub fn step_profile(&self) -> StepProfile {
+        self.profile
     }
 
     /// Ends this trainer and hands back its collective (a [`SingleProcess`] unless
@@ -470,7 +481,9 @@ impl Trainer {
         self.engine.begin_step(self.method.needs_dense_grad(step));
         let size = self.comm.size();
         let local = distributed::shard(idx, self.comm.rank(), size);
+        let t0 = Instant::now();
         let (x, y) = self.batch(&self.data.train, local)?;
+        let t1 = Instant::now();
         let logits = self.net.forward_t(&x, true)?;
         let loss = self.loss(&logits, &y)?;
         let mut loss_v = loss.to_scalar::<f32>()?;
@@ -486,18 +499,21 @@ impl Trainer {
         if !loss_v.is_finite() {
             return Ok((loss_v, lr, None));
         }
+        let t2 = Instant::now();
         let mut grads = sparse_kernels::backward::backward(&loss)?;
         if size > 1 {
             self.all_reduce_grads(&mut grads, local.len() as f32 / idx.len() as f32)?;
         }
         self.method.after_backward(&mut grads)?;
         self.engine.end_backward();
+        let t3 = Instant::now();
         self.engine.step(&grads)?;
         self.step = step;
         self.epoch_acc.0 += loss_v as f64;
         self.epoch_acc.1 += correct as f64;
         self.epoch_acc.2 += idx.len();
         self.engine.after_optimizer_step()?;
+        let t4 = Instant::now();
         let report = self.method.after_step(step, &grads, &mut self.engine)?;
         if report.is_some() {
             self.engine.relayout()?;
@@ -505,6 +521,14 @@ impl Trainer {
                 distributed::masks_agree(&self.comm, &self.masks(), step)?;
             }
         }
+        let p = &mut self.profile;
+        p.steps += 1;
+        p.update_steps += report.is_some() as u64;
+        p.batch_s += (t1 - t0).as_secs_f64();
+        p.forward_s += (t2 - t1).as_secs_f64();
+        p.backward_s += (t3 - t2).as_secs_f64();
+        p.optimizer_s += (t4 - t3).as_secs_f64();
+        p.mask_update_s += t4.elapsed().as_secs_f64();
         Ok((loss_v, lr, report))
     }
 
