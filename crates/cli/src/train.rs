@@ -566,6 +566,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
                 "sparsity": summary.sparsity,
                 "sparse_storage_layers": sparse_layers,
                 "wall_s": summary.wall_s,
+                "step_profile": trainer.step_profile(),
             })
         );
     } else {
@@ -576,6 +577,8 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             summary.wall_s,
             dir.display()
         );
+        // Where this process's steps went (a resumed run: the steps since the resume).
+        println!("steps: {}", trainer.step_profile().per_step_line());
     }
     Ok(ExitCode::SUCCESS)
 }

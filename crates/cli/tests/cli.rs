@@ -64,7 +64,17 @@ fn train(dir: &Path, extra: &[&str]) -> PathBuf {
         &out,
     ];
     args.extend_from_slice(extra);
-    ok(&dst(&args));
+    let out = ok(&dst(&args));
+    // The summary line, then where the steps' time went (`Trainer::step_profile`).
+    assert!(out.contains("test accuracy "), "{out}");
+    let profile = out
+        .lines()
+        .find(|l| l.starts_with("steps: batch "))
+        .unwrap_or_else(|| panic!("no step profile in {out}"));
+    assert!(
+        profile.contains(" ms/step") && profile.contains("mask update"),
+        "{profile}"
+    );
     dir.to_path_buf()
 }
 
