@@ -38,11 +38,12 @@ pub struct StepProfile {
 }
 
 impl StepProfile {
-    /// The steps counted in `self` but not in the earlier reading `before`.
+    /// The steps counted in `self` but not in the earlier reading `before` (counts saturate at
+    /// 0 if `before` is in fact the later one).
     pub fn since(&self, before: &StepProfile) -> StepProfile {
         StepProfile {
-            steps: self.steps - before.steps,
-            update_steps: self.update_steps - before.update_steps,
+            steps: self.steps.saturating_sub(before.steps),
+            update_steps: self.update_steps.saturating_sub(before.update_steps),
             batch_s: self.batch_s - before.batch_s,
             forward_s: self.forward_s - before.forward_s,
             backward_s: self.backward_s - before.backward_s,

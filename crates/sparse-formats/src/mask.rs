@@ -498,10 +498,7 @@ pub fn push_active_positions(bits: &[bool], base: usize, out: &mut Vec<usize>) {
 /// 64-bit lane; on the 9.4 M entries of a 3072×3072 mask that took ~2.4 ms, and a mask update
 /// of the wide MLP counts several masks (the ITOP rate, the sparse engine's layout choice).
 fn count_active(bits: &[bool]) -> usize {
-    // SAFETY: a `bool` is one byte holding 0 or 1, so the entries are `bits.len()` readable
-    // bytes.
-    let bytes: &[u8] =
-        unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<u8>(), bits.len()) };
+    let bytes = flag_bytes(bits);
     const LOW: u64 = 0x00ff_00ff_00ff_00ff;
     let mut n = 0;
     let mut blocks = bytes.chunks_exact(8 * 255);
@@ -523,13 +520,21 @@ fn count_active(bits: &[bool]) -> usize {
     n + rest[whole..].iter().filter(|&&b| b != 0).count()
 }
 
+/// Mask entries as their bytes, each 0 or 1 (what the word-at-a-time loops above and below
+/// add and multiply).
+#[inline]
+fn flag_bytes(bits: &[bool]) -> &[u8] {
+    // SAFETY: a `bool` is one byte holding 0 or 1, so `bits.len()` entries are as many
+    // readable, initialised bytes, borrowed for as long as `bits`.
+    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<u8>(), bits.len()) }
+}
+
 /// 64 mask entries packed into a word, entry `j` at bit `j`: eight entries at a time, their
 /// bytes (0 or 1) gathered into one byte by a multiplication.
 #[inline]
 fn pack_word(chunk: &[bool]) -> u64 {
     debug_assert_eq!(chunk.len(), 64);
-    // SAFETY: a `bool` is one byte holding 0 or 1, so the 64 entries are 64 readable bytes.
-    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast::<u8>(), 64) };
+    let bytes = flag_bytes(chunk);
     let mut w = 0u64;
     for (q, eight) in bytes.chunks_exact(8).enumerate() {
         let x = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
