@@ -278,51 +278,53 @@ impl Sparsifier {
                     tie_noise: cfg.tie_noise,
                     srigl: cfg.srigl,
                 };
-                let old = l.param.mask();
-                // Weights and gradient are read where they are stored (no copies of the dense
-                // arrays); the storage guards are released before the weights are written.
-                let run = |weights: &[f32], grad: Option<&[f32]>| {
-                    let update = |active_weights: Option<&[f32]>| {
-                        let input = UpdateInput {
-                            name,
-                            weights,
-                            grad,
-                            mask: &old,
-                            budget: l.budget.budget,
-                            protected: l.protected,
-                            active_weights,
-                        };
-                        layer_mask_update(method, &input, &params)
-                    };
-                    match stored {
-                        Some(t) => with_f32(t, |v| update(Some(v)))?,
-                        None => update(None),
-                    }
-                };
-                let update = with_f32(l.param.var().as_tensor(), |weights| {
-                    match grads.get(l.param.var()) {
-                        // The mean over the window: the earlier steps' sum plus this step's.
-                        Some(g) if accumulates => with_f32(g, |g| {
-                            let mut mean = std::mem::take(&mut l.grad_sum);
-                            if mean.is_empty() {
-                                mean = vec![0.0; g.len()];
-                            }
-                            let inv = 1.0 / n_acc as f32;
-                            for (m, &g) in mean.iter_mut().zip(g) {
-                                *m = (*m + g) * inv;
-                            }
-                            run(weights, Some(&mean))
-                        })?,
-                        Some(g) => with_f32(g, |g| run(weights, Some(g)))?,
-                        None if matches!(method, Method::Rigl | Method::Srigl) => {
-                            Err(DstError::layer(
+                // Mask, weights and gradient are read where they are stored (no copies of the
+                // dense arrays); the guards are released before the weights are written.
+                let update = l.param.with_mask(|old| {
+                    let run = |weights: &[f32], grad: Option<&[f32]>| {
+                        let update = |active_weights: Option<&[f32]>| {
+                            let input = UpdateInput {
                                 name,
-                                "no gradient for this weight in the gradient store",
-                            ))
+                                weights,
+                                grad,
+                                mask: old,
+                                budget: l.budget.budget,
+                                protected: l.protected,
+                                active_weights,
+                            };
+                            layer_mask_update(method, &input, &params)
+                        };
+                        match stored {
+                            Some(t) => with_f32(t, |v| update(Some(v)))?,
+                            None => update(None),
                         }
-                        None => run(weights, None),
-                    }
-                })??;
+                    };
+                    let update = with_f32(l.param.var().as_tensor(), |weights| {
+                        match grads.get(l.param.var()) {
+                            // The mean over the window: the earlier steps' sum plus this step's.
+                            Some(g) if accumulates => with_f32(g, |g| {
+                                let mut mean = std::mem::take(&mut l.grad_sum);
+                                if mean.is_empty() {
+                                    mean = vec![0.0; g.len()];
+                                }
+                                let inv = 1.0 / n_acc as f32;
+                                for (m, &g) in mean.iter_mut().zip(g) {
+                                    *m = (*m + g) * inv;
+                                }
+                                run(weights, Some(&mean))
+                            })?,
+                            Some(g) => with_f32(g, |g| run(weights, Some(g)))?,
+                            None if matches!(method, Method::Rigl | Method::Srigl) => {
+                                Err(DstError::layer(
+                                    name,
+                                    "no gradient for this weight in the gradient store",
+                                ))
+                            }
+                            None => run(weights, None),
+                        }
+                    })??;
+                    Ok::<_, DstError>(update)
+                })?;
                 let Some(update) = update else {
                     return Ok(None);
                 };
@@ -333,7 +335,7 @@ impl Sparsifier {
                     // is read, so the change is not applied to it here.
                     l.param.replace_mask(update.mask)?;
                 } else {
-                    l.param.change_mask(&old, update.mask)?;
+                    l.param.change_mask(update.mask)?;
                 }
                 Ok(Some(update.stats))
             })
