@@ -1,12 +1,12 @@
 //! One mask update of one layer, timed as the trainer's sparsifier runs it (the new mask from
 //! the weights and gradient in place, then the change applied to the weights in place): SRigL
-//! (with ablation), RigL and SET on the wide MLP's
-//! 3072×3072 hidden layer and the 1000-wide MLP's 1000×1000 layer at 90%, 95% and 99% sparsity, the
-//! weights and dense gradient random (seeded), the mask the method's own initial mask.
+//! (with ablation), RigL and SET on the wide MLP's 3072×3072 hidden layer and the 1000-wide
+//! MLP's 1000×1000 layer at 90%, 95% and 99% sparsity, the weights and dense gradient random
+//! (seeded), the mask the method's own initial mask.
 //!
-//! `cargo bench -p dst-core --bench update -- [--quick] [--rows 1000|3072] [--method srigl]`; the `train` suite of the `models`
-//! crate measures what an update costs inside training (with the dense gradient and the
-//! sparse engine's re-layout).
+//! `cargo bench -p dst-core --bench update -- [--quick] [--rows 1000|3072] [--method srigl]
+//! [--sparsity 0.9|0.95|0.99]`; the `train` suite of the `models` crate measures what an
+//! update costs inside training (with the dense gradient and the sparse engine's re-layout).
 
 use std::time::Instant;
 
@@ -29,6 +29,13 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let (only_rows, only_method) = (only("--rows"), only("--method"));
+    let only_sparsity: Option<f64> = only("--sparsity").map(|s| match s.parse() {
+        Ok(v) if [0.9, 0.95, 0.99].contains(&v) => v,
+        _ => {
+            eprintln!("error: --sparsity takes 0.9, 0.95 or 0.99, got {s:?}");
+            std::process::exit(2);
+        }
+    });
     let reps = if quick { 2 } else { 5 };
     println!(
         "| layer | sparsity | method | one update (ms, median of {reps}) | threads |\n|---|---|---|---|---|"
@@ -38,6 +45,9 @@ fn main() {
             continue;
         }
         for sparsity in [0.9, 0.95, 0.99] {
+            if only_sparsity.is_some_and(|s| s != sparsity) {
+                continue;
+            }
             let budget = ((1.0 - sparsity) * (rows * fan_in) as f64).round() as usize;
             let mut rng = Rng::new(1);
             let g: Vec<f32> = (0..rows * fan_in).map(|_| rng.normal() as f32).collect();

@@ -444,6 +444,75 @@ mod tests {
     }
 
     #[test]
+    fn sparse_rows_in_large_layers_are_the_general_update() {
+        // Rows long against their fan-in (growth by block maxima, `select::top_k_growth`) in
+        // layers large enough for the gradient salience's collecting pass: fan-ins that are
+        // and are not multiples of 16, gradients with ties, zeros and NaN, ablation firing
+        // (gradients concentrated on a few rows) and not.
+        let mut rng = Rng::new(29);
+        let mut ablations = Vec::new();
+        for (case, (rows, fan_in, budget)) in [
+            (100, 1024, 800),
+            (70, 1000, 700),
+            (90, 999, 1800),
+            (40, 2000, 600),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mask = initial_mask(Method::Srigl, "w", rows, fan_in, budget, &mut rng).unwrap();
+            assert!(
+                fan_in >= 32 * (budget / rows),
+                "case {case}: growth by block maxima"
+            );
+            let w: Vec<f32> = mask
+                .as_slice()
+                .iter()
+                .map(|&a| if a { value(&mut rng, false) } else { 0.0 })
+                .collect();
+            let g: Vec<f32> = (0..rows * fan_in)
+                .map(|i| {
+                    let scale = if case % 2 == 0 && i / fan_in < 10 {
+                        10.0
+                    } else {
+                        0.01
+                    };
+                    value(&mut rng, true) * scale
+                })
+                .collect();
+            let input = UpdateInput {
+                name: "w",
+                weights: &w,
+                grad: Some(&g),
+                mask: &mask,
+                budget,
+                protected: false,
+                active_weights: None,
+            };
+            for drop_fraction in [0.3, 1.0] {
+                let params = UpdateParams {
+                    drop_fraction,
+                    seed: 1,
+                    step: 100,
+                    layer_index: 0,
+                    tie_noise: 0.0,
+                    srigl: SriglParams::default(),
+                };
+                let u = srigl(&input, &params).unwrap().unwrap();
+                let want = srigl_general(&input, &params).unwrap();
+                assert_eq!(u, want, "case {case}, drop fraction {drop_fraction}");
+                assert!(u.stats.grown > 0, "case {case}");
+                ablations.push(u.ablated.len());
+            }
+        }
+        assert!(
+            ablations.iter().any(|&a| a > 0),
+            "ablation fires: {ablations:?}"
+        );
+        assert!(ablations.contains(&0), "and does not: {ablations:?}");
+    }
+
+    #[test]
     fn tie_noise_and_broken_contracts_take_the_general_path() {
         let mask = Mask::parse("#.\n.#").unwrap();
         let g = [1.0f32; 4];

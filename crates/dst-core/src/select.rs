@@ -239,7 +239,10 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
         // n / 32 entries; kept for any caller).
         return excluding_scan(g, taken, need);
     }
-    let mut pos: Vec<u32> = Vec::with_capacity(B * (need + 4));
+    // The growth set's keys are at least `bound` (the `need`-th largest untaken key is), so
+    // only the chosen blocks' untaken entries at or above it are candidates: about `need` of
+    // them, ranked by a small sort (key descending, then position ascending).
+    let mut cands: Vec<(u32, u32)> = Vec::with_capacity(2 * need + 8);
     let mut ties = need;
     for (b, &m) in maxima.iter().enumerate() {
         let take = m > bound || (m == bound && ties > 0);
@@ -247,13 +250,17 @@ pub(crate) fn top_k_growth(g: &[f32], taken: &[bool], k: usize, need: usize) -> 
             continue;
         }
         ties -= (m == bound) as usize;
-        pos.extend(((b * B) as u32..((b + 1) * B).min(n) as u32).filter(|&i| !taken[i as usize]));
+        for i in b * B..((b + 1) * B).min(n) {
+            let o = abs_key(g[i]);
+            if !taken[i] && o >= bound {
+                cands.push((!o, i as u32));
+            }
+        }
     }
-    let keys: Vec<u32> = pos.iter().map(|&i| abs_key(g[i as usize])).collect();
-    top_k_row(&keys, need)
-        .into_iter()
-        .map(|p| pos[p] as usize)
-        .collect()
+    cands.sort_unstable();
+    let mut out: Vec<usize> = cands[..need].iter().map(|&(_, i)| i as usize).collect();
+    out.sort_unstable();
+    out
 }
 
 /// The growth by definition: [`top_k_row`] on every key of the row, the taken entries
