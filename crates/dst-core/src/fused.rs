@@ -8,13 +8,17 @@
 //!
 //! 1. one pass over the weights and the mask lists the active entries with their `|W|` keys
 //!    (every `|W|` selection is among active entries: a tenth or less of the layer); it packs
-//!    64 active flags into a word at a time and walks the word's set bits;
+//!    64 active flags into a word at a time and walks the word's set bits — or, for a caller
+//!    that holds the active weights (the sparse engine), the mask's own list of its active
+//!    positions ([`Mask::active_positions`]) and those weights, without a pass;
 //! 2. one pass over the gradient collects the entries that can be among the `n_drop` largest
 //!    `|∂L/∂W|` (`select::top_k_abs`), for the salience counts of ablation;
 //! 3. one pass over rows, in parallel, trims each row's kept weights to `k` and grows it back
 //!    to `k` by `|∂L/∂W|` (`select::top_k_growth`: block maxima bound the candidates, so a
-//!    sparse row's growth looks at a few blocks' keys), and writes the new mask; the drop/grow
-//!    counts come from the row's lists, not from another scan.
+//!    sparse row's growth looks at a few blocks' keys), and writes the new mask with its list
+//!    of active positions (each row's read while the row is in cache, so the next update, the
+//!    sparse engine's layout and the ever-active union need no scan of the mask); the
+//!    drop/grow counts come from the row's lists, not from another scan.
 //!
 //! It applies when the general implementation's candidate sets are the active entries: no tie
 //! noise (which scores every entry), every inactive weight 0 (the update's contract) and no NaN
@@ -79,23 +83,10 @@ fn active_entries(w: &[f32], bits: &[bool], fan_in: usize) -> Option<Active> {
 /// weights in position order): the positions from the mask alone, the keys from `stored` —
 /// the dense weights are not read. `Ok(None)` for a NaN weight (the general implementation
 /// then runs); an error when `stored` does not hold one weight per active entry.
-fn stored_entries(
-    name: &str,
-    bits: &[bool],
-    fan_in: usize,
-    stored: &[f32],
-) -> Result<Option<Active>> {
-    let chunk = fan_in.max(1) * (1usize << 16).div_ceil(fan_in.max(1));
-    let parts: Vec<Vec<usize>> = bits
-        .par_chunks(chunk)
-        .enumerate()
-        .map(|(ci, m)| {
-            let mut pos = Vec::new();
-            sparse_formats::push_active_positions(m, ci * chunk, &mut pos);
-            pos
-        })
-        .collect();
-    let pos = parts.concat();
+fn stored_entries(name: &str, mask: &Mask, stored: &[f32]) -> Result<Option<Active>> {
+    // The mask's own list where it has one (the previous update built it, or the sparse
+    // engine's layout asked for it), else one scan that the mask then keeps.
+    let pos = mask.active_positions().to_vec();
     if pos.len() != stored.len() {
         return Err(crate::error::DstError::layer(
             name,
@@ -114,6 +105,14 @@ fn stored_entries(
         nonzero: stored.iter().filter(|&&v| v != 0.0).count(),
         pos,
     }))
+}
+
+/// The positions of a row's active entries (`nb`, the row starting at `base`), read while
+/// the row is in cache: the new mask's list, so that no later reader scans the whole mask.
+fn row_positions(nb: &[bool], base: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    sparse_formats::push_active_positions(nb, base, &mut out);
+    out
 }
 
 /// `starts[r]..starts[r + 1]`: the entries of row `r` in an ascending list of distinct
@@ -160,7 +159,7 @@ pub(crate) fn srigl(input: &UpdateInput<'_>, p: &UpdateParams) -> Option<Result<
     let (mask, w) = (input.mask, input.weights);
     let g = input.grad?;
     let active = match input.active_weights {
-        Some(v) => match stored_entries(input.name, mask.as_slice(), mask.fan_in(), v) {
+        Some(v) => match stored_entries(input.name, mask, v) {
             Ok(a) => a?,
             Err(e) => return Some(Err(e)),
         },
@@ -218,7 +217,7 @@ fn finish(
 
     // Pass 3: every row at once.
     let mut new_bits = vec![false; mask.len()];
-    let (dropped, grown) = new_bits
+    let rows_out: Vec<(usize, usize, Vec<usize>)> = new_bits
         .par_chunks_mut(fan_in)
         .enumerate()
         .map(|(r, nb)| {
@@ -226,7 +225,7 @@ fn finish(
             let old = &bits[base..base + fan_in];
             let n_old = old_starts[r + 1] - old_starts[r];
             if ablated[r] {
-                return (n_old, 0);
+                return (n_old, 0, Vec::new());
             }
             let kept = &keep[starts[r]..starts[r + 1]];
             if kept.len() > k {
@@ -248,9 +247,20 @@ fn finish(
                 nb[c] = true;
                 regrown += old[c] as usize;
             }
-            (n_old - kept_n - regrown, need - regrown)
+            (
+                n_old - kept_n - regrown,
+                need - regrown,
+                row_positions(nb, base),
+            )
         })
-        .reduce(|| (0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
+        .collect();
+    let (mut dropped, mut grown) = (0, 0);
+    let mut positions = Vec::with_capacity(rows_out.iter().map(|r| r.2.len()).sum());
+    for (d, g, pos) in rows_out {
+        dropped += d;
+        grown += g;
+        positions.extend(pos);
+    }
     let ablated_rows: Vec<usize> = (0..rows).filter(|&r| ablated[r]).collect();
     let stats = UpdateStats {
         dropped,
@@ -260,7 +270,7 @@ fn finish(
         fan_in: Some(k),
     };
     Ok(MaskUpdate {
-        mask: Mask::new(rows, fan_in, new_bits)?,
+        mask: Mask::with_positions(rows, fan_in, new_bits, positions)?,
         ablated: ablated_rows,
         stats,
     })
@@ -342,6 +352,10 @@ mod tests {
             match (fused, srigl_general(&input, &params)) {
                 (Ok(u), Ok(want)) => {
                     assert_eq!(u, want, "case {case}");
+                    // The list the update hands on with its mask is the mask's.
+                    let bits = u.mask.as_slice().to_vec();
+                    let fresh = Mask::new(rows, fan_in, bits).unwrap().positions();
+                    assert_eq!(u.mask.active_positions(), &fresh[..], "case {case}");
                     assert_eq!(from_stored.unwrap(), want, "case {case}, stored weights");
                     checked += 1;
                 }

@@ -1,5 +1,7 @@
 //! [`Mask`]: the binary mask of one layer, on the `[rows, fan_in]` view.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{check_len, checked_area, FormatError, Result};
@@ -18,11 +20,28 @@ use crate::error::{check_len, checked_area, FormatError, Result};
 /// assert_eq!(mask.row_counts(), vec![2, 0]);
 /// assert_eq!(mask.render(), "#.#\n...\n");
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct Mask {
     rows: usize,
     fan_in: usize,
     bits: Vec<bool>,
+    /// The active entries' positions ([`Mask::active_positions`]), once computed or given
+    /// ([`Mask::with_positions`]); reset by every change of `bits`.
+    positions: OnceLock<Vec<usize>>,
+}
+
+impl PartialEq for Mask {
+    fn eq(&self, other: &Mask) -> bool {
+        (self.rows, self.fan_in) == (other.rows, other.fan_in) && self.bits == other.bits
+    }
+}
+
+impl Eq for Mask {}
+
+impl std::hash::Hash for Mask {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.rows, self.fan_in, &self.bits).hash(state);
+    }
 }
 
 impl std::fmt::Debug for Mask {
@@ -77,7 +96,12 @@ impl Mask {
     /// A mask from its bits in row-major order; fails if `bits.len() != rows · fan_in`.
     pub fn new(rows: usize, fan_in: usize, bits: Vec<bool>) -> Result<Self> {
         check_len("mask", bits.len(), checked_area("mask", rows, fan_in)?)?;
-        Ok(Mask { rows, fan_in, bits })
+        Ok(Mask {
+            rows,
+            fan_in,
+            bits,
+            positions: OnceLock::new(),
+        })
     }
 
     /// The all-inactive mask.
@@ -86,6 +110,7 @@ impl Mask {
             rows,
             fan_in,
             bits: vec![false; rows * fan_in],
+            positions: OnceLock::new(),
         }
     }
 
@@ -95,6 +120,7 @@ impl Mask {
             rows,
             fan_in,
             bits: vec![true; rows * fan_in],
+            positions: OnceLock::new(),
         }
     }
 
@@ -109,6 +135,7 @@ impl Mask {
             rows,
             fan_in,
             bits: weights.iter().map(|&w| w != 0.0).collect(),
+            positions: OnceLock::new(),
         })
     }
 
@@ -134,6 +161,7 @@ impl Mask {
             rows,
             fan_in,
             bits: flat.into_iter().map(|b| b != 0).collect(),
+            positions: OnceLock::new(),
         })
     }
 
@@ -188,6 +216,7 @@ impl Mask {
     pub fn set(&mut self, r: usize, c: usize, active: bool) {
         assert!(c < self.fan_in, "column {c} out of range {}", self.fan_in);
         self.bits[r * self.fan_in + c] = active;
+        self.positions = OnceLock::new();
     }
 
     /// Number of active entries.
@@ -195,11 +224,13 @@ impl Mask {
         count_active(&self.bits)
     }
 
-    /// The flat positions `r · fan_in + c` of the active entries, ascending.
+    /// The flat positions `r · fan_in + c` of the active entries, ascending: a copy of
+    /// [`Mask::active_positions`].
     ///
-    /// Packs 64 entries into a word at a time (a branch-free, vectorised loop) and walks its set
-    /// bits, so the cost is a read of the mask plus one step per active entry — several times
-    /// faster than visiting the entries one by one on a 90–99%-sparse mask.
+    /// The list is computed once per mask: 64 entries packed into a word at a time (a
+    /// branch-free, vectorised loop) and a walk over its set bits, so the cost is a read of the
+    /// mask plus one step per active entry — several times faster than visiting the entries
+    /// one by one on a 90–99%-sparse mask.
     ///
     /// ```
     /// use sparse_formats::Mask;
@@ -207,9 +238,48 @@ impl Mask {
     /// assert_eq!(m.positions(), vec![1, 2, 3]);
     /// ```
     pub fn positions(&self) -> Vec<usize> {
-        let mut out = Vec::with_capacity(self.nnz_estimate());
-        push_active_positions(&self.bits, 0, &mut out);
-        out
+        self.active_positions().to_vec()
+    }
+
+    /// [`Mask::positions`], borrowed: computed on the first call (or given to
+    /// [`Mask::with_positions`]) and kept with the mask until it changes, so a mask update's
+    /// later readers (the next update's scan of the active entries, the sparse engine's
+    /// layout, the ever-active union) do not scan the whole mask again.
+    pub fn active_positions(&self) -> &[usize] {
+        self.positions.get_or_init(|| {
+            let mut out = Vec::with_capacity(self.nnz_estimate());
+            push_active_positions(&self.bits, 0, &mut out);
+            out
+        })
+    }
+
+    /// A mask from its bits and the positions of its active entries, as [`Mask::new`] plus
+    /// the list [`Mask::active_positions`] would compute (for a caller that built both, e.g.
+    /// a mask update row by row). Fails if the length is wrong, or if `positions` is not
+    /// strictly ascending or names an inactive entry; that it names *every* active entry is
+    /// the caller's contract (checked in debug builds: it would take a pass over the mask).
+    pub fn with_positions(
+        rows: usize,
+        fan_in: usize,
+        bits: Vec<bool>,
+        positions: Vec<usize>,
+    ) -> Result<Self> {
+        let mask = Mask::new(rows, fan_in, bits)?;
+        let mut prev = None;
+        for &p in &positions {
+            if prev.is_some_and(|q| q >= p) || !mask.bits.get(p).copied().unwrap_or(false) {
+                return Err(FormatError::invalid(
+                    "positions",
+                    format!("position {p} is out of order, out of range or not active"),
+                ));
+            }
+            prev = Some(p);
+        }
+        debug_assert_eq!(positions.len(), mask.nnz(), "positions miss active entries");
+        mask.positions
+            .set(positions)
+            .expect("a new mask has no positions yet");
+        Ok(mask)
     }
 
     /// A capacity for [`Mask::positions`]: the active count of a strided sample of the words,
@@ -362,6 +432,7 @@ impl Mask {
                 .zip(&other.bits)
                 .map(|(&a, &b)| f(a, b))
                 .collect(),
+            positions: OnceLock::new(),
         })
     }
 
@@ -371,11 +442,25 @@ impl Mask {
     }
 
     /// Adds the entries of `other` to `self` in place (the union without a new mask).
+    ///
+    /// Where `other`'s positions are known ([`Mask::with_positions`], or an earlier
+    /// [`Mask::active_positions`]) this sets those entries only: O(active entries of `other`),
+    /// not a pass over both masks.
     pub fn union_with(&mut self, other: &Mask) -> Result<()> {
         self.same_shape(other)?;
-        for (a, &b) in self.bits.iter_mut().zip(&other.bits) {
-            *a |= b;
+        match other.positions.get() {
+            Some(pos) => {
+                for &p in pos {
+                    self.bits[p] = true;
+                }
+            }
+            None => {
+                for (a, &b) in self.bits.iter_mut().zip(&other.bits) {
+                    *a |= b;
+                }
+            }
         }
+        self.positions = OnceLock::new();
         Ok(())
     }
 
@@ -395,6 +480,7 @@ impl Mask {
             rows: self.rows,
             fan_in: self.fan_in,
             bits: self.bits.iter().map(|&b| !b).collect(),
+            positions: OnceLock::new(),
         }
     }
 
@@ -548,6 +634,41 @@ fn pack_word(chunk: &[bool]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kept list of active positions: given or computed, it is the mask's, and every
+    /// change of the bits drops it; a wrong list is refused; the union through a list is the
+    /// union through the bits; equality looks at the bits only.
+    #[test]
+    fn active_positions_follow_the_bits() {
+        let bits = vec![false, true, true, false, false, true];
+        let m = Mask::with_positions(2, 3, bits.clone(), vec![1, 2, 5]).unwrap();
+        assert_eq!(m.active_positions(), &[1, 2, 5]);
+        assert_eq!(m, Mask::new(2, 3, bits.clone()).unwrap());
+        for bad in [
+            vec![2, 1, 5],
+            vec![1, 2, 3],
+            vec![1, 1, 2, 5],
+            vec![1, 2, 5, 6],
+        ] {
+            let e = Mask::with_positions(2, 3, bits.clone(), bad.clone());
+            assert!(e.is_err(), "{bad:?}");
+        }
+        let mut n = m.clone();
+        n.set(1, 0, true);
+        assert_eq!(n.active_positions(), &[1, 2, 3, 5]);
+        n.set(0, 1, false);
+        assert_eq!(n.positions(), vec![2, 3, 5]);
+        // Union through `m`'s list and through plain bits, into masks with and without lists.
+        let plain = Mask::new(2, 3, bits).unwrap();
+        let mut a = Mask::new(2, 3, vec![true, false, false, false, true, false]).unwrap();
+        let _ = a.active_positions();
+        let mut b = a.clone();
+        a.union_with(&m).unwrap();
+        b.union_with(&plain).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.active_positions(), &[0, 1, 2, 4, 5]);
+        assert_eq!(b.positions(), vec![0, 1, 2, 4, 5]);
+    }
 
     /// The word-wise count against entry-by-entry counting, on lengths around the 8-entry words
     /// and the 255-word blocks, with all-on stretches (the largest per-byte sums).
