@@ -79,18 +79,19 @@ fn scatter_into(dense: &mut [f32], positions: &[usize], values: &[f32]) {
 
 /// For each of the ascending positions `new`, its index in the ascending positions `old`, or
 /// [`NEW_ENTRY`]: one merge of the two lists — O(stored values), not O(dense size).
+///
+/// Each step of the merge advances past the smaller head (both when equal) by adding the
+/// comparisons, and stores the current new entry's answer unconditionally (the last store for
+/// an entry is made in the step that leaves it): no branch on the comparisons, which an
+/// update's scattered drops and growths would mispredict.
 fn relayout_map(old: &[usize], new: &[usize]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(new.len());
-    let mut j = 0;
-    for &p in new {
-        while j < old.len() && old[j] < p {
-            j += 1;
-        }
-        out.push(if j < old.len() && old[j] == p {
-            j as u32
-        } else {
-            NEW_ENTRY
-        });
+    let mut out = vec![NEW_ENTRY; new.len()];
+    let (mut i, mut j) = (0, 0);
+    while i < new.len() && j < old.len() {
+        let (p, q) = (new[i], old[j]);
+        out[i] = if p == q { j as u32 } else { NEW_ENTRY };
+        i += (p <= q) as usize;
+        j += (q <= p) as usize;
     }
     out
 }
@@ -672,5 +673,39 @@ impl MaskAware for Engine {
         self.layer_of(var)
             .and_then(|e| e.values())
             .map(|v| v.as_tensor().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merge against a binary search of every new position in the old list, on random
+    /// ascending lists with few and many shared entries, and empty ones.
+    #[test]
+    fn relayout_map_finds_each_kept_position() {
+        let mut state = 7u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        for case in 0..200 {
+            let len = [0u64, 1, 5, 64, 1000][case % 5];
+            let density = 1 + next(100);
+            let mut list = |d: u64| -> Vec<usize> {
+                (0..len)
+                    .filter(|_| next(100) < d)
+                    .map(|p| p as usize)
+                    .collect()
+            };
+            let (old, new) = (list(density), list(density));
+            let want: Vec<u32> = new
+                .iter()
+                .map(|p| old.binary_search(p).map_or(NEW_ENTRY, |j| j as u32))
+                .collect();
+            assert_eq!(relayout_map(&old, &new), want, "case {case}");
+        }
     }
 }
