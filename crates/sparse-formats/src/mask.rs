@@ -276,10 +276,10 @@ impl Mask {
             prev = Some(p);
         }
         debug_assert_eq!(positions.len(), mask.nnz(), "positions miss active entries");
-        mask.positions
-            .set(positions)
-            .expect("a new mask has no positions yet");
-        Ok(mask)
+        Ok(Mask {
+            positions: OnceLock::from(positions),
+            ..mask
+        })
     }
 
     /// A capacity for [`Mask::positions`]: the active count of a strided sample of the words,
