@@ -282,7 +282,7 @@ impl Sparsifier {
                 // dense arrays); the guards are released before the weights are written.
                 let update = l.param.with_mask(|old| {
                     let run = |weights: &[f32], grad: Option<&[f32]>| {
-                        let update = |active_weights: Option<&[f32]>| {
+                        let select = |active_weights: Option<&[f32]>| {
                             let input = UpdateInput {
                                 name,
                                 weights,
@@ -295,11 +295,11 @@ impl Sparsifier {
                             layer_mask_update(method, &input, &params)
                         };
                         match stored {
-                            Some(t) => with_f32(t, |v| update(Some(v)))?,
-                            None => update(None),
+                            Some(t) => with_f32(t, |v| select(Some(v)))?,
+                            None => select(None),
                         }
                     };
-                    let update = with_f32(l.param.var().as_tensor(), |weights| {
+                    let selected = with_f32(l.param.var().as_tensor(), |weights| {
                         match grads.get(l.param.var()) {
                             // The mean over the window: the earlier steps' sum plus this step's.
                             Some(g) if accumulates => with_f32(g, |g| {
@@ -323,7 +323,7 @@ impl Sparsifier {
                             None => run(weights, None),
                         }
                     })??;
-                    Ok::<_, DstError>(update)
+                    Ok::<_, DstError>(selected)
                 })?;
                 let Some(update) = update else {
                     return Ok(None);
