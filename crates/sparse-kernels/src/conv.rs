@@ -616,7 +616,7 @@ impl CustomOp2 for ConvForward {
                 exec: self.exec,
             },
         )?;
-        Ok((gx, crate::backward::pass(w, gw)))
+        Ok((gx, Some(gw)))
     }
 }
 
@@ -659,7 +659,7 @@ impl CustomOp3 for ConvForwardBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -667,7 +667,7 @@ impl CustomOp3 for ConvForwardBias {
         let gb = grad
             .contiguous()?
             .apply_op1_no_bwd(&crate::dense::BiasGrad)?;
-        Ok((gx, gw, crate::backward::pass(b, gb)))
+        Ok((gx, gw, Some(gb)))
     }
 }
 

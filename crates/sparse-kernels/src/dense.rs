@@ -296,7 +296,7 @@ impl CustomOp2 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.grads(x, w, grad)?;
-        Ok((gx, crate::backward::pass(w, gw)))
+        Ok((gx, Some(gw)))
     }
 }
 
@@ -329,17 +329,13 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.0.grads(x, w, grad)?;
         let gb = grad.contiguous()?.apply_op1_no_bwd(&BiasGrad)?;
-        Ok((
-            gx,
-            crate::backward::pass(w, gw),
-            crate::backward::pass(b, gb),
-        ))
+        Ok((gx, Some(gw), Some(gb)))
     }
 }
 
@@ -579,5 +575,57 @@ mod tests {
             }
         }
         assert_eq!(bias_grad(&[], 3, 4), vec![0.0; 3]);
+    }
+
+    /// The workspace builds on the patched candle-core (third_party/candle-core/PATCHED.md): a
+    /// tensor's first gradient is stored as it is, so a `-0.0` keeps its sign (candle's `0 + g`
+    /// made it `+0.0`), and tensors reached by several gradients still get their sum — an
+    /// intermediate used twice, a variable used by this op twice and by a candle op.
+    #[test]
+    fn backward_stores_first_gradients_as_they_are_and_sums_the_rest() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = Tensor::new(&[-0.0f32, 2.0, -3.0], &dev)?;
+        let v = Var::from_tensor(&Tensor::new(&[1.0f32, 0.0, 5.0], &dev)?)?;
+        let g = (v.as_tensor() * &c)?.sum_all()?.backward()?;
+        let gv = g
+            .get(v.as_tensor())
+            .expect("gradient of v")
+            .to_vec1::<f32>()?;
+        assert_eq!(gv, [0.0, 2.0, -3.0]);
+        assert!(
+            gv[0].is_sign_negative(),
+            "the -0.0 gradient became +0.0: stock candle-core?"
+        );
+
+        let mut seed = 17u64;
+        let (batch, fan_in, out) = (5, 7, 3);
+        let x = Tensor::from_vec(random(batch * fan_in, &mut seed), (batch, fan_in), &dev)?;
+        let w = Var::from_tensor(&Tensor::from_vec(
+            random(out * fan_in, &mut seed),
+            (out, fan_in),
+            &dev,
+        )?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(random(out, &mut seed), out, &dev)?)?;
+        // h feeds two candle ops, w this op twice and a candle op (an L2 term).
+        let h = linear(&x, w.as_tensor(), Some(b.as_tensor()))?;
+        let h2 = linear(&x, w.as_tensor(), None)?;
+        let loss = ((h.sqr()?.sum_all()? + h.sum_all()?)? + h2.sum_all()?)?;
+        let loss = (loss + w.as_tensor().sqr()?.sum_all()?)?;
+        let g = loss.backward()?;
+        // ∂L/∂h = 2h + 1, ∂L/∂h2 = 1: ∂L/∂W = (2h + 1)ᵀ·x + 1ᵀ·x + 2W, ∂L/∂b = Σ_batch (2h + 1).
+        let dh = ((&h * 2.0)? + 1.0)?;
+        let ones = Tensor::ones((batch, out), candle_core::DType::F32, &dev)?;
+        let want_w = ((dh.t()?.matmul(&x)? + ones.t()?.matmul(&x)?)? + (w.as_tensor() * 2.0)?)?;
+        close(
+            g.get(w.as_tensor()).expect("gradient of w"),
+            &want_w,
+            "dL/dW",
+        );
+        close(
+            g.get(b.as_tensor()).expect("gradient of b"),
+            &dh.sum(0)?,
+            "dL/db",
+        );
+        Ok(())
     }
 }

@@ -33,7 +33,6 @@
 #![warn(missing_docs)]
 
 pub mod act;
-pub mod backward;
 mod blocked;
 pub mod conv;
 mod conv_lanes;

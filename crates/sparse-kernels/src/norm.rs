@@ -1,7 +1,7 @@
 //! Training-mode batch normalisation of `[batch, channels, …]` tensors as one op with its own
 //! backward pass: [`batch_norm_train`], and the same followed by ReLU as one op:
 //! [`batch_norm_relu_train`] (a ResNet's `relu(bn(conv(x)))` without the normalised tensor, its
-//! ReLU passes and candle's `zeros + g` for its gradient).
+//! ReLU passes and its gradient).
 //!
 //! candle-nn's `BatchNorm::forward_train` is built from about ten generic tensor ops (a
 //! transposed copy, two means, subtract, square, divide, scale, shift, and a transposed

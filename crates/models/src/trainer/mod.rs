@@ -500,7 +500,7 @@ impl Trainer {
             return Ok((loss_v, lr, None));
         }
         let t2 = Instant::now();
-        let mut grads = sparse_kernels::backward::backward(&loss)?;
+        let mut grads = loss.backward()?;
         if size > 1 {
             self.all_reduce_grads(&mut grads, local.len() as f32 / idx.len() as f32)?;
         }
