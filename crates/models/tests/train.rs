@@ -265,6 +265,34 @@ fn thread_count_does_not_change(mut c: TrainConfig) {
     assert_eq!(sa.history[1].test_loss, sb.history[1].test_loss);
 }
 
+/// The steps run on a worker of the pool (rayon's global pool when `threads` is unset), so
+/// that every kernel forks inside it instead of waking it from outside (docs/benchmarks.md,
+/// "The step on a pool worker"); the global pool's run equals the sized pool's.
+#[test]
+fn steps_run_on_a_worker_of_the_pool() {
+    let mut results = Vec::new();
+    for threads in [None, Some(2)] {
+        let mut c = sparse(small(MethodName::Srigl));
+        c.epochs = 1;
+        c.threads = threads;
+        let mut t = Trainer::new(c.clone(), fixture(&c)).unwrap();
+        let mut on_worker = Vec::new();
+        let s = t
+            .run(&mut |e: &Event| {
+                if let Event::Step { .. } = e {
+                    on_worker.push(rayon::current_thread_index().is_some());
+                }
+                Control::Continue
+            })
+            .unwrap();
+        assert_eq!(on_worker.len(), 6, "{threads:?}: one event per step");
+        assert!(on_worker.iter().all(|&w| w), "{threads:?}: {on_worker:?}");
+        results.push((t, s));
+    }
+    variables_equal(&results[0].0, &results[1].0);
+    assert_eq!(results[0].1.test_loss, results[1].1.test_loss);
+}
+
 #[test]
 fn output_folder_holds_config_metrics_checkpoint_and_summary() {
     let dir = tempfile::tempdir().unwrap();

@@ -343,7 +343,8 @@ impl Trainer {
     }
 
     /// Trains until `steps` optimizer steps are done in total (possibly mid-epoch), or to the
-    /// end, or until `progress` asks to stop. With `threads` set, runs in a pool of that size.
+    /// end, or until `progress` asks to stop. Runs on a worker of a pool of `threads` threads,
+    /// or of rayon's global pool (`RAYON_NUM_THREADS`, all cores) when `threads` is unset.
     pub fn run_until(
         &mut self,
         steps: usize,
@@ -357,7 +358,12 @@ impl Trainer {
                     .map_err(|e| config_err("threads", e))?;
                 pool.install(|| self.run_inner(steps, progress))
             }
-            None => self.run_inner(steps, progress),
+            // On a worker of the global pool, not on the calling thread: every parallel
+            // kernel of a step then forks from inside the pool (its other workers steal the
+            // halves) instead of waking the pool and putting the caller to sleep until the
+            // kernel ends, a futex round trip per kernel; and the step runs on as many threads
+            // as the pool has, not one more (docs/benchmarks.md, "The step on a pool worker").
+            None => rayon::scope(|_| self.run_inner(steps, progress)),
         }
     }
 
