@@ -235,8 +235,18 @@ impl Geometry {
     /// im2col of samples `samples` of `x` into `cols [K, n·L]` (column `(s − s0)·L + l`), one
     /// run of `ow` positions of one row `r = (ci·kh + ki)·kw + kj` at a time.
     pub(crate) fn im2col(&self, x: &[f32], samples: std::ops::Range<usize>, cols: &mut [f32]) {
+        self.im2col_strided(x, samples.clone(), cols, samples.len() * self.l());
+    }
+
+    /// [`Self::im2col`] with rows `width` floats apart (`width ≥ n·L`; the gap is not written).
+    pub(crate) fn im2col_strided(
+        &self,
+        x: &[f32],
+        samples: std::ops::Range<usize>,
+        cols: &mut [f32],
+        width: usize,
+    ) {
         let l = self.l();
-        let width = samples.len() * l;
         let plane = self.h * self.w;
         let (stride, dilation, padding) = (self.spec.stride, self.spec.dilation, self.spec.padding);
         for ci in 0..self.c {
@@ -537,8 +547,9 @@ pub(crate) fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Ve
     for_chunks(g, exec, parts, |gw, r, threads| {
         let n = r.len();
         let gyc = g.channel_major(gy, &r);
-        scratch::with(k * n * l, |cols| {
-            g.im2col(x, r, cols);
+        let ld = unaliased_stride(n * l);
+        scratch::with(k * ld, |cols| {
+            g.im2col_strided(x, r, cols, ld);
             // gw [out, K] = gy [out, nL] · colsᵀ [nL, K]
             gemm(
                 (out, k, n * l),
@@ -548,7 +559,7 @@ pub(crate) fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Ve
                 &gyc,
                 (1, n * l),
                 cols,
-                (n * l, 1),
+                (ld, 1),
                 threads,
             );
         });
@@ -562,6 +573,19 @@ pub(crate) fn weight_grad(g: &Geometry, x: &[f32], gy: &[f32], exec: Exec) -> Ve
     }
     partials.truncate(out * k);
     partials
+}
+
+/// A row stride of at least `width` floats that is not a multiple of 64 (256 bytes). The
+/// weight gradient's GEMM packs `cols` across its rows (`cols` is the operand whose contiguous
+/// dimension is the one summed over), gathering one float from each of 64 consecutive rows; at
+/// a stride of 1024 floats (a 32×32 map) those rows are 4 KiB apart and fall into one set of
+/// the L1 cache, which holds 8–12 of them. 16 floats more moves each row to the next set.
+fn unaliased_stride(width: usize) -> usize {
+    if width.is_multiple_of(64) {
+        width + 16
+    } else {
+        width
+    }
 }
 
 /// `(x, w) → y`.
@@ -782,7 +806,12 @@ mod tests {
             (5, 2, 4, 4, 6, 1, 0, 1, 1),
             (33, 2, 3, 3, 2, 3, 1, 1, 1), // L = 9: many samples per chunk
             (2, 4, 5, 5, 3, 5, 2, 2, 1),
+            // L = 64, one chunk of 3 samples: `cols` rows of 192 floats, 208 apart in the
+            // weight gradient (`unaliased_stride`).
+            (3, 2, 8, 8, 4, 3, 1, 1, 1),
         ];
+        assert_eq!(unaliased_stride(192), 208);
+        assert_eq!(unaliased_stride(784), 784);
         for &(b, c, h, wd, out, k, padding, stride, dilation) in &shapes {
             let spec = ConvSpec {
                 padding,
