@@ -809,6 +809,11 @@ mod tests {
             // L = 64, one chunk of 3 samples: `cols` rows of 192 floats, 208 apart in the
             // weight gradient (`unaliased_stride`).
             (3, 2, 8, 8, 4, 3, 1, 1, 1),
+            // One input channel (an image net's first layer): LeNet-5's, and 20 samples of
+            // 40×40 (chunks of one sample).
+            (3, 1, 28, 28, 6, 5, 2, 1, 1),
+            (2, 1, 7, 5, 3, 3, 0, 1, 1),
+            (20, 1, 40, 40, 2, 3, 1, 1, 1),
         ];
         assert_eq!(unaliased_stride(192), 208);
         assert_eq!(unaliased_stride(784), 784);
@@ -827,6 +832,9 @@ mod tests {
             for threads in [1, 2, 3] {
                 let exec = Exec::default().with_threads(threads);
                 let what = format!("{:?} threads {threads}", (b, c, h, wd, out, k, spec));
+                // NaN in this thread's scratch buffers: a product that reads a scratch float
+                // it did not write fails (on one thread the chunks run here).
+                crate::scratch::poison();
                 close(&forward(&g, &x, &w, None, exec), &ry, &format!("y {what}"));
                 close(&input_grad(&g, &gy, &w, exec), &rgx, &format!("gx {what}"));
                 close(&weight_grad(&g, &x, &gy, exec), &rgw, &format!("gw {what}"));
