@@ -37,7 +37,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::dense::gemm;
+use crate::dense::{gemm, gemm_raw};
 use crate::scratch;
 use crate::Exec;
 
@@ -444,8 +444,8 @@ pub(crate) fn run_chunks<T: Send>(
     }
 }
 
-/// Splits `buf` (batch-major, `per_sample` floats a sample) at the chunks' boundaries.
-fn split_chunks<'b>(g: &Geometry, mut buf: &'b mut [f32], per_sample: usize) -> Vec<&'b mut [f32]> {
+/// Splits `buf` (batch-major, `per_sample` values a sample) at the chunks' boundaries.
+fn split_chunks<'b, T>(g: &Geometry, mut buf: &'b mut [T], per_sample: usize) -> Vec<&'b mut [T]> {
     let mut out = Vec::new();
     for r in g.chunks() {
         let (head, tail) = buf.split_at_mut(r.len() * per_sample);
@@ -460,6 +460,8 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 }
 
 /// `y = conv(x, w) (+ bias)`; the bias is added while each chunk's output is still in cache.
+/// `y` is not zero-filled first: each chunk's GEMM (not accumulating) or copy writes all of its
+/// part.
 pub(crate) fn forward(
     g: &Geometry,
     x: &[f32],
@@ -468,8 +470,9 @@ pub(crate) fn forward(
     exec: Exec,
 ) -> Vec<f32> {
     let (k, l, out) = (g.k(), g.l(), g.out);
-    let mut y = vec![0f32; g.batch * out * l];
-    let parts = split_chunks(g, &mut y, out * l);
+    let total = g.batch * out * l;
+    let mut y: Vec<f32> = Vec::with_capacity(total);
+    let parts = split_chunks(g, &mut y.spare_capacity_mut()[..total], out * l);
     for_chunks(g, exec, parts, |ys, r, threads| {
         let n = r.len();
         // Both temporaries are written in full before they are read (im2col fills every
@@ -477,7 +480,22 @@ pub(crate) fn forward(
         scratch::with(k * n * l, |cols| {
             g.im2col(x, r, cols);
             if n == 1 {
-                gemm((out, l, k), ys, l, false, w, (1, k), cols, (1, l), threads);
+                // SAFETY: `ys` is this chunk's part of `y`'s spare capacity, `out·l` floats,
+                // which the GEMM (not accumulating) writes in full without reading; it does
+                // not alias `w` or `cols`.
+                unsafe {
+                    gemm_raw(
+                        (out, l, k),
+                        (ys.as_mut_ptr().cast::<f32>(), ys.len()),
+                        l,
+                        false,
+                        w,
+                        (1, k),
+                        cols,
+                        (1, l),
+                        threads,
+                    )
+                };
             } else {
                 scratch::with(out * n * l, |yc| {
                     gemm(
@@ -493,13 +511,16 @@ pub(crate) fn forward(
                     );
                     for si in 0..n {
                         for o in 0..out {
-                            ys[(si * out + o) * l..][..l]
-                                .copy_from_slice(&yc[o * n * l + si * l..][..l]);
+                            let src = &yc[o * n * l + si * l..][..l];
+                            let dst = &mut ys[(si * out + o) * l..][..l];
+                            dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(v));
                         }
                     }
                 });
             }
         });
+        // SAFETY: every entry of the part was written above.
+        let ys = unsafe { &mut *(ys as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
         if let Some(b) = bias {
             for (i, row) in ys.chunks_mut(l.max(1)).enumerate() {
                 let v = b[i % out];
@@ -507,6 +528,8 @@ pub(crate) fn forward(
             }
         }
     });
+    // SAFETY: the chunks' parts cover `0..total` and each was written in full.
+    unsafe { y.set_len(total) };
     y
 }
 

@@ -98,7 +98,7 @@ pub(crate) fn gemm_new(
 /// `dst` must be valid for writes of `dst_len` floats (and for reads of them, initialised,
 /// when `accumulate`), and must not alias `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw(
+pub(crate) unsafe fn gemm_raw(
     (m, n, k): (usize, usize, usize),
     (dst, dst_len): (*mut f32, usize),
     dst_rs: usize,

@@ -102,15 +102,15 @@ fn act<const RELU: bool>(v: f32) -> f32 {
 
 /// 2×2 windows of one `[h, w]` plane (`plane`, whose first value has flat index `base`): the
 /// common case, two input rows at a time and no inner window loops. Pools `act::<RELU>` of the
-/// inputs.
+/// inputs; writes every entry of `ys` and `args` (`oh·ow` each).
 fn pool2<const RELU: bool>(
     plane: &[f32],
     w: usize,
     base: usize,
     oh: usize,
     ow: usize,
-    ys: &mut [f32],
-    args: &mut [u32],
+    ys: &mut [MaybeUninit<f32>],
+    args: &mut [MaybeUninit<u32>],
 ) {
     for oy in 0..oh {
         let r0 = &plane[2 * oy * w..2 * oy * w + 2 * ow];
@@ -138,8 +138,8 @@ fn pool2<const RELU: bool>(
                 if td { d } else { v },
                 if td { first + w as u32 + 1 } else { i },
             );
-            yrow[ox] = v;
-            arow[ox] = i;
+            yrow[ox].write(v);
+            arow[ox].write(i);
         }
     }
 }
@@ -159,9 +159,16 @@ impl CustomOp1 for MaxPool {
         }
         let (k, relu) = (self.k, self.relu);
         let (oh, ow) = (h / k, w / k);
-        let mut y = vec![0f32; b * c * oh * ow];
-        let mut arg = vec![0u32; y.len()];
-        let job = |(p, (ys, args)): (usize, (&mut [f32], &mut [u32]))| {
+        // Not zero-filled: every plane's job writes each of its outputs once.
+        let n = b * c * oh * ow;
+        let mut y: Vec<f32> = Vec::with_capacity(n);
+        let mut arg: Vec<u32> = Vec::with_capacity(n);
+        let (ycells, acells) = (
+            &mut y.spare_capacity_mut()[..n],
+            &mut arg.spare_capacity_mut()[..n],
+        );
+        type Cells<'a> = (&'a mut [MaybeUninit<f32>], &'a mut [MaybeUninit<u32>]);
+        let job = |(p, (ys, args)): (usize, Cells<'_>)| {
             let base = p * h * w;
             let plane = &x[base..base + h * w];
             match (k, relu) {
@@ -181,24 +188,32 @@ impl CustomOp1 for MaxPool {
                             }
                         }
                     }
-                    ys[oy * ow + ox] = v(best);
-                    args[oy * ow + ox] = best as u32;
+                    ys[oy * ow + ox].write(v(best));
+                    args[oy * ow + ox].write(best as u32);
                 }
             }
         };
         let plane = (oh * ow).max(1);
         if crate::candle_threads() > 1 && x.len() >= crate::MIN_WORK_PER_THREAD {
             // Several planes per task: one LeNet-5 plane is ~200 outputs.
-            y.par_chunks_mut(plane)
-                .zip(arg.par_chunks_mut(plane))
+            ycells
+                .par_chunks_mut(plane)
+                .zip(acells.par_chunks_mut(plane))
                 .enumerate()
                 .with_min_len((1 << 14) / plane + 1)
                 .for_each(job);
         } else {
-            y.chunks_mut(plane)
-                .zip(arg.chunks_mut(plane))
+            ycells
+                .chunks_mut(plane)
+                .zip(acells.chunks_mut(plane))
                 .enumerate()
                 .for_each(job);
+        }
+        // SAFETY: the planes cover `0..n` and each job wrote all `oh·ow` outputs and maxima of
+        // its plane (`pool2`, or the loops over every `(oy, ox)` above).
+        unsafe {
+            y.set_len(n);
+            arg.set_len(n);
         }
         if self.argmax.set(arg).is_err() {
             candle_core::bail!("max_pool2d: the op ran twice");
